@@ -1,0 +1,225 @@
+"""Read format-v1 datasets: manifests, shard indexes and shards, local or remote.
+
+The shard index gives every sample's byte offset and length, so the reader never parses tar
+members generically: it reads a run of samples with one sequential (ranged) read and decodes
+each in place. Nothing is unpickled; members other than ``.input_ids.npy`` and ``.json`` are
+never decoded.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Union
+
+import braceexpand
+import numpy as np
+
+from . import io as wio
+from .format import (BLOCK, IDS_SUFFIX, FormatError, check_version, decode_sample, num_in_spans,
+                     padded, parse_tar_header, shard_index_name, spans_to_labels)
+
+__all__ = ["Shard", "ReadStats", "load_manifest", "open_shards", "iter_samples", "iter_tar",
+           "expand_urls"]
+
+log = logging.getLogger(__name__)
+CHUNK_BYTES = 4 << 20
+
+
+def expand_urls(spec: Union[str, Sequence[str]]) -> List[str]:
+    """Brace-expand one pattern or a list of them (``shard-r{00000..00003}-000000.tar``)."""
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    return [u for s in specs for u in braceexpand.braceexpand(s)]
+
+
+def load_manifest(url: str, opts: wio.IOOptions = wio.DEFAULT) -> Dict[str, Any]:
+    """The dataset manifest at ``url``, version-checked, shard URLs resolved to absolute."""
+    doc = wio.read_json(url, opts)
+    check_version(doc, wio.redact(url))
+    if doc.get("kind") != "manifest":
+        raise FormatError(f"{wio.redact(url)}: not a dataset manifest (kind={doc.get('kind')!r})")
+    for s in doc["shards"]:
+        s["url"] = wio.join_url(url, s["path"])
+        s["index_url"] = wio.join_url(url, s["index"])
+    return doc
+
+
+@dataclass
+class Shard:
+    """One shard and its index: random access by position, sequential runs by range."""
+
+    url: str
+    index: Dict[str, Any]
+    opts: wio.IOOptions = field(default=wio.DEFAULT, repr=False)
+
+    def __post_init__(self) -> None:
+        cols = self.index["samples"]
+        self.keys: List[str] = cols["key"]
+        self.offsets: List[int] = cols["offset"]
+        self.lengths: List[int] = cols["length"]
+        self.num_tokens: List[int] = cols["num_tokens"]
+        self.num_supervised: List[int] = cols["num_supervised"]
+        self.dtype = np.dtype(self.index["dtype"])
+        self.where = wio.redact(self.url)
+        if not (len(self.keys) == len(self.offsets) == len(self.lengths) == len(self.num_tokens)
+                == self.index["num_samples"]):
+            raise FormatError(f"{self.where}: index columns disagree with num_samples")
+
+    @classmethod
+    def open(cls, url: str, index_url: Optional[str] = None,
+             opts: wio.IOOptions = wio.DEFAULT) -> "Shard":
+        """Open ``url`` (a ``.tar``) with its index (default: ``X.idx.json`` beside it)."""
+        index_url = index_url or wio.join_url(url, shard_index_name(os.path.basename(url)))
+        try:
+            index = wio.read_json(index_url, opts)
+        except FileNotFoundError:
+            raise FormatError(f"{wio.redact(url)}: no shard index {os.path.basename(index_url)} "
+                              "beside it (incomplete write, or not a wds-tokens shard)") from None
+        check_version(index, wio.redact(index_url))
+        return cls(url, index, opts)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def _decode(self, buf, base: int, i: int) -> Dict[str, Any]:
+        s = decode_sample(buf, self.offsets[i] - base, self.lengths[i], self.keys[i],
+                          self.num_tokens[i], self.dtype, self.where)
+        s["__shard__"], s["__index__"] = self.url, i
+        return s
+
+    def read(self, i: int) -> Dict[str, Any]:
+        """Sample ``i`` by one byte-range read."""
+        off, n = self.offsets[i], self.lengths[i]
+        return self._decode(wio.read_range(self.url, off, off + n, self.opts), off, i)
+
+    def iter(self, start: int = 0, stop: Optional[int] = None) -> Iterator[Dict[str, Any]]:
+        """Samples ``start..stop-1`` through one sequential read of their bytes.
+
+        A stream that ends early raises FormatError after the last complete sample: a
+        partial sample is never yielded.
+        """
+        stop = len(self) if stop is None else min(stop, len(self))
+        if start >= stop:
+            return
+        end = self.offsets[stop - 1] + self.lengths[stop - 1]
+        with wio.open_range(self.url, self.offsets[start], end, self.opts) as f:
+            i = start
+            while i < stop:
+                j, total = i + 1, self.lengths[i]
+                while j < stop and total + self.lengths[j] <= CHUNK_BYTES:
+                    total += self.lengths[j]
+                    j += 1
+                buf = f.read(total)
+                if len(buf) < total:
+                    raise FormatError(f"{self.where}: truncated shard: ends inside sample "
+                                      f"{self.keys[i]!r} or after it (byte {self.offsets[i] + len(buf)}"
+                                      f" of {self.index['bytes']})")
+                base = self.offsets[i]
+                for k in range(i, j):
+                    yield self._decode(buf, base, k)
+                i = j
+
+
+@dataclass
+class ReadStats:
+    """What a read encountered; ``skipped_shards`` holds (url, reason) pairs."""
+
+    samples: int = 0
+    tokens: int = 0
+    skipped_shards: List[tuple] = field(default_factory=list)
+
+
+def open_shards(source: Union[str, Sequence[str]], opts: wio.IOOptions = wio.DEFAULT) -> List[Shard]:
+    """Shards named by a manifest, a shard index, shard URLs or brace patterns of them."""
+    shards: List[Shard] = []
+    for url in expand_urls(source):
+        if url.endswith(".json"):
+            doc = wio.read_json(url, opts)
+            check_version(doc, wio.redact(url))
+            if doc.get("kind") == "manifest":
+                for s in load_manifest(url, opts)["shards"]:
+                    shards.append(Shard.open(s["url"], s["index_url"], opts))
+            elif doc.get("kind") == "shard_index":
+                shards.append(Shard(wio.join_url(url, doc["shard"]), doc, opts))
+            else:
+                raise FormatError(f"{wio.redact(url)}: unknown kind {doc.get('kind')!r}")
+        else:
+            shards.append(Shard.open(url, opts=opts))
+    return shards
+
+
+def iter_samples(source: Union[str, Sequence[str]], *, on_error: str = "fail",
+                 stats: Optional[ReadStats] = None,
+                 opts: wio.IOOptions = wio.DEFAULT) -> Iterator[Dict[str, Any]]:
+    """Every sample of ``source`` in order: dicts with ``__key__``, ``input_ids`` (stored dtype,
+    read-only), ``labels`` (int64, -100 where not supervised), ``meta``.
+
+    ``on_error``: ``"fail"`` raises on a corrupt or truncated shard; ``"skip"`` logs a warning,
+    records the shard in ``stats.skipped_shards`` and goes on with the next shard (samples
+    already yielded from it stay; a partial sample is never yielded).
+    """
+    if on_error not in ("fail", "skip"):
+        raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
+    stats = stats if stats is not None else ReadStats()
+    for shard in open_shards(source, opts):
+        try:
+            for s in shard.iter():
+                stats.samples += 1
+                stats.tokens += s["input_ids"].size
+                yield s
+        except (FormatError, IOError) as e:
+            if on_error == "fail":
+                raise
+            log.warning("skipping rest of shard: %s", e)
+            stats.skipped_shards.append((shard.where, str(e)))
+
+
+def iter_tar(url: str, opts: wio.IOOptions = wio.DEFAULT) -> Iterator[Dict[str, Any]]:
+    """Samples of a shard read without its index, by walking the tar headers.
+
+    Slower than the indexed path; used by ``verify`` and for shards whose index is lost.
+    Only ``KEY.input_ids.npy`` and ``KEY.json`` members are decoded (``numpy.load`` with
+    ``allow_pickle=False`` and ``json``); any other member is skipped unread.
+    """
+    import io
+    import json
+
+    where = wio.redact(url)
+    cur: Dict[str, Any] = {}
+    with wio.open_range(url, 0, None, opts) as f:
+        pos = 0
+        while True:
+            block = f.read(BLOCK)
+            if len(block) == 0 or block == b"\0" * BLOCK or (len(block) < BLOCK and not block.strip(b"\0")):
+                break
+            name, size = parse_tar_header(block, f"{where} at byte {pos}")
+            payload = f.read(padded(size))
+            if len(payload) < size:
+                raise FormatError(f"{where}: truncated tar: member {name!r} is cut short")
+            payload = payload[:size]
+            key, _, suffix = os.path.basename(name).partition(".")
+            if cur and cur["__key__"] != key:
+                yield _finish_tar_sample(cur, where)
+                cur = {}
+            cur.setdefault("__key__", key)
+            cur.setdefault("__offset__", pos)
+            if suffix == IDS_SUFFIX:
+                cur["input_ids"] = np.load(io.BytesIO(payload), allow_pickle=False)
+            elif suffix == "json":
+                try:
+                    cur["json"] = json.loads(payload)
+                except ValueError as e:
+                    raise FormatError(f"{where}: {name}: bad JSON: {e}") from None
+            pos += BLOCK + padded(size)
+    if cur:
+        yield _finish_tar_sample(cur, where)
+
+
+def _finish_tar_sample(cur: Dict[str, Any], where: str) -> Dict[str, Any]:
+    if "input_ids" not in cur or "json" not in cur:
+        raise FormatError(f"{where}: sample {cur['__key__']!r} lacks its "
+                          f"{'input_ids.npy' if 'input_ids' not in cur else 'json'} member")
+    spans = cur["json"].get("supervised", [])
+    return {"__key__": cur["__key__"], "__offset__": cur["__offset__"], "input_ids": cur["input_ids"],
+            "labels": spans_to_labels(cur["input_ids"], spans), "meta": cur["json"].get("meta", {}),
+            "num_supervised": num_in_spans(spans)}
