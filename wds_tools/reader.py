@@ -211,6 +211,7 @@ def iter_tar(url: str, opts: wio.IOOptions = wio.DEFAULT) -> Iterator[Dict[str, 
                 except ValueError as e:
                     raise FormatError(f"{where}: {name}: bad JSON: {e}") from None
             pos += BLOCK + padded(size)
+            cur["__length__"] = pos - cur["__offset__"]
     if cur:
         yield _finish_tar_sample(cur, where)
 
@@ -220,6 +221,7 @@ def _finish_tar_sample(cur: Dict[str, Any], where: str) -> Dict[str, Any]:
         raise FormatError(f"{where}: sample {cur['__key__']!r} lacks its "
                           f"{'input_ids.npy' if 'input_ids' not in cur else 'json'} member")
     spans = cur["json"].get("supervised", [])
-    return {"__key__": cur["__key__"], "__offset__": cur["__offset__"], "input_ids": cur["input_ids"],
+    return {"__key__": cur["__key__"], "__offset__": cur["__offset__"],
+            "__length__": cur["__length__"], "input_ids": cur["input_ids"],
             "labels": spans_to_labels(cur["input_ids"], spans), "meta": cur["json"].get("meta", {}),
             "num_supervised": num_in_spans(spans)}

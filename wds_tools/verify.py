@@ -1,0 +1,101 @@
+"""``wds-tools verify MANIFEST``: re-read every shard and check it against its index.
+
+Checks per shard: it exists, its size and sha256 match, the tar walks cleanly, sample keys,
+offsets, lengths, token and supervised counts match the index, each sample decodes through the
+indexed path with every check on, token ids are inside the vocabulary, keys are unique. Exits 1
+with the list of problems, 0 when everything holds.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from typing import Any, Dict, List
+
+import numpy as np
+from tqdm import tqdm
+
+from . import io as wio
+from .format import FormatError, decode_sample
+from .reader import Shard, iter_tar, open_shards
+
+__all__ = ["verify_shard", "verify", "add_arguments", "run"]
+
+
+def verify_shard(sh: Shard, vocab_size: int) -> List[str]:
+    """Every problem found in one shard (empty list: the shard is good)."""
+    where = sh.where
+    try:
+        data = wio.read_bytes(sh.url, sh.opts)
+    except (OSError, ValueError) as e:
+        return [f"{where}: cannot read: {e}"]
+    problems = []
+    if len(data) != sh.index["bytes"]:
+        problems.append(f"{where}: {len(data)} bytes, index says {sh.index['bytes']}")
+    if hashlib.sha256(data).hexdigest() != sh.index["sha256"]:
+        problems.append(f"{where}: sha256 mismatch (corrupt or modified shard)")
+    try:
+        walked = list(iter_tar(sh.url, sh.opts)) if sh.url else []
+    except (FormatError, OSError, ValueError) as e:
+        problems.append(f"{where}: tar walk failed: {e}")
+        walked = []
+    if walked and len(walked) != len(sh):
+        problems.append(f"{where}: tar holds {len(walked)} samples, index says {len(sh)}")
+    for i, t in enumerate(walked[:len(sh)]):
+        exp = (sh.keys[i], sh.offsets[i], sh.lengths[i], sh.num_tokens[i], sh.num_supervised[i])
+        got = (t["__key__"], t["__offset__"], t["__length__"], int(t["input_ids"].size),
+               t["num_supervised"])
+        if got != exp:
+            problems.append(f"{where}: sample {i} is (key, offset, length, tokens, supervised)="
+                            f"{got} in the tar but {exp} in the index")
+    for i in range(len(sh)):
+        try:
+            s = decode_sample(data, sh.offsets[i], sh.lengths[i], sh.keys[i], sh.num_tokens[i],
+                              sh.dtype, where, check=True)
+        except FormatError as e:
+            problems.append(str(e))
+            continue
+        if s["input_ids"].size and int(s["input_ids"].max()) >= vocab_size:
+            problems.append(f"{where}: sample {sh.keys[i]!r}: token id {int(s['input_ids'].max())} "
+                            f">= vocab_size {vocab_size}")
+    return problems
+
+
+def verify(path: str, progress: bool = False) -> Dict[str, Any]:
+    shards = open_shards(path)
+    problems: List[str] = []
+    seen: Dict[str, str] = {}
+    manifest = wio.read_json(path) if path.endswith(".json") else {}
+    if manifest.get("kind") == "manifest":
+        n = sum(sh.index["num_samples"] for sh in shards)
+        if n != manifest["num_samples"]:
+            problems.append(f"{path}: manifest says {manifest['num_samples']} samples, shards hold {n}")
+        for sh, entry in zip(shards, manifest["shards"]):
+            if entry["sha256"] != sh.index["sha256"] or entry["bytes"] != sh.index["bytes"]:
+                problems.append(f"{sh.where}: manifest entry disagrees with the shard index")
+    for sh in tqdm(shards, desc="verify", unit="shard", disable=not progress):
+        problems += verify_shard(sh, int(sh.index.get("vocab_size", np.iinfo(sh.dtype).max + 1)))
+        for k in sh.keys:
+            if k in seen:
+                problems.append(f"duplicate key {k!r} in {sh.where} and {seen[k]}")
+            seen[k] = sh.where
+    return {"shards": len(shards), "samples": len(seen), "ok": not problems, "problems": problems}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", help="manifest (index.json), shard index or shard; local or remote")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    report = verify(args.path, progress=sys.stderr.isatty())
+    if args.json:
+        print(json.dumps(report))
+    elif report["ok"]:
+        print(f"ok: {report['shards']} shards, {report['samples']} samples verified")
+    else:
+        print(f"FAILED: {len(report['problems'])} problems in {report['shards']} shards:")
+        for p in report["problems"]:
+            print(f"  - {p}")
+    return 0 if report["ok"] else 1
