@@ -110,12 +110,12 @@ class Shard:
                     total += self.lengths[j]
                     j += 1
                 buf = f.read(total)
-                if len(buf) < total:
-                    raise FormatError(f"{self.where}: truncated shard: ends inside sample "
-                                      f"{self.keys[i]!r} or after it (byte {self.offsets[i] + len(buf)}"
-                                      f" of {self.index['bytes']})")
                 base = self.offsets[i]
                 for k in range(i, j):
+                    if self.offsets[k] - base + self.lengths[k] > len(buf):
+                        raise FormatError(
+                            f"{self.where}: truncated shard: ends inside sample {self.keys[k]!r} "
+                            f"(byte {base + len(buf)} of {self.index['bytes']})")
                     yield self._decode(buf, base, k)
                 i = j
 
@@ -204,7 +204,11 @@ def iter_tar(url: str, opts: wio.IOOptions = wio.DEFAULT) -> Iterator[Dict[str, 
             cur.setdefault("__key__", key)
             cur.setdefault("__offset__", pos)
             if suffix == IDS_SUFFIX:
-                cur["input_ids"] = np.load(io.BytesIO(payload), allow_pickle=False)
+                try:
+                    cur["input_ids"] = np.load(io.BytesIO(payload), allow_pickle=False)
+                except Exception as e:  # noqa: BLE001 - numpy raises SyntaxError etc. on garbage
+                    raise FormatError(f"{where}: {name}: not a loadable .npy array: "
+                                      f"{type(e).__name__}: {e}") from None
             elif suffix == "json":
                 try:
                     cur["json"] = json.loads(payload)
