@@ -194,44 +194,62 @@ def decode_sample(buf, offset: int, length: int, key: str, num_tokens: int, dtyp
     end = offset + length
     if len(buf) < end:
         raise FormatError(f"{where}: sample {key!r} is truncated ({len(buf) - offset} of {length} bytes)")
-    hdr = buf[offset:offset + BLOCK]
     kb = key.encode()
-    if hdr[:len(kb) + 1] != kb + b"." or hdr[257:262] != b"ustar":
+    nk = len(kb)
+    if buf[offset:offset + nk + 1] != kb + b"." or buf[offset + 257:offset + 262] != b"ustar":
         raise FormatError(f"{where}: no tar header of sample {key!r} at byte {offset} "
                           "(index and shard disagree)")
     p = offset + BLOCK
     if buf[p:p + 6] != _NPY_MAGIC:
         raise FormatError(f"{where}: sample {key!r}: {IDS_SUFFIX} is not a .npy array")
-    hlen = buf[p + 8] | (buf[p + 9] << 8)
-    data = p + 10 + hlen
-    npy_size = 10 + hlen + num_tokens * dtype.itemsize
-    j = p + padded(npy_size)
-    if check:
-        name, size = parse_tar_header(bytes(hdr), f"{where}: sample {key!r}")
-        if name != f"{key}.{IDS_SUFFIX}" or size != npy_size:
-            raise FormatError(f"{where}: sample {key!r}: member {name!r} of {size} bytes does not "
-                              f"match the index ({num_tokens} tokens of {dtype})")
-        _check_npy_header(bytes(buf[p:data]), num_tokens, dtype, f"{where}: sample {key!r}")
-    jh = bytes(buf[j:j + BLOCK])
-    if jh[:len(kb) + 6] != kb + b".json\0":
+    data = p + 10 + (buf[p + 8] | (buf[p + 9] << 8))
+    npy_size = data - p + num_tokens * dtype.itemsize
+    j = p + (npy_size + BLOCK - 1) // BLOCK * BLOCK
+    if buf[j:j + nk + 6] != kb + b".json\0":
         raise FormatError(f"{where}: sample {key!r}: expected member {key}.json at byte {j}")
     if check:
-        name, jsize = parse_tar_header(jh, f"{where}: sample {key!r}")
-    else:
-        jsize = int(jh[124:136].strip(b"\0 ") or b"0", 8)
-    if j + BLOCK + padded(jsize) != end:
+        _check_members(buf, offset, j, key, npy_size, num_tokens, dtype, where)
+    try:
+        jsize = int(buf[j + 124:j + 135], 8)
+    except ValueError:
+        raise FormatError(f"{where}: sample {key!r}: corrupt tar header of {key}.json") from None
+    if j + BLOCK + (jsize + BLOCK - 1) // BLOCK * BLOCK != end:
         raise FormatError(f"{where}: sample {key!r}: member sizes do not add up to the indexed "
                           f"length {length}")
     try:
-        doc = json.loads(bytes(buf[j + BLOCK:j + BLOCK + jsize]))
-    except ValueError as e:
-        raise FormatError(f"{where}: sample {key!r}: bad JSON member: {e}") from None
-    ids = np.frombuffer(buf, dtype=dtype, count=num_tokens, offset=data)
-    spans = doc.get("supervised") if isinstance(doc, dict) else None
-    if check or not isinstance(spans, list):
+        doc = _json_decode(buf[j + BLOCK:j + BLOCK + jsize].decode("utf-8"))
+        spans = doc["supervised"]
+        meta = doc.get("meta", {})
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise FormatError(f"{where}: sample {key!r}: bad JSON member: {e!r}") from None
+    if check or type(spans) is not list:
         _check_spans(spans, num_tokens, f"{where}: sample {key!r}")
-    return {"__key__": key, "input_ids": ids, "labels": spans_to_labels(ids, spans),
-            "meta": doc.get("meta", {}), "num_supervised": num_in_spans(spans)}
+    ids = np.frombuffer(buf, dtype=dtype, count=num_tokens, offset=data)
+    labels = ids.astype(np.int64)
+    prev = nsup = 0
+    for s, e in spans:  # everything outside the spans is not supervised
+        if s > prev:
+            labels[prev:s] = IGNORE_INDEX
+        nsup += e - s
+        prev = e
+    if prev < num_tokens:
+        labels[prev:] = IGNORE_INDEX
+    return {"__key__": key, "input_ids": ids, "labels": labels, "meta": meta,
+            "num_supervised": nsup}
+
+
+_json_decode = json.JSONDecoder().decode
+
+
+def _check_members(buf, offset, j, key, npy_size, num_tokens, dtype, where) -> None:
+    w = f"{where}: sample {key!r}"
+    name, size = parse_tar_header(bytes(buf[offset:offset + BLOCK]), w)
+    if name != f"{key}.{IDS_SUFFIX}" or size != npy_size:
+        raise FormatError(f"{w}: member {name!r} of {size} bytes does not match the index "
+                          f"({num_tokens} tokens of {dtype})")
+    _check_npy_header(bytes(buf[offset + BLOCK:offset + BLOCK + npy_size - num_tokens * dtype.itemsize]),
+                      num_tokens, dtype, w)
+    parse_tar_header(bytes(buf[j:j + BLOCK]), w)
 
 
 def _check_npy_header(raw: bytes, n: int, dtype: np.dtype, where: str) -> None:
