@@ -14,8 +14,7 @@ tokens unlearnable.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -26,9 +25,12 @@ __all__ = ["IGNORE_INDEX", "LossOutput", "supervised_positions", "chunked_lm_los
 IGNORE_INDEX = -100
 
 
-@dataclass
-class LossOutput:
-    """``loss`` carries the gradient; the rest are detached fp32 sums for logging."""
+class LossOutput(NamedTuple):
+    """``loss`` carries the gradient; the rest are detached fp32 sums for logging.
+
+    A NamedTuple (not a dataclass) so that ZeRO-3 finds the tensors in a module's output and
+    hooks its backward pass.
+    """
 
     loss: torch.Tensor
     ce_sum: torch.Tensor
