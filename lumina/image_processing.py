@@ -52,7 +52,7 @@ DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # PIL's own decompression-bomb warning th
 class PreparedImage:
     """Cropped RGB pixels (``h x w x 3`` uint8) and what the sample metadata records about them."""
 
-    pixels: np.ndarray
+    pixels: Optional[np.ndarray]  # None once encoded
     crop: tuple[int, int, int, int]  # left, top, right, bottom in the resized image
     resized_size: tuple[int, int]  # (W, H) of the image the crop was cut from
     orig_size: tuple[int, int]  # (W, H) of the file
@@ -60,7 +60,8 @@ class PreparedImage:
     @property
     def size(self) -> tuple[int, int]:
         """(w, h) of the crop: the bucket key of the batched encoder."""
-        return self.pixels.shape[1], self.pixels.shape[0]
+        left, top, right, bottom = self.crop
+        return right - left, bottom - top
 
 
 def crop_size_list(target_size: int, patch_size: int = PATCH_SIZE, max_ratio: float = 4.0) -> list[tuple[int, int]]:

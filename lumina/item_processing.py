@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
@@ -16,6 +17,7 @@ from typing import Any, Callable, Optional, Union
 import numpy as np
 
 from lumina.conversation import BadItem, parse_conversation, to_standard_item
+from lumina.input_items import JsonLine
 from lumina.image_processing import DEFAULT_MAX_IMAGE_PIXELS, PreparedImage, crop_rng, crop_size_list, prepare_image
 from lumina.text_tokens import IGNORE_INDEX, TextIds, ensure_placeholder, tokenize_conversation
 
@@ -94,6 +96,8 @@ class ItemPreparer:
     def __call__(self, index: int, raw_item: Any) -> Union[PreparedItem, ItemFailure]:
         item_id = None
         try:
+            if isinstance(raw_item, JsonLine):
+                raw_item = _parse_line(raw_item)
             item = self.adapter(raw_item)
             item_id = item.get("id") if isinstance(item, dict) else None
             conv = parse_conversation(item)
@@ -111,6 +115,13 @@ class ItemPreparer:
             path = os.path.join(s.image_root, path)
         rng = crop_rng(s.seed, index, k) if s.crop == "random" else None
         return prepare_image(path, self.crop_sizes, rng, s.max_image_pixels)
+
+
+def _parse_line(line: str) -> Any:
+    try:
+        return json.loads(line)
+    except ValueError as e:
+        raise BadItem("malformed_item", f"not valid JSON: {e}") from None
 
 
 def assemble(

@@ -100,12 +100,14 @@ def load_vq_model(name_or_path: str, dtype: Any = None) -> tuple[Any, Optional[d
         raise ValueError(f"--vq_model {name_or_path!r} is a {config.model_type!r} checkpoint, not Chameleon")
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # the language-model weights are skipped on purpose
+    transformers.logging.disable_progress_bar()
     try:
         model, info = ChameleonVQVAE.from_pretrained(
             name_or_path, config=vq_config, key_mapping=_VQ_KEY_MAPPING, dtype=dtype, output_loading_info=True
         )
     finally:
         transformers.logging.set_verbosity(verbosity)
+        transformers.logging.enable_progress_bar()
     if info["missing_keys"] or info["mismatched_keys"]:
         missing = sorted(info["missing_keys"]) + sorted(map(str, info["mismatched_keys"]))
         raise ValueError(f"--vq_model {name_or_path!r}: VQ weights missing or mismatched: {missing[:5]} ...")
