@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Pre-tokenize one input file on every visible GPU (or N CPU processes), then merge.
+#
+#   scripts/pre_tokenize.sh --in_filename IN.json --out_dir OUT --target_size 768 \
+#       --tokenizer TOK --vq_model VQ [any other `lumina pre-tokenize` flag]
+#
+# One rank per GPU (CUDA_VISIBLE_DEVICES, or all that torch sees). Without GPUs: NPROC ranks
+# on CPU (env NPROC, default 1). Rank 0 shows its progress bar; every rank logs to
+# OUT/logs/rank-R.log. Rerunning the same command resumes every rank (finished ranks are
+# skipped quickly) and merges into OUT/index.json. Env: PYTHON (default python), NPROC.
+set -euo pipefail
+
+PYTHON=${PYTHON:-python}
+OUT=""
+args=("$@")
+for ((i = 0; i < ${#args[@]}; i++)); do
+  case "${args[$i]}" in
+    --out_dir) OUT="${args[$((i + 1))]:-}" ;;
+    --out_dir=*) OUT="${args[$i]#--out_dir=}" ;;
+    --splits | --splits=* | --rank | --rank=* | --device | --device=*)
+      echo "pre_tokenize.sh: do not pass ${args[$i]}; the script sets it per rank" >&2; exit 2 ;;
+  esac
+done
+if [[ -z "$OUT" ]]; then
+  echo "usage: $0 --in_filename IN --out_dir OUT [lumina pre-tokenize flags]" >&2
+  exit 2
+fi
+
+if [[ -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then
+  IFS=',' read -r -a GPUS <<< "$CUDA_VISIBLE_DEVICES"
+else
+  NGPU=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+  GPUS=()
+  for ((g = 0; g < NGPU; g++)); do GPUS+=("$g"); done
+fi
+if ((${#GPUS[@]} > 0)); then
+  N=${#GPUS[@]}
+else
+  N=${NPROC:-1}
+fi
+
+mkdir -p "$OUT/logs"
+echo "pre_tokenize.sh: $N rank(s) on $( ((${#GPUS[@]} > 0)) && echo "GPUs ${GPUS[*]}" || echo CPU ); logs in $OUT/logs" >&2
+pids=()
+for ((r = 0; r < N; r++)); do
+  log="$OUT/logs/rank-$r.log"
+  if ((${#GPUS[@]} > 0)); then
+    env_gpu=(env "CUDA_VISIBLE_DEVICES=${GPUS[$r]}")
+    dev=(--device cuda)
+  else
+    env_gpu=(env)
+    dev=(--device cpu)
+  fi
+  if ((r == 0)); then
+    "${env_gpu[@]}" "$PYTHON" -m lumina.pre_tokenize --splits "$N" --rank "$r" "${dev[@]}" "$@" 2> >(tee "$log" >&2) &
+  else
+    "${env_gpu[@]}" "$PYTHON" -m lumina.pre_tokenize --splits "$N" --rank "$r" "${dev[@]}" --no_progress "$@" > "$log" 2>&1 &
+  fi
+  pids+=($!)
+done
+
+failed=()
+for ((r = 0; r < N; r++)); do
+  if ! wait "${pids[$r]}"; then failed+=("$r"); fi
+done
+if ((${#failed[@]} > 0)); then
+  echo "pre_tokenize.sh: rank(s) ${failed[*]} failed (see $OUT/logs); rerun the same command to resume" >&2
+  exit 1
+fi
+for ((r = 1; r < N; r++)); do grep -h "^rank .* items in" "$OUT/logs/rank-$r.log" >&2 || true; done
+"$PYTHON" -m wds_tools.concat_record --sub_record_dir "$OUT" --save_path "$OUT/index.json"
