@@ -238,7 +238,7 @@ def train(cfg: TrainConfig, loader_factory: Optional[LoaderFactory] = None,
         loader.load_state_dict(state["loader_states"][dist.rank])
         counts = {k: Counter(v) for k, v in state.get("data_counts", counts).items()}
         if dist.is_main:
-            log.info("resumed from %s at step %d", path, step)
+            print(f"resumed from {path} at step {step}", flush=True)
     elif dist.is_main:
         _write_run_files(cfg, engine)
 
@@ -373,8 +373,8 @@ def _save(cfg: TrainConfig, dist: DistInfo, engine: Any, loader: Any, counts: di
         torch.distributed.barrier()
     if dist.is_main:
         deleted = ckpt_lib.prune_checkpoints(root, cfg.ckpt.keep_last)
-        log.info("saved %s%s", ckpt_lib.tag_for_step(step),
-                 f" (deleted {', '.join(deleted)})" if deleted else "")
+        print(f"saved checkpoint {os.path.join(root, ckpt_lib.tag_for_step(step))}"
+              + (f" (deleted {', '.join(deleted)})" if deleted else ""), flush=True)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -1,0 +1,177 @@
+"""Two-process (gloo) ZeRO-3 training of a tiny Chameleon: learning, exact resume, export.
+
+Each test launches ``torchrun --nproc_per_node 2`` on CPU, as a user would on GPUs.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEQ_LEN = 24
+
+pytestmark = pytest.mark.slow
+
+WORKER = textwrap.dedent('''
+    """Test worker: train on a small repeated synthetic mixture, or dump the engine's logits."""
+    import sys
+
+    import torch
+
+    from lumina.synthetic import SyntheticLoader
+    from lumina.train import build_engine, init_distributed, train
+    from lumina.train_config import parse_args
+
+    mode, vocab, seq_len, argv = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
+    cfg = parse_args(argv)
+
+    def factory(cfg, rank, world, micro):
+        return SyntheticLoader(vocab, micro, seq_len, rank=rank, seed=cfg.data.seed,
+                               num_distinct=2, min_len=seq_len - 8,
+                               datasets=("captions", "generation"))
+
+    if mode == "train":
+        train(cfg, factory)
+    else:  # logits CKPT_ROOT TAG OUT: the engine's logits of a fixed batch after loading
+        root, tag, out = mode.split(":")[1:]
+        dist = init_distributed()
+        engine, _ = build_engine(cfg, dist, fresh_start=False)
+        engine.load_checkpoint(root, tag=tag, load_optimizer_states=False,
+                               load_lr_scheduler_states=False)
+        engine.eval()
+        batch = SyntheticLoader(vocab, 2, seq_len, seed=123, min_len=seq_len - 8).batch(0)
+        logits = engine.module.logits(batch["input_ids"], batch["attention_mask"])
+        if dist.rank == 0:
+            torch.save({"logits": logits, "batch": batch}, out)
+''')
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from lumina.tiny import build_tiny_chameleon, build_tiny_tokenizer
+
+    base = tmp_path_factory.mktemp("tiny")
+    tok = build_tiny_tokenizer(str(base / "tokenizer"), num_image_tokens=64, bpe_vocab_size=256)
+    model = build_tiny_chameleon(str(base / "model"), tok, hidden_size=32, intermediate_size=64,
+                                 num_attention_heads=2, num_key_value_heads=2)
+    worker = base / "worker.py"
+    worker.write_text(WORKER)
+    from transformers import AutoConfig
+
+    return {"model": model, "worker": str(worker), "base": base,
+            "vocab": AutoConfig.from_pretrained(model).vocab_size}
+
+
+def _env(tmp_root):
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),
+               TORCH_EXTENSIONS_DIR=env.get("TORCH_EXTENSIONS_DIR",
+                                            os.path.join(os.path.expanduser("~"), ".cache",
+                                                         "torch_extensions")))
+    return env
+
+
+def _launch(tiny, mode, out_dir, *flags, nproc=2):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", tiny["worker"], mode, str(tiny["vocab"]), str(SEQ_LEN),
+           "--deepspeed_config", os.path.join(ROOT, "ds_configs", "zero3.json"),
+           "--init_from", tiny["model"], "--output_dir", str(out_dir), "--micro_batch_size", "2",
+           "--lr", "3e-3", "--warmup_steps", "1", "--log_every", "1", "--num_workers", "0",
+           "--progress_bar", "never", "--z_loss_weight", "1e-4", *flags]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(out_dir), capture_output=True, text=True,
+                          timeout=300)
+    if proc.returncode != 0:
+        errors = [line for line in proc.stderr.splitlines()
+                  if any(w in line for w in ("Error", "error:", "what()", "Traceback"))]
+        raise AssertionError(f"{' '.join(cmd)}\nexit {proc.returncode}\n{proc.stdout[-3000:]}\n"
+                             + "\n".join(errors[:40]) + f"\n...\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def _metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as fh:
+        return {r["step"]: r for r in map(json.loads, fh)}
+
+
+@pytest.fixture(scope="module")
+def straight(tiny):
+    out = tiny["base"] / "straight"
+    _launch(tiny, "train", out, "--max_steps", "8", "--save_every", "4")
+    return out
+
+
+def test_trains_and_learns_the_repeated_mixture(straight):
+    m = _metrics(straight)
+    assert sorted(m) == list(range(1, 9))
+    losses = [m[s]["loss"] for s in range(1, 9)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    # Two distinct batches alternate: compare each with its own earlier occurrence.
+    assert losses[6] < losses[0] - 0.05 and losses[7] < losses[1] - 0.05
+    last = m[8]
+    assert last["grad_norm"] is not None and last["grad_norm"] > 0
+    assert 0.0 < last["padding_share"] < 0.5 and last["tokens_per_s"] > 0
+    assert last["z_loss"] > 0 and last["lr"] == pytest.approx(3e-3)
+    # Realized per-dataset samples: 8 steps x 2 ranks x 2 samples, half from each name.
+    assert last["dataset_samples"] == {"captions": 16, "generation": 16}
+    assert sum(last["dataset_tokens"].values()) > 0
+    # Checkpoints every 4 steps and at the end; the run files the export needs.
+    ckpts = sorted(os.listdir(straight / "checkpoints"))
+    assert "step_00000004" in ckpts and "step_00000008" in ckpts
+    assert (straight / "checkpoints" / "latest").read_text().strip() == "step_00000008"
+    assert (straight / "tokenizer" / "tokenizer.json").is_file()
+    assert (straight / "model" / "config.json").is_file()
+
+
+def test_resume_reproduces_the_uninterrupted_run(tiny, straight):
+    out = tiny["base"] / "resumed"
+    _launch(tiny, "train", out, "--max_steps", "4", "--save_every", "0")
+    proc = _launch(tiny, "train", out, "--max_steps", "8", "--save_every", "2", "--keep_last", "2")
+    assert "resumed from" in proc.stdout + proc.stderr
+    a, b = _metrics(straight), _metrics(out)
+    for step in range(1, 9):  # same data, same weights: bit-identical losses
+        assert b[step]["loss"] == a[step]["loss"], step
+        assert b[step]["grad_norm"] == a[step]["grad_norm"], step
+    # The per-dataset counts continue across the restart.
+    assert b[8]["dataset_samples"] == a[8]["dataset_samples"]
+    # keep_last=2: only the two newest remain.
+    kept = sorted(d for d in os.listdir(out / "checkpoints") if d.startswith("step_"))
+    assert kept == ["step_00000006", "step_00000008"]
+
+
+def test_export_loads_with_from_pretrained_and_gives_the_engine_logits(tiny, straight, tmp_path):
+    from transformers import AutoTokenizer, ChameleonForConditionalGeneration
+
+    from lumina.export import main as export_main
+
+    dump = tmp_path / "engine_logits.pt"
+    _launch(tiny, f"logits:{straight / 'checkpoints'}:step_00000008:{dump}", tmp_path / "unused")
+    engine = torch.load(dump, weights_only=False)
+    hf_dir = tmp_path / "hf"
+    assert export_main(["--output_dir", str(straight), "--out", str(hf_dir)]) == 0
+    model = ChameleonForConditionalGeneration.from_pretrained(str(hf_dir)).eval()
+    tok = AutoTokenizer.from_pretrained(str(hf_dir))
+    assert len(tok) == model.config.vocab_size
+    assert model.dtype == torch.bfloat16
+    batch = engine["batch"]
+    with torch.no_grad():
+        hf = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        hidden = model.model(input_ids=batch["input_ids"],
+                             attention_mask=batch["attention_mask"]).last_hidden_state
+        unmasked = model.lm_head(hidden).float()
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(unmasked[real], engine["logits"][real], rtol=0, atol=1e-2)
+    # transformers' forward equals them too, except for the image-token columns it masks.
+    from lumina.model import image_token_ids
+
+    text_cols = torch.ones(model.config.vocab_size, dtype=torch.bool)
+    text_cols[image_token_ids(model.config)] = False
+    torch.testing.assert_close(hf.float()[real][:, text_cols], engine["logits"][real][:, text_cols],
+                               rtol=0, atol=1e-2)
+    # And the weights moved away from the starting point.
+    start = ChameleonForConditionalGeneration.from_pretrained(tiny["model"])
+    assert not torch.equal(start.lm_head.weight.bfloat16(), model.lm_head.weight)
