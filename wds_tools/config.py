@@ -1,0 +1,255 @@
+"""The data config: which datasets to stream and how to mix them, validated once.
+
+Two YAML forms are accepted (see ``docs/streaming.md``)::
+
+    seed: 1234                 # global seed of shard order, sample order and nothing else
+    weight_by: samples         # or tokens: weights are shares of samples or of tokens
+    on_error: skip             # or fail: what a corrupt or truncated shard does
+    shuffle: {shards: true, samples: true, block_size: 256, window_blocks: 8}
+    datasets:
+      - name: chat                       # default: derived from the manifest path
+        manifest: /data/chat/index.json  # local path (relative to this file), https://, s3://
+        weight: 0.7
+        max_epochs: 2                    # optional: stop using it after 2 epochs
+        group: default                   # optional: datasets of different groups never share a batch
+
+and the reference project's form, with its meaning (a dataset's weight is its number of samples
+times ``ratio``; datasets of different ``type`` never share a batch)::
+
+    META:
+      - {path: /data/chat/index.json, type: default, ratio: 0.4}
+
+Errors are ``ValueError`` naming the entry (by position and name) and the key to change.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import yaml
+
+__all__ = ["DatasetConfig", "ShuffleConfig", "DataConfig", "load_data_config",
+           "parse_data_config", "config_summary", "WEIGHT_BY", "ON_ERROR"]
+
+WEIGHT_BY = ("samples", "tokens")
+ON_ERROR = ("skip", "fail")
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,80}$")
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """One dataset of the mixture.
+
+    ``weight`` is relative (weights need not sum to 1). With ``ratio`` set (the reference's
+    ``META`` form), the effective weight is ``ratio * num_samples`` of the manifest, resolved when
+    the manifest is opened. ``max_epochs=None`` cycles forever.
+    """
+
+    name: str
+    manifest: str
+    weight: float = 1.0
+    ratio: Optional[float] = None
+    max_epochs: Optional[int] = None
+    group: str = "default"
+
+
+@dataclass(frozen=True)
+class ShuffleConfig:
+    """Shard order is permuted per epoch (``shards``); samples are shuffled inside windows of
+    ``window_blocks`` blocks of up to ``block_size`` consecutive samples of one shard each
+    (``samples``). Each block is one sequential read."""
+
+    shards: bool = True
+    samples: bool = True
+    block_size: int = 256
+    window_blocks: int = 8
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    datasets: Tuple[DatasetConfig, ...]
+    seed: int = 0
+    weight_by: str = "samples"
+    on_error: str = "fail"
+    shuffle: ShuffleConfig = field(default_factory=ShuffleConfig)
+    source: str = "<dict>"
+
+    @property
+    def bounded(self) -> bool:
+        """True when every dataset has ``max_epochs``: the stream then ends."""
+        return all(d.max_epochs is not None for d in self.datasets)
+
+    @property
+    def groups(self) -> List[str]:
+        """Group names in order of first appearance."""
+        return list(dict.fromkeys(d.group for d in self.datasets))
+
+
+def load_data_config(path: str) -> DataConfig:
+    """Read and validate a data config YAML; relative manifest paths are resolved against the
+    folder of ``path``."""
+    try:
+        with open(path) as f:
+            doc = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML: {e}") from None
+    return parse_data_config(doc, where=path, base_dir=os.path.dirname(os.path.abspath(path)))
+
+
+def parse_data_config(doc: Any, where: str = "<dict>", base_dir: Optional[str] = None) -> DataConfig:
+    """Validate a data config given as a mapping (the parsed YAML)."""
+    if not isinstance(doc, Mapping):
+        raise ValueError(f"{where}: a data config must be a mapping with 'datasets' or 'META'")
+    if "META" in doc and "datasets" in doc:
+        raise ValueError(f"{where}: give either 'datasets' or 'META', not both")
+    known = {"datasets", "META", "seed", "weight_by", "on_error", "shuffle"}
+    _no_unknown(doc, known, where)
+    seed = _int(doc.get("seed", 0), f"{where}: seed", lo=0)
+    weight_by = _choice(doc.get("weight_by", "samples"), WEIGHT_BY, f"{where}: weight_by")
+    on_error = _choice(doc.get("on_error", "fail"), ON_ERROR, f"{where}: on_error")
+    shuffle = _shuffle(doc.get("shuffle", {}), f"{where}: shuffle")
+    if "META" in doc:
+        datasets = _meta_entries(doc["META"], where, base_dir)
+    else:
+        datasets = _dataset_entries(doc.get("datasets"), where, base_dir)
+    names = [d.name for d in datasets]
+    for i, n in enumerate(names):
+        if names.index(n) != i:
+            raise ValueError(f"{where}: datasets[{i}]: name {n!r} is used twice; give each "
+                             "dataset a unique 'name'")
+    return DataConfig(datasets=tuple(datasets), seed=seed, weight_by=weight_by,
+                      on_error=on_error, shuffle=shuffle, source=where)
+
+
+# --- entries ---------------------------------------------------------------------------------
+
+def _dataset_entries(entries: Any, where: str, base_dir: Optional[str]) -> List[DatasetConfig]:
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"{where}: 'datasets' must be a non-empty list of "
+                         "{manifest: ..., weight: ...} entries")
+    out = []
+    for i, e in enumerate(entries):
+        at = f"{where}: datasets[{i}]"
+        if not isinstance(e, Mapping):
+            raise ValueError(f"{at}: must be a mapping with 'manifest' and 'weight'")
+        at = _named(at, e)
+        _no_unknown(e, {"name", "manifest", "weight", "max_epochs", "group", "weight_by"}, at)
+        if "weight_by" in e:
+            raise ValueError(f"{at}: weight_by: set 'weight_by' once at the top level (a mixture "
+                             "is in samples or in tokens, not both)")
+        manifest = _manifest(e.get("manifest"), f"{at}: manifest", base_dir)
+        weight = _positive(e.get("weight", 1.0), f"{at}: weight")
+        out.append(DatasetConfig(
+            name=_name(e.get("name"), manifest, f"{at}: name"), manifest=manifest, weight=weight,
+            max_epochs=_opt_int(e.get("max_epochs"), f"{at}: max_epochs", lo=1),
+            group=_group(e.get("group", "default"), f"{at}: group")))
+    return out
+
+
+def _meta_entries(entries: Any, where: str, base_dir: Optional[str]) -> List[DatasetConfig]:
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"{where}: 'META' must be a non-empty list of {{path, type, ratio}} entries")
+    out = []
+    for i, e in enumerate(entries):
+        at = f"{where}: META[{i}]"
+        if not isinstance(e, Mapping):
+            raise ValueError(f"{at}: must be a mapping with 'path', 'type' and 'ratio'")
+        at = _named(at, e)
+        _no_unknown(e, {"path", "type", "ratio", "name", "max_epochs"}, at)
+        manifest = _manifest(e.get("path"), f"{at}: path", base_dir)
+        ratio = _positive(e.get("ratio", 1.0), f"{at}: ratio")
+        out.append(DatasetConfig(
+            name=_name(e.get("name"), manifest, f"{at}: name"), manifest=manifest, weight=1.0,
+            ratio=ratio, max_epochs=_opt_int(e.get("max_epochs"), f"{at}: max_epochs", lo=1),
+            group=_group(e.get("type", "default"), f"{at}: type")))
+    return out
+
+
+def _shuffle(doc: Any, at: str) -> ShuffleConfig:
+    if isinstance(doc, bool):
+        return ShuffleConfig(shards=doc, samples=doc)
+    if not isinstance(doc, Mapping):
+        raise ValueError(f"{at}: must be true/false or a mapping of "
+                         "{shards, samples, block_size, window_blocks}")
+    _no_unknown(doc, {"shards", "samples", "block_size", "window_blocks"}, at)
+    return ShuffleConfig(shards=_bool(doc.get("shards", True), f"{at}.shards"),
+                         samples=_bool(doc.get("samples", True), f"{at}.samples"),
+                         block_size=_int(doc.get("block_size", 256), f"{at}.block_size", lo=1),
+                         window_blocks=_int(doc.get("window_blocks", 8), f"{at}.window_blocks", lo=1))
+
+
+# --- scalar checks ---------------------------------------------------------------------------
+
+def _named(at: str, e: Mapping) -> str:
+    name = e.get("name")
+    return f"{at} ({name!r})" if isinstance(name, str) else at
+
+
+def _no_unknown(doc: Mapping, known: set, at: str) -> None:
+    extra = sorted(str(k) for k in doc if k not in known)
+    if extra:
+        raise ValueError(f"{at}: unknown key {extra[0]!r} (known: {', '.join(sorted(known))})")
+
+
+def _manifest(v: Any, at: str, base_dir: Optional[str]) -> str:
+    if not isinstance(v, str) or not v.strip():
+        raise ValueError(f"{at}: required, the URL or path of a dataset manifest (index.json)")
+    if v.startswith("pipe:"):
+        raise ValueError(f"{at}: pipe: URLs are not allowed in a data config")
+    if "://" not in v and base_dir is not None and not os.path.isabs(v):
+        v = os.path.normpath(os.path.join(base_dir, v))
+    return v
+
+
+def _name(v: Any, manifest: str, at: str) -> str:
+    if v is None:
+        stem = manifest.rstrip("/")
+        if stem.endswith(".json"):
+            stem = stem.rsplit("/", 1)[0]
+        v = re.sub(r"[^A-Za-z0-9_.\-]", "_", stem.rsplit("/", 1)[-1])[-80:] or "dataset"
+    if not isinstance(v, str) or not _NAME_RE.match(v):
+        raise ValueError(f"{at}: {v!r} must be 1-80 characters from [A-Za-z0-9_.-]")
+    return v
+
+
+def _group(v: Any, at: str) -> str:
+    if not isinstance(v, (str, int)) or isinstance(v, bool) or str(v) == "":
+        raise ValueError(f"{at}: must be a non-empty string, got {v!r}")
+    return str(v)
+
+
+def _positive(v: Any, at: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or v != v or v == float("inf"):
+        raise ValueError(f"{at}: must be a positive finite number, got {v!r}")
+    return float(v)
+
+
+def _int(v: Any, at: str, lo: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ValueError(f"{at}: must be an integer >= {lo}, got {v!r}")
+    return v
+
+
+def _opt_int(v: Any, at: str, lo: int) -> Optional[int]:
+    return None if v is None else _int(v, at, lo)
+
+
+def _bool(v: Any, at: str) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError(f"{at}: must be true or false, got {v!r}")
+    return v
+
+
+def _choice(v: Any, choices: tuple, at: str) -> str:
+    if v not in choices:
+        raise ValueError(f"{at}: must be one of {', '.join(choices)}, got {v!r}")
+    return v
+
+
+def config_summary(cfg: DataConfig) -> Dict[str, Any]:
+    """A JSON-able view of the config (for logs and ``wds-tools mix --json``)."""
+    return {"source": cfg.source, "seed": cfg.seed, "weight_by": cfg.weight_by,
+            "on_error": cfg.on_error, "shuffle": vars(cfg.shuffle).copy(),
+            "datasets": [vars(d).copy() for d in cfg.datasets]}

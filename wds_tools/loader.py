@@ -1,0 +1,601 @@
+"""The streaming loader: mixed, sharded, shuffled, resumable batches for data-parallel training.
+
+Each data-parallel rank runs ``num_slots = max(1, num_workers)`` consumers (one per DataLoader
+worker). A consumer reads its own slice of every dataset (``mixing.EpochSlice``), picks the
+dataset of every sample with the ``mixing.Mixer``, and collates batches in the worker into one
+contiguous ``[k, B, T]`` int64 tensor. The DataLoader hands batches to the main process round
+robin over workers; each batch carries its consumer's state, so the main process always knows
+the state that reproduces exactly the batches still to come (``state_dict``).
+
+    loader = build_loader(load_data_config("data.yaml"), batch_size=8, num_workers=2,
+                          max_seq_len=4096)
+    for batch in loader:
+        batch["input_ids"], batch["labels"], batch["attention_mask"]  # LongTensor [B, T]
+        batch["dataset"], batch["__key__"]                             # list[str]
+
+See ``docs/streaming.md`` for the semantics (what is dropped, determinism, resume).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import OrderedDict
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from . import io as wio
+from .collate import PACK_FIELDS, PAD_FIELDS, pack_batch, pad_batch
+from .config import DataConfig, load_data_config
+from .format import BLOCK, FormatError
+from .mixing import DatasetPlan, EpochSlice, Mixer, dataset_weights
+from .reader import Shard, load_manifest
+
+__all__ = ["build_loader", "StreamingLoader", "Consumer", "DatasetReader", "load_plans",
+           "iter_samples", "STATE_VERSION"]
+
+log = logging.getLogger(__name__)
+STATE_VERSION = 1
+_SHARD_CACHE = 16
+
+
+def load_plans(cfg: DataConfig, opts: wio.IOOptions = wio.DEFAULT) -> List[DatasetPlan]:
+    """Open every manifest of ``cfg`` (never a shard index) and plan from its counts."""
+    plans = []
+    for i, d in enumerate(cfg.datasets):
+        try:
+            manifest = load_manifest(d.manifest, opts)
+        except (OSError, ValueError) as e:
+            raise type(e)(f"{cfg.source}: dataset {d.name!r}: cannot open manifest: {e}") from None
+        if not manifest["num_samples"]:
+            raise ValueError(f"{cfg.source}: dataset {d.name!r}: manifest {wio.redact(d.manifest)} "
+                             "has no samples")
+        plans.append(DatasetPlan.from_manifest(i, d, manifest))
+    return plans
+
+
+# --- one dataset, one consumer ---------------------------------------------------------------
+
+class DatasetReader:
+    """The samples of one dataset for one consumer, epoch after epoch.
+
+    ``take()`` returns ``(key, input_ids, spans, shard, index)`` of the next readable sample.
+    Position ``pos`` counts every slot of the epoch slice, read or skipped, so the state
+    ``[epoch, pos, skipped_shards, skipped_samples, bad_shards]`` is exact.
+    """
+
+    def __init__(self, plan: DatasetPlan, cfg: DataConfig, seed: int, consumer: int,
+                 num_consumers: int, opts: wio.IOOptions = wio.DEFAULT,
+                 state: Optional[Sequence[Any]] = None, read_data: bool = True):
+        self.plan, self.cfg, self.seed = plan, cfg, seed
+        self.consumer, self.num_consumers, self.opts = consumer, num_consumers, opts
+        self.read_data = read_data
+        self.fail = cfg.on_error == "fail"
+        self._shards: "OrderedDict[int, Shard]" = OrderedDict()
+        epoch, pos, self.skipped_shards, self.skipped_samples, bad = (
+            state if state is not None else (0, 0, 0, 0, []))
+        self.bad = set(bad)
+        self._read_in_epoch = self._skipped_in_epoch = 0
+        self._peeked: Optional[tuple] = None
+        self._start_epoch(epoch, pos)
+
+    # -- state ------------------------------------------------------------------------------
+    @property
+    def pos(self) -> int:
+        return int(self.slice.window_start[self.w]) + self.q if self.w < self.slice.num_windows \
+            else self.slice.length
+
+    def state(self) -> list:
+        if self._peeked is not None:
+            return self._peeked[1]
+        return [self.epoch, self.pos, self.skipped_shards, self.skipped_samples, sorted(self.bad)]
+
+    # -- windows ----------------------------------------------------------------------------
+    def _start_epoch(self, epoch: int, pos: int = 0) -> None:
+        self.epoch = epoch
+        self.slice = EpochSlice(self.plan, self.cfg.shuffle, self.seed, epoch, self.consumer,
+                                self.num_consumers)
+        if not 0 <= pos <= self.slice.length:
+            raise ValueError(f"loader state: position {pos} outside epoch of "
+                             f"{self.slice.length} samples of dataset {self.plan.name!r}")
+        self.w = self.slice.window_of(pos) if pos < self.slice.length else self.slice.num_windows
+        self.items: List[Any] = []
+        self.q = 0
+        if self.w < self.slice.num_windows:
+            self._load_window(self.w)
+            self.q = pos - int(self.slice.window_start[self.w])
+
+    def _next_window(self) -> None:
+        if self.w + 1 < self.slice.num_windows:
+            self.w += 1
+            self.q = 0
+            self._load_window(self.w)
+            return
+        if self._read_in_epoch == 0 and self._skipped_in_epoch >= self.slice.length:
+            raise FormatError(f"dataset {self.plan.name!r}: a whole epoch of this reader's "
+                              "shards was unreadable (see the warnings above)")
+        self._read_in_epoch = self._skipped_in_epoch = 0
+        self.bad = set()
+        self._start_epoch(self.epoch + 1, 0)
+
+    def _shard(self, s: int) -> Shard:
+        sh = self._shards.get(s)
+        if sh is None:
+            sh = Shard.open(self.plan.urls[s], self.plan.index_urls[s], self.opts)
+            if len(sh) != int(self.plan.shard_samples[s]):
+                raise FormatError(f"{sh.where}: index has {len(sh)} samples, the manifest says "
+                                  f"{int(self.plan.shard_samples[s])}")
+            self._shards[s] = sh
+            if len(self._shards) > _SHARD_CACHE:
+                self._shards.popitem(last=False)
+        else:
+            self._shards.move_to_end(s)
+        return sh
+
+    def _load_window(self, w: int) -> None:
+        blocks, order = self.slice.window(w)
+        flat: List[Any] = []
+        for s, a, n in blocks:
+            flat.extend(self._load_block(s, a, n))
+        self.items = [flat[j] for j in order]
+
+    def _load_block(self, s: int, a: int, n: int) -> List[Any]:
+        if s in self.bad:
+            return [None] * n
+        try:
+            sh = self._shard(s)
+            keys, offs, lens, ntok = (sh.keys[a:a + n], sh.offsets[a:a + n], sh.lengths[a:a + n],
+                                      sh.num_tokens[a:a + n])
+            if not self.read_data:
+                return [(k, None, t, s, a + i, None, 0, 0) for i, (k, t) in enumerate(zip(keys, ntok))]
+            base, end = offs[0], offs[-1] + lens[-1]
+            with wio.open_range(sh.url, base, end, self.opts) as f:
+                buf = f.read(end - base)
+            if len(buf) < end - base:
+                raise FormatError(f"{sh.where}: truncated shard: {len(buf)} of {end - base} bytes "
+                                  f"at byte {base} (samples {a}..{a + n - 1})")
+        except (FormatError, OSError) as e:
+            self._shard_failed(s, e)
+            return [None] * n
+        dtype = sh.dtype
+        return [(keys[i], buf, ntok[i], s, a + i, dtype, offs[i] - base, lens[i]) for i in range(n)]
+
+    def _shard_failed(self, s: int, e: BaseException) -> None:
+        if self.fail:
+            raise e
+        log.warning("dataset %r: skipping the rest of shard %s in epoch %d: %s", self.plan.name,
+                    wio.redact(self.plan.urls[s]), self.epoch, e)
+        self.bad.add(s)
+        self.skipped_shards += 1
+
+    # -- samples ----------------------------------------------------------------------------
+    def take(self) -> Tuple[str, Optional[np.ndarray], Any, int]:
+        """The next readable sample: (key, input_ids view, spans, num_tokens)."""
+        if self._peeked is not None:
+            out, self._peeked = self._peeked[0], None
+            return out
+        while True:
+            q = self.q
+            if q >= len(self.items):
+                self._next_window()
+                continue
+            item = self.items[q]
+            self.q = q + 1
+            if item is None or (self.bad and item[3] in self.bad):
+                self.skipped_samples += 1
+                self._skipped_in_epoch += 1
+                continue
+            key, buf, ntok = item[0], item[1], item[2]
+            if buf is None:
+                self._read_in_epoch += 1
+                return key, None, None, ntok
+            try:
+                ids, spans = _decode(buf, item[6], item[7], key, ntok, item[5])
+            except FormatError as e:
+                self._shard_failed(item[3], FormatError(f"{wio.redact(self.plan.urls[item[3]])}: {e}"))
+                self.skipped_samples += 1
+                self._skipped_in_epoch += 1
+                continue
+            self._read_in_epoch += 1
+            return key, ids, spans, ntok
+
+    def peek(self) -> Tuple[str, Optional[np.ndarray], Any, int]:
+        """The sample ``take()`` will return next, without consuming it (``state()`` still
+        points before it)."""
+        if self._peeked is None:
+            before = self.state()
+            self._peeked = (self.take(), before)
+        return self._peeked[0]
+
+_loads = json.loads
+_frombuffer = np.frombuffer
+
+
+def _decode(buf: bytes, off: int, length: int, key: str, ntok: int, dtype: np.dtype):
+    """(input_ids view, supervised spans) of the sample at ``buf[off:off+length]``.
+
+    The lean twin of ``format.decode_sample`` for the hot path: same cheap checks (member names,
+    npy magic, sizes add up), no label array (collation builds labels from the spans).
+    """
+    kb = key.encode()
+    if buf[off:off + len(kb) + 1] != kb + b"." or buf[off + 257:off + 262] != b"ustar":
+        raise FormatError(f"no tar header of sample {key!r} at its indexed offset")
+    p = off + BLOCK
+    if buf[p:p + 6] != b"\x93NUMPY":
+        raise FormatError(f"sample {key!r}: input_ids member is not a .npy array")
+    hlen = buf[p + 8] | (buf[p + 9] << 8)
+    j = p + (10 + hlen + ntok * dtype.itemsize + BLOCK - 1) // BLOCK * BLOCK
+    if buf[j:j + len(kb) + 6] != kb + b".json\0":
+        raise FormatError(f"sample {key!r}: json member missing")
+    jsize = int(buf[j + 124:j + 136].strip(b"\0 ") or b"0", 8)
+    if j + BLOCK + (jsize + BLOCK - 1) // BLOCK * BLOCK != off + length:
+        raise FormatError(f"sample {key!r}: member sizes do not add up to the indexed length")
+    try:
+        spans = _loads(buf[j + BLOCK:j + BLOCK + jsize])["supervised"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise FormatError(f"sample {key!r}: bad JSON member: {e}") from None
+    return _frombuffer(buf, dtype, ntok, p + 10 + hlen), spans
+
+
+# --- one consumer: batches -------------------------------------------------------------------
+
+class Consumer:
+    """Batches of one consumer (rank, slot); ``state()`` after any batch restores it exactly."""
+
+    def __init__(self, plans: Sequence[DatasetPlan], cfg: DataConfig, *, seed: int, consumer: int,
+                 num_consumers: int, batch_size: int, max_seq_len: int, pad_id: int = 0,
+                 pack: bool = False, opts: wio.IOOptions = wio.DEFAULT,
+                 state: Optional[Dict[str, Any]] = None, read_data: bool = True):
+        self.plans, self.cfg, self.batch_size = plans, cfg, batch_size
+        self.max_seq_len, self.pad_id, self.pack = max_seq_len, pad_id, pack
+        self.names = [p.name for p in plans]
+        groups = cfg.groups
+        caps = [None if p.config.max_epochs is None
+                else p.config.max_epochs * p.samples_per_epoch(num_consumers) for p in plans]
+        self.mixer = Mixer(dataset_weights(cfg, plans), [groups.index(p.config.group) for p in plans],
+                           caps, min_left=1 if pack else batch_size)
+        self.by_tokens = cfg.weight_by == "tokens"
+        st = state or {}
+        rs = st.get("readers") or [None] * len(plans)
+        self.readers = [DatasetReader(p, cfg, seed, consumer, num_consumers, opts, rs[i], read_data)
+                        for i, p in enumerate(plans)]
+        if st:
+            self.mixer.load([st["units"], st["samples"]])
+        self.tokens = list(st.get("tokens", [0] * len(plans)))
+        self.batches = st.get("batches", 0)
+        self.padding = st.get("padding", 0)
+        self.truncated = st.get("truncated", 0)
+
+    def state(self) -> Dict[str, Any]:
+        units, samples = self.mixer.state()
+        return {"batches": self.batches, "units": units, "samples": samples,
+                "tokens": list(self.tokens), "padding": self.padding, "truncated": self.truncated,
+                "readers": [r.state() for r in self.readers]}
+
+    def _take(self, d: int):
+        s = self.readers[d].take()
+        n = s[3] if s[3] < self.max_seq_len else self.max_seq_len
+        self.mixer.account(d, n if self.by_tokens else 1)
+        self.tokens[d] += n
+        return s
+
+    def next_samples(self) -> Optional[Tuple[List[int], List[tuple], Optional[List[List[int]]]]]:
+        """(dataset of each sample, samples, packing rows or None); None at the end."""
+        g = self.mixer.choose_group()
+        if g < 0:
+            return None
+        choose, take, ds, got = self.mixer.choose, self._take, [], []
+        if not self.pack:
+            for _ in range(self.batch_size):
+                d = choose(g)
+                ds.append(d)
+                got.append(take(d))
+            return ds, got, None
+        rows: List[List[int]] = [[]]
+        used, L = 0, self.max_seq_len
+        while True:
+            d = choose(g)
+            n = min(self.readers[d].peek()[3], L)
+            if used + n > L:
+                if len(rows) == self.batch_size:
+                    break
+                rows.append([])
+                used = 0
+            rows[-1].append(len(got))
+            ds.append(d)
+            got.append(take(d))
+            used += n
+            if not self.mixer.group_active(g):
+                break
+        return ds, got, rows
+
+    def next_batch(self, alloc=None) -> Optional[Tuple[np.ndarray, List[int], List[str]]]:
+        """(``[k, B, T]`` array, dataset of each sample, key of each sample) or None at the end."""
+        nxt = self.next_samples()
+        if nxt is None:
+            return None
+        ds, got, rows = nxt
+        ids = [s[1] for s in got]
+        spans = [s[2] for s in got]
+        if rows is None:
+            arr, counts = pad_batch(ids, spans, self.max_seq_len, self.pad_id, alloc)
+        else:
+            arr, counts = pack_batch(ids, spans, rows, self.max_seq_len, self.pad_id, alloc)
+        self.batches += 1
+        self.padding += counts["padding"]
+        self.truncated += counts["truncated"]
+        return arr, ds, [s[0] for s in got]
+
+
+# --- the DataLoader side ---------------------------------------------------------------------
+
+def _torch():
+    import torch
+    return torch
+
+
+class _ShmAlloc:
+    """Allocate the batch straight in shared memory in a worker (no copy when it is sent)."""
+
+    def __init__(self, shared: bool):
+        self.shared, self.tensor = shared, None
+
+    def __call__(self, shape):
+        t = _torch().empty(shape, dtype=_torch().int64)
+        if self.shared:
+            t.share_memory_()
+        self.tensor = t
+        return t.numpy()
+
+
+class _SlotStream:
+    """The picklable per-rank description a worker turns into its consumer's batches."""
+
+    def __init__(self, loader: "StreamingLoader", offset: int):
+        self.plans, self.cfg, self.seed = loader.plans, loader.cfg, loader.seed
+        self.rank, self.num_slots, self.offset = loader.rank, loader.num_slots, offset
+        self.num_consumers = loader.world_size * loader.num_slots
+        self.kw = dict(batch_size=loader.batch_size, max_seq_len=loader.max_seq_len,
+                       pad_id=loader.pad_id, pack=loader.pack, opts=loader.opts)
+        self.slot_states = list(loader._slots)
+        self.fields = PACK_FIELDS if loader.pack else PAD_FIELDS
+
+    def batches(self, worker: int, shared: bool) -> Iterator[Dict[str, Any]]:
+        slot = (worker + self.offset) % self.num_slots
+        c = Consumer(self.plans, self.cfg, seed=self.seed, consumer=self.rank * self.num_slots + slot,
+                     num_consumers=self.num_consumers, state=self.slot_states[slot], **self.kw)
+        names, alloc = c.names, _ShmAlloc(shared)
+        while True:
+            out = c.next_batch(alloc)
+            if out is None:
+                return
+            _, ds, keys = out
+            t = alloc.tensor
+            batch = {f: t[k] for k, f in enumerate(self.fields)}
+            batch["dataset"] = [names[d] for d in ds]
+            batch["__key__"] = keys
+            batch["_slot"] = slot
+            batch["_state"] = c.state()
+            yield batch
+
+
+def _iterable_dataset(stream: _SlotStream):
+    from torch.utils.data import IterableDataset, get_worker_info
+
+    class _Dataset(IterableDataset):
+        def __iter__(self):
+            info = get_worker_info()
+            return stream.batches(info.id if info is not None else 0, shared=info is not None)
+
+    return _Dataset()
+
+
+class StreamingLoader:
+    """Iterable of batches for one data-parallel rank; see ``build_loader``.
+
+    Iterating starts the workers from the current state, so breaking out of a loop and
+    iterating again continues exactly where the last delivered batch left off.
+    """
+
+    def __init__(self, cfg: DataConfig, plans: List[DatasetPlan], *, rank: int, world_size: int,
+                 batch_size: int, num_workers: int, max_seq_len: int, pad_id: int, seed: int,
+                 pack: bool, prefetch_factor: int, pin_memory: bool, opts: wio.IOOptions):
+        self.cfg, self.plans = cfg, plans
+        self.rank, self.world_size = rank, world_size
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.num_slots = max(1, num_workers)
+        self.max_seq_len, self.pad_id, self.seed, self.pack = max_seq_len, pad_id, seed, pack
+        self.prefetch_factor, self.pin_memory, self.opts = prefetch_factor, pin_memory, opts
+        self.weights = dataset_weights(cfg, plans)
+        self._slots: List[Optional[Dict[str, Any]]] = [None] * self.num_slots
+        self._next_slot = 0
+
+    # -- iteration --------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[Dict[str, Any]]:
+        stream = _SlotStream(self, self._next_slot)
+        if self.num_workers == 0:
+            it: Iterator[Dict[str, Any]] = stream.batches(0, shared=False)
+        else:
+            from torch.utils.data import DataLoader
+            it = iter(DataLoader(_iterable_dataset(stream), batch_size=None,
+                                 num_workers=self.num_workers, prefetch_factor=self.prefetch_factor,
+                                 pin_memory=self.pin_memory))
+        for batch in it:
+            slot = batch.pop("_slot")
+            assert slot == self._next_slot, (slot, self._next_slot)
+            self._slots[slot] = batch.pop("_state")
+            self._next_slot = (slot + 1) % self.num_slots
+            yield batch
+
+    def __len__(self) -> int:
+        n = self.num_batches
+        if n is None:
+            raise TypeError("this loader is infinite (some dataset has no max_epochs)")
+        return n
+
+    @property
+    def num_batches(self) -> Optional[int]:
+        """Batches per rank per pass when every dataset is bounded (same on every rank), else None.
+        Not defined for packing, whose batch count depends on sample lengths."""
+        if not self.cfg.bounded or self.pack:
+            return None
+        c = self.world_size * self.num_slots
+        total = 0
+        for g in self.cfg.groups:
+            left = sum(p.config.max_epochs * p.samples_per_epoch(c) for p in self.plans
+                       if p.config.group == g)
+            total += left // self.batch_size
+        return total * self.num_slots
+
+    # -- state ------------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        """This rank's position: a few integers per worker slot and dataset (JSON-able)."""
+        return {"format": "wds_tools.loader", "version": STATE_VERSION, "rank": self.rank,
+                "world_size": self.world_size, "num_slots": self.num_slots,
+                "batch_size": self.batch_size, "max_seq_len": self.max_seq_len,
+                "pack": self.pack, "seed": self.seed, "weight_by": self.cfg.weight_by,
+                "datasets": [p.name for p in self.plans],
+                "num_samples": [p.num_samples for p in self.plans],
+                "next_slot": self._next_slot, "slots": json.loads(json.dumps(self._slots))}
+
+    def load_state_dict(self, sd: Dict[str, Any]) -> None:
+        """Continue from ``sd`` (this rank's ``state_dict()``, or ``{"ranks": [sd_0, sd_1, ...]}``
+        as gathered by ``gather_state_dicts``). Refuses a state of another layout."""
+        if isinstance(sd, dict) and "ranks" in sd:
+            ranks = sd["ranks"]
+            if len(ranks) != self.world_size:
+                raise ValueError(f"loader state holds {len(ranks)} ranks, this run has world size "
+                                 f"{self.world_size} (the data layout depends on it)")
+            sd = ranks[self.rank]
+        if not isinstance(sd, dict) or sd.get("format") != "wds_tools.loader":
+            raise ValueError("not a wds_tools loader state")
+        if sd.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {sd.get('version')!r} is not supported "
+                             f"(this wds_tools writes and reads version {STATE_VERSION})")
+        mine = self.state_dict()
+        for k in ("rank", "world_size", "num_slots", "batch_size", "max_seq_len", "pack", "seed",
+                  "weight_by", "datasets", "num_samples"):
+            if sd.get(k) != mine[k]:
+                hint = " (num_workers)" if k == "num_slots" else ""
+                raise ValueError(f"loader state was saved with {k}{hint}={sd.get(k)!r}, this "
+                                 f"loader has {mine[k]!r}; resume with the same setting")
+        if len(sd["slots"]) != self.num_slots or not 0 <= sd["next_slot"] < self.num_slots:
+            raise ValueError("loader state: malformed slots")
+        self._slots = [None if s is None else dict(s) for s in sd["slots"]]
+        self._next_slot = int(sd["next_slot"])
+
+    def gather_state_dicts(self) -> Dict[str, Any]:
+        """Every rank's state (``{"ranks": [...]}``) via ``torch.distributed``; call on all ranks.
+        Needed when only rank 0 writes the checkpoint's client state (DeepSpeed ZeRO-3)."""
+        torch = _torch()
+        sd = self.state_dict()
+        if self.world_size == 1 or not (torch.distributed.is_available()
+                                        and torch.distributed.is_initialized()):
+            return {"ranks": [sd]}
+        out: List[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(out, sd)
+        return {"ranks": out}
+
+    # -- stats ------------------------------------------------------------------------------
+    def stats(self) -> Dict[str, Any]:
+        """Per-dataset samples, tokens, epochs and skips of the batches delivered so far on this
+        rank, with target and realized shares, and the padding share."""
+        slots = [s for s in self._slots if s is not None]
+        per = []
+        for i, p in enumerate(self.plans):
+            samples = sum(s["samples"][i] for s in slots)
+            tokens = sum(s["tokens"][i] for s in slots)
+            rs = [s["readers"][i] for s in slots]
+            per.append({"name": p.name, "target_share": float(self.weights[i]),
+                        "samples": samples, "tokens": tokens,
+                        "epoch": max((r[0] for r in rs), default=0),
+                        "skipped_shards": sum(r[2] for r in rs),
+                        "skipped_samples": sum(r[3] for r in rs)})
+        ns = sum(d["samples"] for d in per) or 1
+        nt = sum(d["tokens"] for d in per) or 1
+        for d in per:
+            d["sample_share"], d["token_share"] = d["samples"] / ns, d["tokens"] / nt
+        padding = sum(s["padding"] for s in slots)
+        real = sum(sum(s["tokens"]) for s in slots)
+        return {"rank": self.rank, "batches": sum(s["batches"] for s in slots),
+                "weight_by": self.cfg.weight_by, "datasets": per,
+                "padding_share": padding / (padding + real) if padding + real else 0.0,
+                "truncated_tokens": sum(s["truncated"] for s in slots),
+                "skipped_shards": sum(d["skipped_shards"] for d in per)}
+
+
+def _dist_rank_world() -> Tuple[int, int]:
+    try:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+    except ImportError:
+        pass
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def build_loader(data_config: Union[DataConfig, str], *, rank: Optional[int] = None,
+                 world_size: Optional[int] = None, batch_size: int = 1, num_workers: int = 0,
+                 max_seq_len: int = 4096, pad_id: int = 0, seed: Optional[int] = None,
+                 pack: bool = False, prefetch_factor: int = 4, pin_memory: bool = False,
+                 io_options: wio.IOOptions = wio.DEFAULT) -> StreamingLoader:
+    """The loader of one data-parallel rank.
+
+    Args:
+        data_config: a ``DataConfig`` or the path of its YAML.
+        rank, world_size: default from ``torch.distributed`` when initialized, else the
+            ``RANK``/``WORLD_SIZE`` environment (set by ``deepspeed`` and ``torchrun``), else 0/1.
+        batch_size: samples per batch (rows per batch when packing).
+        num_workers: DataLoader worker processes (0: read in this process). Part of the data
+            layout: every rank must use the same value, and a resumed run too.
+        max_seq_len: samples are truncated on the right to this many tokens.
+        pad_id: input id of padding (labels are -100 there, attention mask 0).
+        seed: overrides the config's seed.
+        pack: put several samples in each row, with ``position_ids`` and ``segment_ids``.
+    """
+    cfg = load_data_config(data_config) if isinstance(data_config, str) else data_config
+    if rank is None or world_size is None:
+        r, w = _dist_rank_world()
+        rank = r if rank is None else rank
+        world_size = w if world_size is None else world_size
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    for name, v, lo in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
+                        ("max_seq_len", max_seq_len, 1), ("prefetch_factor", prefetch_factor, 1)):
+        if not isinstance(v, int) or v < lo:
+            raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+    if pack and cfg.bounded:
+        raise ValueError(f"{cfg.source}: packing needs an unbounded stream (remove max_epochs): "
+                         "packed batch counts depend on sample lengths, so ranks could disagree")
+    plans = load_plans(cfg, io_options)
+    consumers = world_size * max(1, num_workers)
+    for p in plans:
+        p.check_consumers(consumers)
+    return StreamingLoader(cfg, plans, rank=rank, world_size=world_size, batch_size=batch_size,
+                           num_workers=num_workers, max_seq_len=max_seq_len, pad_id=pad_id,
+                           seed=cfg.seed if seed is None else int(seed), pack=pack,
+                           prefetch_factor=prefetch_factor, pin_memory=pin_memory, opts=io_options)
+
+
+def iter_samples(data_config: Union[DataConfig, str], *, consumer: int = 0, num_consumers: int = 1,
+                 seed: Optional[int] = None, max_seq_len: int = 1 << 30,
+                 io_options: wio.IOOptions = wio.DEFAULT) -> Iterator[Dict[str, Any]]:
+    """The mixed sample stream of one consumer, uncollated: dicts with ``__key__``, ``dataset``,
+    ``input_ids`` (read-only view, stored dtype) and ``supervised`` (spans). Groups are chosen
+    per sample here. The fastest way to read; what a batch is built from."""
+    cfg = load_data_config(data_config) if isinstance(data_config, str) else data_config
+    plans = load_plans(cfg, io_options)
+    for p in plans:
+        p.check_consumers(num_consumers)
+    c = Consumer(plans, cfg, seed=cfg.seed if seed is None else seed, consumer=consumer,
+                 num_consumers=num_consumers, batch_size=1, max_seq_len=max_seq_len,
+                 opts=io_options)
+    names, mixer, take = c.names, c.mixer, c._take
+    while True:
+        g = mixer.choose_group()
+        if g < 0:
+            return
+        d = mixer.choose(g)
+        key, ids, spans, _ = take(d)
+        yield {"__key__": key, "dataset": names[d], "input_ids": ids, "supervised": spans}
