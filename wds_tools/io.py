@@ -1,10 +1,16 @@
 """Byte access to local files, HTTP(S) and S3, with ranges and resumable retries.
 
 Every opener returns a binary stream over ``[start, end)`` of one object. Remote streams that
-drop mid-way are re-opened at the byte where they broke (with exponential backoff), so callers
-see one uninterrupted stream or, when retries run out, an ``IOError`` naming the URL.
-``pipe:`` URLs are refused unless explicitly allowed. URLs are redacted (no credentials, no
-query strings such as signatures) in every message.
+drop mid-way (reset, timeout, truncated body, 5xx, 429) are re-opened at the byte where they
+broke, after a jittered exponential backoff, so callers see one uninterrupted stream or, when
+retries run out, an ``IOError`` naming the URL. Errors that retrying cannot fix (404, 403, 416)
+fail at once; a missing object raises ``FileNotFoundError`` whatever its scheme.
+
+``pipe:`` URLs are refused unless ``IOOptions(allow_pipe=True)``. URLs are redacted (no user
+info, no query string such as a signature) in every message and log line.
+
+Remote reads may go through a size-limited local cache of whole shards
+(``IOOptions(cache_dir=...)``, see :mod:`wds_tools.cache`).
 """
 from __future__ import annotations
 
@@ -12,45 +18,113 @@ import io
 import json
 import logging
 import os
+import posixpath
 import random
 import re
 import subprocess
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Optional
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Optional
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
-__all__ = ["IOOptions", "open_range", "read_range", "read_bytes", "read_json", "object_size",
-           "join_url", "is_remote", "redact", "local_path"]
+__all__ = ["IOOptions", "IOStats", "stats", "open_range", "read_range", "read_bytes", "read_json",
+           "object_size", "object_version", "join_url", "is_remote", "redact", "scrub",
+           "local_path"]
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class IOOptions:
-    """How remote reads behave. ``allow_pipe`` lets ``pipe:CMD`` URLs run a shell command."""
+    """How remote reads behave.
 
-    timeout: float = 30.0          # seconds to connect / between bytes
-    max_retries: int = 8           # re-opens of one stream before giving up
-    backoff: float = 0.25          # first retry delay, doubled each time (with jitter)
+    Attributes:
+        timeout: read timeout in seconds: a stream that delivers no byte for this long is
+            treated as stalled, dropped and resumed.
+        connect_timeout: seconds to establish a connection.
+        max_retries: failed attempts in a row (without a byte of progress in between) before
+            giving up on a stream; progress resets the count.
+        backoff, max_backoff: first retry delay in seconds, doubled per failure up to
+            ``max_backoff``, each multiplied by a random factor in [0.5, 1.5).
+        allow_pipe: let ``pipe:CMD`` URLs run a shell command (off: they are refused).
+        chunk_size: buffer size of the returned streams.
+        cache_dir: if set, remote ``.tar`` shards are fetched whole into this folder and read
+            from there (see :mod:`wds_tools.cache`).
+        cache_max_bytes: size limit of ``cache_dir``; least recently used shards are evicted.
+    """
+
+    timeout: float = 30.0
+    connect_timeout: float = 10.0
+    max_retries: int = 8
+    backoff: float = 0.25
     max_backoff: float = 8.0
     allow_pipe: bool = False
     chunk_size: int = 1 << 20
+    cache_dir: Optional[str] = None
+    cache_max_bytes: int = 64 << 30
+
+    def __post_init__(self) -> None:
+        if self.timeout <= 0 or self.connect_timeout <= 0:
+            raise ValueError("IOOptions: timeout and connect_timeout must be > 0 seconds")
+        if self.max_retries < 0 or self.backoff < 0 or self.max_backoff < 0:
+            raise ValueError("IOOptions: max_retries, backoff and max_backoff must be >= 0")
+        if self.chunk_size < 4096:
+            raise ValueError("IOOptions: chunk_size must be >= 4096 bytes")
+        if self.cache_max_bytes <= 0:
+            raise ValueError("IOOptions: cache_max_bytes must be > 0")
 
 
 DEFAULT = IOOptions()
 
 
+@dataclass
+class IOStats:
+    """Per-process counters of remote reads (for logs, benchmarks and tests)."""
+
+    opens: int = 0          # successful (re)opens of a remote stream
+    retries: int = 0        # failed attempts that were retried
+    bytes: int = 0          # remote payload bytes delivered to readers
+
+    def reset(self) -> None:
+        self.opens = self.retries = self.bytes = 0
+
+
+stats = IOStats()
+
+
+# --- URLs and redaction ----------------------------------------------------------------------
+
 def redact(url: str) -> str:
-    """The URL without user info and query string (credentials, signatures)."""
+    """The URL without user info, query string and fragment (credentials, signatures)."""
     if "://" not in url:
         return url
-    parts = urlsplit(url)
-    netloc = parts.hostname or ""
-    if parts.port:
-        netloc += f":{parts.port}"
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = parts.port
+    except ValueError:
+        return url.split("://", 1)[0] + "://<unparseable URL>"
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = host + (f":{port}" if port else "")
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+_SECRET_PATTERNS = [
+    (re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@'\"]*@"), r"\1"),  # user:password@
+    (re.compile(r"\?[^\s'\"<>]*=[^\s'\"<>]*"), "?<redacted>"),          # query strings
+    (re.compile(r"(?i)(signature|credential|token|secret|password|sig|key)=[^\s&'\"]+"),
+     r"\1=<redacted>"),
+    (re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b"), "<access-key-id>"),
+]
+
+
+def scrub(text: str) -> str:
+    """``text`` with credentials removed: user info, query strings, key=value secrets."""
+    for pat, rep in _SECRET_PATTERNS:
+        text = pat.sub(rep, text)
+    return text
 
 
 def is_remote(url: str) -> bool:
@@ -68,11 +142,77 @@ def join_url(base: str, rel: str) -> str:
     if base.startswith(("http://", "https://")):
         return urljoin(base, rel)
     if base.startswith("s3://"):
-        head, _, _ = base.rpartition("/")
-        return head + "/" + rel
+        bucket, key = _s3_split(base)
+        if rel.startswith("/"):
+            return f"s3://{bucket}{posixpath.normpath(rel)}"
+        joined = posixpath.normpath(posixpath.join(posixpath.dirname(key), rel))
+        if joined.startswith(".."):
+            raise ValueError(f"{rel!r} points outside the bucket of {redact(base)}")
+        return f"s3://{bucket}/{joined}"
     if os.path.isabs(rel):
         return rel
     return os.path.normpath(os.path.join(os.path.dirname(local_path(base)), rel))
+
+
+def _s3_split(url: str):
+    parts = urlsplit(url)
+    if not parts.netloc:
+        raise ValueError(f"{redact(url)}: an s3 URL needs a bucket (s3://BUCKET/KEY)")
+    return parts.netloc, parts.path.lstrip("/")
+
+
+# --- errors and retries ----------------------------------------------------------------------
+
+class _Permanent(IOError):
+    """An error that retrying cannot fix (403, a bad range)."""
+
+
+class _NotFound(_Permanent, FileNotFoundError):
+    """404 / NoSuchKey: also a FileNotFoundError, like a missing local file."""
+
+
+class _Retryable(IOError):
+    """A transient error (5xx, 429); ``retry_after`` is the server's hint in seconds."""
+
+    def __init__(self, msg: str, retry_after: Optional[float] = None):
+        super().__init__(msg)
+        self.retry_after = retry_after
+
+
+def _short(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return scrub(f"{type(e).__name__}: {msg}" if not isinstance(e, (_Retryable, _Permanent))
+                 else msg)[:300]
+
+
+def _sleep_before_retry(url: str, attempt: int, pos: Optional[int], e: BaseException,
+                        opts: IOOptions) -> None:
+    delay = min(opts.backoff * (2 ** (attempt - 1)), opts.max_backoff)
+    delay *= 0.5 + random.random()
+    hint = getattr(e, "retry_after", None)
+    if hint:
+        delay = max(delay, min(hint, opts.max_backoff))
+    at = "" if pos is None else f" at byte {pos}"
+    log.warning("%s: %s; retry %d/%d%s in %.2fs", redact(url), _short(e), attempt,
+                opts.max_retries, at, delay)
+    time.sleep(delay)
+
+
+def _call_with_retries(url: str, fn: Callable[[], Any], opts: IOOptions) -> Any:
+    """``fn()`` retried on transient errors (for one-shot requests such as HEAD)."""
+    attempt = 0
+    while True:
+        try:
+            return fn()
+        except _Permanent:
+            raise
+        except Exception as e:  # noqa: BLE001 - network errors come in many types
+            attempt += 1
+            stats.retries += 1
+            if attempt > opts.max_retries:
+                raise IOError(f"{redact(url)}: giving up after {opts.max_retries} retries: "
+                              f"{_short(e)}") from None
+            _sleep_before_retry(url, attempt, None, e, opts)
 
 
 # --- local ---------------------------------------------------------------------------------
@@ -81,7 +221,7 @@ class _Window(io.RawIOBase):
     """A byte window ``[start, end)`` of an underlying seekable file."""
 
     def __init__(self, f, start: int, end: Optional[int]):
-        self._f, self._left = f, None if end is None else end - start
+        self._f, self._left = f, None if end is None else max(0, end - start)
         f.seek(start)
 
     def readable(self) -> bool:
@@ -103,138 +243,215 @@ class _Window(io.RawIOBase):
 
 # --- remote, resumable ---------------------------------------------------------------------
 
+_MAX_READ = 1 << 20
+
+
 class _Resuming(io.RawIOBase):
-    """Stream ``[start, end)`` through ``opener(pos, end)``; re-open at ``pos`` on failure."""
+    """Stream ``[start, end)`` through ``opener(pos, end)``; re-open at ``pos`` on failure.
+
+    The opener returns a body with ``read(n)`` and ``close()``. A body that ends before
+    ``end`` counts as a failure (the stream is resumed), so truncation is never silent.
+    """
 
     def __init__(self, url: str, opener, start: int, end: Optional[int], opts: IOOptions):
         self.url, self._opener, self._pos, self._end, self._opts = url, opener, start, end, opts
-        self.retries = 0
-        self._body = self._retry(lambda: opener(start, end))
+        self._body = None
+        self._eof = False
+        self._failures = 0    # consecutive failed attempts, reset by progress
+        self.retries = 0      # all retried failures of this stream
 
     def readable(self) -> bool:
         return True
 
-    def _retry(self, fn):
-        delay = self._opts.backoff
+    def readinto(self, b) -> int:
+        # bounded reads: bytes received before a failure count as progress, so a stream that
+        # keeps breaking still moves forward
+        want = min(len(b), _MAX_READ)
+        if self._end is not None:
+            want = min(want, self._end - self._pos)
+        if want <= 0 or self._eof:
+            return 0
         while True:
             try:
-                return fn()
+                if self._body is None:
+                    self._body = self._opener(self._pos, self._end)
+                    stats.opens += 1
+                data = self._body.read(want)
+                if not data and self._end is not None:
+                    raise IOError(f"connection closed at byte {self._pos}, expected "
+                                  f"{self._end - self._pos} more")
+                break
             except _Permanent:
+                self._drop()
                 raise
             except Exception as e:  # noqa: BLE001 - network errors come in many types
+                self._drop()
+                self._failures += 1
                 self.retries += 1
-                if self.retries > self._opts.max_retries:
+                stats.retries += 1
+                if self._failures > self._opts.max_retries:
                     raise IOError(f"{redact(self.url)}: giving up after {self._opts.max_retries} "
                                   f"retries at byte {self._pos}: {_short(e)}") from None
-                log.warning("%s: %s; retrying at byte %d in %.2fs", redact(self.url), _short(e),
-                            self._pos, delay)
-                time.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, self._opts.max_backoff)
-
-    def readinto(self, b) -> int:
-        if self._end is not None and self._pos >= self._end:
-            return 0
-
-        def attempt():
-            if self._body is None:
-                self._body = self._opener(self._pos, self._end)
-            try:
-                data = self._body.read(len(b))
-            except Exception:
-                self._drop()
-                raise
-            if not data and self._end is not None and self._pos < self._end:
-                self._drop()
-                raise IOError(f"connection closed at byte {self._pos} before byte {self._end}")
-            return data
-
-        data = self._retry(attempt)
+                _sleep_before_retry(self.url, self._failures, self._pos, e, self._opts)
         n = len(data)
+        if n == 0:  # the end of an unbounded stream (bodies check their Content-Length)
+            self._eof = True
+            self._drop()
+            return 0
         b[:n] = data
         self._pos += n
+        self._failures = 0
+        stats.bytes += n
         return n
 
     def _drop(self) -> None:
-        try:
-            if self._body is not None:
-                self._body.close()
-        except Exception:  # noqa: BLE001
-            pass
-        self._body = None
+        body, self._body = self._body, None
+        if body is not None:
+            try:
+                body.close()
+            except Exception:  # noqa: BLE001 - closing a broken connection may fail too
+                pass
 
     def close(self) -> None:
         self._drop()
         super().close()
 
 
-class _Permanent(IOError):
-    """An error that retrying cannot fix (404, 403, bad range)."""
-
-
-def _short(e: BaseException) -> str:
-    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return re.sub(r"https?://\S+", lambda m: redact(m.group(0)), msg)[:200]
-
-
 _local = threading.local()
+_lock = threading.Lock()
 
 
 def _http_session():
+    """One ``requests.Session`` per thread and process (re-created after fork)."""
     s = getattr(_local, "http", None)
-    if s is None or getattr(_local, "pid", None) != os.getpid():
+    if s is None or getattr(_local, "http_pid", None) != os.getpid():
         import requests
         s = requests.Session()
-        _local.http, _local.pid = s, os.getpid()
+        _local.http, _local.http_pid = s, os.getpid()
     return s
+
+
+def _retry_after(r) -> Optional[float]:
+    try:
+        return float(r.headers.get("Retry-After", ""))
+    except ValueError:
+        return None
+
+
+def _http_status_error(url: str, r) -> IOError:
+    st = r.status_code
+    if st in (404, 410):
+        return _NotFound(f"{redact(url)}: not found (HTTP {st})")
+    if st in (401, 403):
+        return _Permanent(f"{redact(url)}: access denied (HTTP {st})")
+    if st == 416:
+        return _Permanent(f"{redact(url)}: range not satisfiable (HTTP 416): the object is "
+                          "shorter than its index says")
+    if st in (408, 429) or st >= 500:
+        return _Retryable(f"HTTP {st}", _retry_after(r))
+    return _Permanent(f"{redact(url)}: HTTP {st}")
+
+
+_ignored_range_warned: set = set()
 
 
 def _http_opener(url: str, opts: IOOptions):
     def open_at(pos: int, end: Optional[int]):
-        headers = {}
-        if pos or end is not None:
+        # identity encoding: byte offsets must be offsets of the stored object
+        headers = {"Accept-Encoding": "identity"}
+        ranged = pos > 0 or end is not None
+        if ranged:
             headers["Range"] = f"bytes={pos}-" + ("" if end is None else str(end - 1))
-        r = _http_session().get(url, headers=headers, stream=True, timeout=opts.timeout)
-        if r.status_code in (404, 403, 401, 410, 416):
+        r = _http_session().get(url, headers=headers, stream=True,
+                                timeout=(opts.connect_timeout, opts.timeout))
+        if r.status_code not in (200, 206):
+            err = _http_status_error(url, r)
             r.close()
-            raise _Permanent(f"{redact(url)}: HTTP {r.status_code}")
-        if r.status_code >= 400:
-            r.close()
-            raise IOError(f"HTTP {r.status_code}")
-        if headers and r.status_code != 206:
-            r.close()
-            raise _Permanent(f"{redact(url)}: server ignored the byte range (HTTP {r.status_code})")
-        r.raw.decode_content = True
-        return _HttpBody(r)
+            raise err
+        body = _HttpBody(r)
+        if r.status_code == 206:
+            m = re.match(r"bytes (\d+)-", r.headers.get("Content-Range", ""))
+            if not m or int(m.group(1)) != pos:
+                body.close()
+                raise _Permanent(f"{redact(url)}: server answered a range request for byte "
+                                 f"{pos} with Content-Range {r.headers.get('Content-Range')!r}")
+        elif ranged and pos:
+            # the server ignored Range (HTTP 200, whole object): skip to ``pos``
+            if url not in _ignored_range_warned:
+                _ignored_range_warned.add(url)
+                log.warning("%s: server ignores byte ranges; reading from the start",
+                            redact(url))
+            body.skip(pos)
+        return body
     return open_at
 
 
 class _HttpBody:
     def __init__(self, r):
         self._r = r
+        r.raw.decode_content = False
+        # read1: what has arrived (up to n), so a break loses no received byte
+        self.read = getattr(r.raw, "read1", r.raw.read)
 
-    def read(self, n: int) -> bytes:
-        return self._r.raw.read(n)
+    def skip(self, n: int) -> None:
+        while n > 0:
+            got = self._r.raw.read(min(n, 1 << 20))
+            if not got:
+                raise IOError(f"connection closed while skipping to byte {n}")
+            n -= len(got)
 
     def close(self) -> None:
         self._r.close()
 
 
-def _s3_client():
-    c = getattr(_local, "s3", None)
-    if c is None or getattr(_local, "s3pid", None) != os.getpid():
-        try:
-            import boto3
-        except ImportError:
-            raise ImportError("s3:// URLs need boto3: pip install 'lumina-wds[s3]'") from None
-        # boto3 honours AWS_ENDPOINT_URL, AWS_PROFILE, AWS_REGION and the credentials chain.
-        c = boto3.session.Session().client("s3")
-        _local.s3, _local.s3pid = c, os.getpid()
+_s3_clients: dict = {}
+
+
+def _s3_client(opts: IOOptions):
+    """One boto3 S3 client per process and timeout setting (re-created after fork).
+
+    boto3 resolves the standard AWS environment: ``AWS_ENDPOINT_URL`` (or
+    ``AWS_ENDPOINT_URL_S3``), ``AWS_PROFILE``, ``AWS_REGION``/``AWS_DEFAULT_REGION``, and the
+    credentials chain (environment, shared files, SSO, instance roles). Retries are ours, so
+    botocore's own are off.
+    """
+    key = (os.getpid(), opts.connect_timeout, opts.timeout)
+    c = _s3_clients.get(key)
+    if c is None:
+        with _lock:
+            c = _s3_clients.get(key)
+            if c is None:
+                try:
+                    import boto3
+                    from botocore.config import Config
+                except ImportError:
+                    raise ImportError("s3:// URLs need boto3: pip install 'lumina-wds[s3]'") from None
+                cfg = Config(connect_timeout=opts.connect_timeout, read_timeout=opts.timeout,
+                             retries={"total_max_attempts": 1}, max_pool_connections=32)
+                c = boto3.session.Session().client("s3", config=cfg)
+                for k in [k for k in _s3_clients if k[0] != os.getpid()]:
+                    del _s3_clients[k]   # clients inherited from a parent process
+                _s3_clients[key] = c
     return c
 
 
-def _s3_split(url: str):
-    parts = urlsplit(url)
-    return parts.netloc, parts.path.lstrip("/")
+_S3_NOT_FOUND = {"NoSuchKey", "NoSuchBucket", "404", "NotFound"}
+_S3_PERMANENT = {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+                 "InvalidRange", "416", "InvalidBucketName", "AllAccessDisabled",
+                 "ExpiredToken", "InvalidToken", "AuthorizationHeaderMalformed"}
+
+
+def _s3_error(url: str, e: Exception) -> Exception:
+    resp = getattr(e, "response", None)
+    code = str(resp.get("Error", {}).get("Code", "")) if isinstance(resp, dict) else ""
+    if code in _S3_NOT_FOUND:
+        return _NotFound(f"{redact(url)}: not found ({code})")
+    if code in _S3_PERMANENT:
+        return _Permanent(f"{redact(url)}: {code}")
+    if type(e).__name__ in ("NoCredentialsError", "PartialCredentialsError", "ProfileNotFound",
+                            "NoRegionError", "ParamValidationError"):
+        return _Permanent(f"{redact(url)}: {_short(e)}")
+    return e
 
 
 def _s3_opener(url: str, opts: IOOptions):
@@ -245,43 +462,67 @@ def _s3_opener(url: str, opts: IOOptions):
         if pos or end is not None:
             kw["Range"] = f"bytes={pos}-" + ("" if end is None else str(end - 1))
         try:
-            return _s3_client().get_object(Bucket=bucket, Key=key, **kw)["Body"]
-        except Exception as e:  # noqa: BLE001
-            code = getattr(e, "response", {}).get("Error", {}).get("Code", "")
-            if code in ("NoSuchKey", "NoSuchBucket", "AccessDenied", "InvalidRange", "404", "403"):
-                raise _Permanent(f"{url}: {code}") from None
-            raise
+            return _S3Body(_s3_client(opts).get_object(Bucket=bucket, Key=key, **kw)["Body"])
+        except Exception as e:  # noqa: BLE001 - botocore raises many types
+            raise _s3_error(url, e) from None
     return open_at
+
+
+class _S3Body:
+    """botocore's StreamingBody read in pieces of at most 256 KiB: it fills a whole read before
+    returning, so smaller pieces mean less to re-read after a break."""
+
+    def __init__(self, body):
+        self._b = body
+
+    def read(self, n: int) -> bytes:
+        return self._b.read(min(n, 256 << 10))
+
+    def close(self) -> None:
+        self._b.close()
 
 
 # --- public API ------------------------------------------------------------------------------
 
 def open_range(url: str, start: int = 0, end: Optional[int] = None,
                opts: IOOptions = DEFAULT) -> io.BufferedReader:
-    """A buffered binary stream over bytes ``[start, end)`` of ``url`` (``end=None``: to the end)."""
+    """A buffered binary stream over bytes ``[start, end)`` of ``url`` (``end=None``: to the end).
+
+    Remote streams resume where they broke; see the module docstring. Nothing is requested
+    until the first read.
+    """
+    if start < 0 or (end is not None and end < start):
+        raise ValueError(f"bad byte range [{start}, {end}) for {redact(url)}")
     if url.startswith("pipe:"):
         if not opts.allow_pipe:
-            raise ValueError(f"refusing to run shell URL {url[:40]!r}: pipe: URLs are disabled "
-                             "(pass allow_pipe / --allow-pipe to enable them)")
+            raise ValueError(f"refusing to run shell URL {scrub(url[:40])!r}: pipe: URLs are "
+                             "disabled (pass IOOptions(allow_pipe=True) / --allow-pipe to "
+                             "enable them)")
         if start or end is not None:
             raise ValueError("pipe: URLs do not support byte ranges")
         proc = subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE)  # noqa: S602 (opt-in)
         return io.BufferedReader(_PipeRaw(proc), buffer_size=opts.chunk_size)
-    if url.startswith(("http://", "https://")):
-        raw = _Resuming(url, _http_opener(url, opts), start, end, opts)
-    elif url.startswith("s3://"):
-        raw = _Resuming(url, _s3_opener(url, opts), start, end, opts)
-    elif "://" in url and not url.startswith("file://"):
+    if url.startswith(("http://", "https://", "s3://")):
+        if opts.cache_dir and urlsplit(url).path.endswith(".tar"):
+            from .cache import ShardCache
+            path = ShardCache.for_options(opts).fetch(url, opts)
+            if path != url:
+                return _open_local(path, start, end, opts)
+        opener = _http_opener if url.startswith("http") else _s3_opener
+        raw = _Resuming(url, opener(url, opts), start, end, opts)
+        return io.BufferedReader(raw, buffer_size=opts.chunk_size)
+    if "://" in url and not url.startswith("file://"):
         raise ValueError(f"unsupported URL scheme in {redact(url)!r} (local path, file://, "
                          "http(s)://, s3:// are supported)")
-    else:
-        path = local_path(url)
-        try:
-            f = open(path, "rb", buffering=0)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: no such file") from None
-        raw = _Window(f, start, end)
-    return io.BufferedReader(raw, buffer_size=opts.chunk_size)
+    return _open_local(local_path(url), start, end, opts)
+
+
+def _open_local(path: str, start: int, end: Optional[int], opts: IOOptions) -> io.BufferedReader:
+    try:
+        f = open(path, "rb", buffering=0)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+    return io.BufferedReader(_Window(f, start, end), buffer_size=opts.chunk_size)
 
 
 class _PipeRaw(io.RawIOBase):
@@ -311,6 +552,8 @@ def read_range(url: str, start: int, end: int, opts: IOOptions = DEFAULT) -> byt
 
 
 def read_bytes(url: str, opts: IOOptions = DEFAULT) -> bytes:
+    """The whole object (retried and resumed like any remote read; a body shorter than its
+    Content-Length counts as a dropped connection, not as the end)."""
     with open_range(url, 0, None, opts) as f:
         return f.read()
 
@@ -322,14 +565,58 @@ def read_json(url: str, opts: IOOptions = DEFAULT) -> Any:
         raise ValueError(f"{redact(url)}: not valid JSON: {e}") from None
 
 
+def _http_head(url: str, opts: IOOptions):
+    r = _http_session().head(url, timeout=(opts.connect_timeout, opts.timeout),
+                             allow_redirects=True, headers={"Accept-Encoding": "identity"})
+    if r.status_code == 405:  # HEAD not allowed: a one-byte ranged GET tells the size
+        r = _http_session().get(url, headers={"Range": "bytes=0-0",
+                                              "Accept-Encoding": "identity"},
+                                timeout=(opts.connect_timeout, opts.timeout))
+    if r.status_code >= 400:
+        raise _http_status_error(url, r)
+    return r
+
+
 def object_size(url: str, opts: IOOptions = DEFAULT) -> int:
     """Size in bytes of a local file or remote object."""
     if url.startswith(("http://", "https://")):
-        r = _http_session().head(url, timeout=opts.timeout, allow_redirects=True)
-        if r.status_code >= 400:
-            raise IOError(f"{redact(url)}: HTTP {r.status_code}")
+        r = _call_with_retries(url, lambda: _http_head(url, opts), opts)
+        cr = r.headers.get("Content-Range", "")
+        if r.status_code == 206 and "/" in cr and cr.rsplit("/", 1)[1].isdigit():
+            return int(cr.rsplit("/", 1)[1])
+        if "Content-Length" not in r.headers:
+            raise IOError(f"{redact(url)}: the server does not report a Content-Length")
         return int(r.headers["Content-Length"])
     if url.startswith("s3://"):
-        bucket, key = _s3_split(url)
-        return int(_s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"])
-    return os.path.getsize(local_path(url))
+        return int(_s3_head(url, opts)["ContentLength"])
+    if url.startswith("pipe:"):
+        raise ValueError("pipe: URLs have no size")
+    try:
+        return os.path.getsize(local_path(url))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{local_path(url)}: no such file") from None
+
+
+def _s3_head(url: str, opts: IOOptions) -> dict:
+    bucket, key = _s3_split(url)
+
+    def head():
+        try:
+            return _s3_client(opts).head_object(Bucket=bucket, Key=key)
+        except Exception as e:  # noqa: BLE001
+            raise _s3_error(url, e) from None
+    return _call_with_retries(url, head, opts)
+
+
+def object_version(url: str, opts: IOOptions = DEFAULT) -> str:
+    """A string that changes when the object changes: size plus ETag/Last-Modified (remote)
+    or size plus mtime (local). Used to validate cached copies."""
+    if url.startswith(("http://", "https://")):
+        r = _call_with_retries(url, lambda: _http_head(url, opts), opts)
+        size = r.headers.get("Content-Length", "")
+        return f"{size}|{r.headers.get('ETag', '')}|{r.headers.get('Last-Modified', '')}"
+    if url.startswith("s3://"):
+        h = _s3_head(url, opts)
+        return f"{h['ContentLength']}|{h.get('ETag', '')}|{h.get('LastModified', '')}"
+    st = os.stat(local_path(url))
+    return f"{st.st_size}|{st.st_mtime_ns}"

@@ -1,0 +1,383 @@
+"""Real servers on 127.0.0.1 for the remote-source tests: nginx, moto's S3, a fault proxy.
+
+Import the fixtures into a test module (``from servers import nginx, s3, remote_dataset``).
+Everything is session-scoped and listens on a free loopback port; nothing leaves the machine.
+
+- ``remote_dataset``: a small format-v1 dataset folder (3 shards) built once per session.
+- ``nginx``: nginx serving that folder's parent (range requests, ``daemon off``, all paths in
+  a temp folder). Skipped with a clear reason where nginx is not installed; CI installs it.
+- ``s3``: moto's S3 server holding the same folder in a bucket; the fixture ``s3_env`` sets the
+  standard AWS variables (``AWS_ENDPOINT_URL``, fake keys, region) for one test.
+- ``FaultProxy``: a threaded TCP proxy that cuts (RST) or stalls connections after N bytes.
+
+These servers are also used by ``benchmarks/bench_stream.py`` (the classes, not the fixtures).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import List, Optional
+
+import numpy as np
+import pytest
+
+__all__ = ["free_port", "NginxServer", "MotoS3Server", "FaultProxy", "make_dataset",
+           "find_nginx", "remote_dataset", "nginx", "s3", "s3_env", "DATASET_NAME"]
+
+DATASET_NAME = "ds"
+BUCKET = "wds-test"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(port: int, proc: Optional[subprocess.Popen] = None, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with code {proc.returncode} before listening")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+# --- datasets ---------------------------------------------------------------------------------
+
+def make_dataset(out_dir: str, num_samples: int = 300, max_samples: int = 100, seed: int = 0,
+                 min_tokens: int = 20, max_tokens: int = 400, key_prefix: str = "s") -> str:
+    """A format-v1 dataset with random tokens, labels and metadata; returns the manifest path."""
+    from wds_tools.merge import merge
+    from wds_tools.writer import ShardWriter
+
+    rng = np.random.default_rng(seed)
+    with ShardWriter(out_dir, vocab_size=65536, max_samples=max_samples,
+                     tokenizer="test-tokenizer") as w:
+        for i in range(num_samples):
+            n = int(rng.integers(min_tokens, max_tokens + 1))
+            ids = rng.integers(0, 65536, n)
+            labels = np.where(np.arange(n) >= n // 3, ids, -100)
+            w.write(f"{key_prefix}{i:07d}", ids, labels=labels, meta={"i": i, "seed": seed})
+    merge(out_dir)
+    return os.path.join(out_dir, "index.json")
+
+
+# --- nginx ------------------------------------------------------------------------------------
+
+def find_nginx() -> Optional[str]:
+    return shutil.which("nginx") or next(
+        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/local/nginx/sbin/nginx")
+         if os.path.exists(p)), None)
+
+
+_NGINX_CONF = """\
+{user}
+worker_processes 1;
+daemon off;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log warn;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/client_body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    types {{ application/json json; application/x-tar tar; }}
+    default_type application/octet-stream;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 100000;
+    server {{
+        listen 127.0.0.1:{port};
+        root {root};
+        location / {{ }}
+    }}
+}}
+"""
+
+
+class NginxServer:
+    """nginx serving ``root`` at ``http://127.0.0.1:PORT/`` (a non-daemon child process)."""
+
+    def __init__(self, root: str, port: Optional[int] = None):
+        self.binary = find_nginx()
+        if self.binary is None:
+            raise FileNotFoundError("nginx is not installed (apt-get install -y nginx)")
+        self.root, self.port = os.path.abspath(root), port or free_port()
+        self.tmp = tempfile.mkdtemp(prefix="wds_nginx_")
+        self.proc: Optional[subprocess.Popen] = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "NginxServer":
+        # as root, nginx workers would drop to 'nobody', who cannot read a 0700 temp folder
+        user = "user root root;" if os.geteuid() == 0 else ""
+        conf = os.path.join(self.tmp, "nginx.conf")
+        with open(conf, "w") as f:
+            f.write(_NGINX_CONF.format(user=user, tmp=self.tmp, port=self.port, root=self.root))
+        self.proc = subprocess.Popen([self.binary, "-p", self.tmp, "-c", conf],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            _wait_port(self.port, self.proc)
+        except RuntimeError as e:
+            err = self.proc.stderr.read().decode(errors="replace") if self.proc.poll() is not None else ""
+            self.stop()
+            raise RuntimeError(f"nginx did not start: {e}\n{err}") from None
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self) -> "NginxServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+# --- moto S3 ----------------------------------------------------------------------------------
+
+FAKE_AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing-key-id", "AWS_SECRET_ACCESS_KEY": "testing-secret",
+                "AWS_DEFAULT_REGION": "us-east-1", "AWS_SESSION_TOKEN": "testing-session-token"}
+
+
+class MotoS3Server:
+    """moto's S3 server on ``127.0.0.1:PORT`` (in-process threads); ``env`` holds the AWS
+    variables that point boto3 at it."""
+
+    def __init__(self, port: Optional[int] = None):
+        from moto.server import ThreadedMotoServer
+
+        self.port = port or free_port()
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def env(self) -> dict:
+        return dict(FAKE_AWS_ENV, AWS_ENDPOINT_URL=self.endpoint)
+
+    def start(self) -> "MotoS3Server":
+        self._server.start()
+        _wait_port(self.port)
+        return self
+
+    def stop(self) -> None:
+        self._server.stop()
+
+    def client(self):
+        import boto3
+        return boto3.session.Session(
+            aws_access_key_id=FAKE_AWS_ENV["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=FAKE_AWS_ENV["AWS_SECRET_ACCESS_KEY"],
+            region_name=FAKE_AWS_ENV["AWS_DEFAULT_REGION"]).client("s3", endpoint_url=self.endpoint)
+
+    def upload_folder(self, folder: str, bucket: str, prefix: str) -> None:
+        c = self.client()
+        try:
+            c.create_bucket(Bucket=bucket)
+        except c.exceptions.BucketAlreadyOwnedByYou:
+            pass
+        for name in sorted(os.listdir(folder)):
+            path = os.path.join(folder, name)
+            if os.path.isfile(path):
+                c.upload_file(path, bucket, f"{prefix}/{name}")
+
+    def __enter__(self) -> "MotoS3Server":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+# --- fault proxy ------------------------------------------------------------------------------
+
+class FaultProxy:
+    """A TCP proxy to ``127.0.0.1:target_port`` that breaks server->client streams.
+
+    Each of the first ``faults`` connections that carry more than ``after_bytes`` response bytes
+    is broken at that point: ``mode="cut"`` resets both sides (RST), ``mode="stall"`` stops
+    forwarding and holds the connection open (a stalled server). Later connections pass
+    through. ``faults_done`` counts the breaks made.
+    """
+
+    def __init__(self, target_port: int, after_bytes: int = 100_000, faults: int = 3,
+                 mode: str = "cut"):
+        if mode not in ("cut", "stall"):
+            raise ValueError("mode must be 'cut' or 'stall'")
+        self.target_port, self.after_bytes, self.faults, self.mode = (
+            target_port, after_bytes, faults, mode)
+        self.faults_done = 0
+        self.connections = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._sock = socket.socket()
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(64)
+        self.port = self._sock.getsockname()[1]
+        self._open: List[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "FaultProxy":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._sock.close()
+        with self._lock:
+            for s in self._open:
+                _hard_close(s)
+            self._open.clear()
+
+    def __enter__(self) -> "FaultProxy":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                client, _ = self._sock.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                _hard_close(client)
+                continue
+            with self._lock:
+                self.connections += 1
+                self._open += [client, upstream]
+            threading.Thread(target=self._pipe, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, True), daemon=True).start()
+
+    def _take_fault(self) -> bool:
+        with self._lock:
+            if self.faults_done < self.faults:
+                self.faults_done += 1
+                return True
+            return False
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, response: bool) -> None:
+        sent, armed = 0, response
+        try:
+            while not self._stop.is_set():
+                data = src.recv(65536)
+                if not data:
+                    break
+                if armed and sent + len(data) > self.after_bytes:
+                    if self._take_fault():
+                        dst.sendall(data[:max(0, self.after_bytes - sent)])
+                        if self.mode == "stall":
+                            self._stop.wait()   # hold the connection open, send nothing
+                        _hard_close(src)
+                        _hard_close(dst)
+                        return
+                    armed = False
+                dst.sendall(data)
+                sent += len(data)
+        except OSError:
+            pass
+        try:
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+
+def _hard_close(s: socket.socket) -> None:
+    """Close with RST (SO_LINGER 0), like a crashed peer or a middlebox dropping the flow."""
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        # wake a thread blocked in recv() on this socket, or close() would wait for it
+        s.shutdown(socket.SHUT_RD)
+    except OSError:
+        pass
+    try:
+        s.close()
+    except OSError:
+        pass
+
+
+# --- pytest fixtures --------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def remote_dataset(tmp_path_factory) -> str:
+    """Folder ``.../www`` holding the dataset folder ``ds/`` (3 shards, 300 samples)."""
+    www = tmp_path_factory.mktemp("www")
+    make_dataset(str(www / DATASET_NAME))
+    return str(www)
+
+
+@pytest.fixture(scope="session")
+def nginx(remote_dataset):
+    """A running :class:`NginxServer` whose root holds ``ds/`` (skips without nginx)."""
+    if find_nginx() is None:
+        pytest.skip("nginx is not installed (apt-get install -y nginx; CI installs it)")
+    with NginxServer(remote_dataset) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="session")
+def s3(remote_dataset):
+    """A running :class:`MotoS3Server` with ``ds/`` uploaded to ``s3://wds-test/ds/``."""
+    pytest.importorskip("boto3")
+    pytest.importorskip("moto.server", reason="moto[server] is not installed (pip install "
+                        "'moto[server]'; CI installs it)")
+    with MotoS3Server() as srv:
+        srv.upload_folder(os.path.join(remote_dataset, DATASET_NAME), BUCKET, DATASET_NAME)
+        srv.bucket = BUCKET
+        yield srv
+
+
+@pytest.fixture
+def s3_env(s3, monkeypatch):
+    """The standard AWS environment pointing at the moto server, for one test."""
+    for k in ("AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE",
+              "AWS_ENDPOINT_URL_S3", "AWS_REGION"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in s3.env.items():
+        monkeypatch.setenv(k, v)
+    from wds_tools import io as wio
+    wio._s3_clients.clear()   # clients cache the environment they were made in
+    yield s3
+    wio._s3_clients.clear()
+
+
+if __name__ == "__main__":  # manual check: python tests/servers.py
+    with tempfile.TemporaryDirectory() as d:
+        make_dataset(os.path.join(d, DATASET_NAME))
+        with NginxServer(d) as srv:
+            print("nginx up at", srv.url, file=sys.stderr)
