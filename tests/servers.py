@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 
 __all__ = ["free_port", "NginxServer", "MotoS3Server", "FaultProxy", "make_dataset",
-           "find_nginx", "remote_dataset", "nginx", "s3", "s3_env", "DATASET_NAME"]
+           "find_nginx", "ScriptedHTTPServer", "remote_dataset", "nginx", "s3", "s3_env", "DATASET_NAME"]
 
 DATASET_NAME = "ds"
 BUCKET = "wds-test"
@@ -331,13 +331,100 @@ def _hard_close(s: socket.socket) -> None:
         pass
 
 
+# --- a scripted HTTP server --------------------------------------------------------------------
+
+class ScriptedHTTPServer:
+    """A small threaded HTTP server over ``root`` whose answers follow a script.
+
+    ``errors``: status codes returned (with ``Retry-After: 0``) by the first requests, in
+    order; then files are served normally. ``honour_ranges=False`` answers every GET with the
+    whole file and 200, like a server without range support. ``requests`` logs
+    (method, path, Range header).
+    """
+
+    def __init__(self, root: str, errors=(), honour_ranges: bool = True):
+        import http.server
+
+        outer = self
+        self.root, self.errors, self.honour_ranges = root, list(errors), honour_ranges
+        self.requests: List[tuple] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def do_HEAD(self):
+                self._serve(body=False)
+
+            def do_GET(self):
+                self._serve(body=True)
+
+            def _serve(self, body):
+                outer.requests.append((self.command, self.path, self.headers.get("Range")))
+                if outer.errors:
+                    code = outer.errors.pop(0)
+                    self.send_response(code)
+                    self.send_header("Retry-After", "0")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                path = os.path.join(outer.root, self.path.split("?")[0].lstrip("/"))
+                if not os.path.isfile(path):
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                with open(path, "rb") as f:
+                    data = f.read()
+                rng = self.headers.get("Range")
+                if rng and outer.honour_ranges:
+                    a, _, b = rng[len("bytes="):].partition("-")
+                    a, b = int(a), min(int(b) if b else len(data) - 1, len(data) - 1)
+                    if a >= len(data):
+                        self.send_response(416)
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {a}-{b}/{len(data)}")
+                    data = data[a:b + 1]
+                else:
+                    self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.send_header("ETag", f'"{os.path.getmtime(path)}"')
+                self.end_headers()
+                if body:
+                    self.wfile.write(data)
+
+        self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        self.port = self._httpd.server_address[1]
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> "ScriptedHTTPServer":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
 # --- pytest fixtures --------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
 def remote_dataset(tmp_path_factory) -> str:
-    """Folder ``.../www`` holding the dataset folder ``ds/`` (3 shards, 300 samples)."""
+    """Folder ``.../www`` holding two dataset folders, ``ds/`` and ``ds2/`` (3 shards, 300
+    samples each, equal shard file names, different content)."""
     www = tmp_path_factory.mktemp("www")
     make_dataset(str(www / DATASET_NAME))
+    make_dataset(str(www / (DATASET_NAME + "2")), seed=1, key_prefix="t")
     return str(www)
 
 
@@ -352,12 +439,14 @@ def nginx(remote_dataset):
 
 @pytest.fixture(scope="session")
 def s3(remote_dataset):
-    """A running :class:`MotoS3Server` with ``ds/`` uploaded to ``s3://wds-test/ds/``."""
+    """A running :class:`MotoS3Server` with ``ds/`` and ``ds2/`` uploaded to
+    ``s3://wds-test/``."""
     pytest.importorskip("boto3")
     pytest.importorskip("moto.server", reason="moto[server] is not installed (pip install "
                         "'moto[server]'; CI installs it)")
     with MotoS3Server() as srv:
-        srv.upload_folder(os.path.join(remote_dataset, DATASET_NAME), BUCKET, DATASET_NAME)
+        for name in (DATASET_NAME, DATASET_NAME + "2"):
+            srv.upload_folder(os.path.join(remote_dataset, name), BUCKET, name)
         srv.bucket = BUCKET
         yield srv
 
