@@ -62,7 +62,7 @@ class OrderedBucketEncoder:
 
     def _head_bucket(self) -> tuple[int, int]:
         head = self.pending[0]
-        k = head.blocks.index(None)
+        k = next(k for k, block in enumerate(head.blocks) if block is None)
         return head.item.images[k].size
 
     def _encode_bucket(self, size: tuple[int, int]) -> None:

@@ -137,6 +137,8 @@ def load_image(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.I
             if img.size[0] * img.size[1] > max_pixels:
                 raise BadItem("oversize_image", f"{path}: {img.size[0]}x{img.size[1]} exceeds {max_pixels} pixels")
             img.load()
+    except BadItem:
+        raise
     except FileNotFoundError:
         raise BadItem("missing_image", f"{path}: no such file") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

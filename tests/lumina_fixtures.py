@@ -30,3 +30,54 @@ def build_tiny_dirs() -> tuple[str, str]:
 @pytest.fixture(scope="session")
 def tiny_dirs() -> tuple[str, str]:
     return build_tiny_dirs()
+
+
+def slow_adapter(item):
+    """An ``--adapter`` for kill/resume tests: the standard item, a little slower."""
+    import time
+
+    time.sleep(0.15)
+    return item
+
+
+def smooth_image(h: int, w: int, seed: int, channels: int = 3):
+    """A deterministic, compressible test picture (uint8 array)."""
+    import numpy as np
+
+    rs = np.random.RandomState(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    planes = [127 + 120 * np.sin(xx / rs.uniform(5, 40) + yy / rs.uniform(5, 40) + rs.uniform(0, 6)) for _ in range(channels)]
+    return (np.stack(planes, -1) + rs.randint(-6, 7, (h, w, channels))).clip(0, 255).astype(np.uint8)
+
+
+def png_header_only(path, width: int, height: int) -> None:
+    """A PNG whose header claims ``width x height`` with no pixel data (a decompression-bomb stand-in)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    Path(path).write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+
+
+def mixed_items(image_dir, n: int = 12) -> list:
+    """``n`` good items of every kind (text-only, human image, assistant image, implicit, multi) + images."""
+    from PIL import Image
+
+    image_dir = Path(image_dir)
+    image_dir.mkdir(parents=True, exist_ok=True)
+    shapes = [(200, 330), (300, 300), (150, 420), (260, 180)]
+    paths = []
+    for k, (h, w) in enumerate(shapes):
+        p = image_dir / f"img{k}.png"
+        Image.fromarray(smooth_image(h, w, k)).save(p)
+        paths.append(str(p))
+    kinds = [
+        lambda i: {"conversations": [{"from": "human", "value": f"Question {i}?"}, {"from": "gpt", "value": f"Answer {i}."}]},
+        lambda i: {"conversations": [{"from": "human", "value": f"<|image|> What is {i}?"}, {"from": "gpt", "value": "A pattern."}], "image": paths[i % 4]},
+        lambda i: {"conversations": [{"from": "human", "value": f"Draw {i}"}, {"from": "assistant", "value": "<|image|>"}], "image": [paths[(i + 1) % 4]]},
+        lambda i: {"conversations": [{"from": "human", "value": "Compare."}, {"from": "gpt", "value": "Same."}], "image": [paths[i % 4], paths[(i + 2) % 4]]},
+    ]
+    return [dict(kinds[i % 4](i), id=f"item-{i}") for i in range(n)]
