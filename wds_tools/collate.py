@@ -39,21 +39,33 @@ def pad_batch(ids: Sequence[np.ndarray], spans: Sequence[Spans], max_seq_len: in
     b, t = len(lens), max(lens)
     out = _alloc((3, b, t), alloc)
     inp, lab, att = out[0], out[1], out[2]
-    inp.fill(pad_id)
-    lab.fill(IGNORE_INDEX)
-    np.less(np.arange(t), np.array(lens)[:, None], out=att, casting="unsafe")
     truncated = 0
+    # Row by row, each position written once (cheaper than filling whole planes first).
     for i in range(b):
         x, n = ids[i], lens[i]
         if n < len(x):
             truncated += len(x) - n
             x = x[:n]
-        inp[i, :n] = x
-        row = lab[i]
+        row = inp[i]
+        row[:n] = x
+        if n < t:
+            row[n:] = pad_id
+        row, prev = lab[i], 0
         for s, e in spans[i]:
             if s >= n:
                 break
+            if e > n:
+                e = n
+            if s > prev:
+                row[prev:s] = IGNORE_INDEX
             row[s:e] = x[s:e]
+            prev = e
+        if prev < t:
+            row[prev:] = IGNORE_INDEX
+        row = att[i]
+        row[:n] = 1
+        if n < t:
+            row[n:] = 0
     real = sum(lens)
     return out, {"tokens": real, "padding": b * t - real, "truncated": truncated}
 
