@@ -116,6 +116,7 @@ def test_rerun_after_finish_is_idempotent(tiny_dirs, dataset, tmp_path):
     assert first == second
 
 
+@pytest.mark.slow
 def test_jsonl_input_and_workers(tiny_dirs, dataset, tmp_path, one_rank):
     lines = [json.dumps(it) for it in dataset[0]]
     lines.insert(5, "{not json")
