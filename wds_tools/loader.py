@@ -24,6 +24,8 @@ from collections import OrderedDict
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from . import io as wio
 from .collate import PACK_FIELDS, PAD_FIELDS, pack_batch, pad_batch
@@ -371,18 +373,12 @@ class Consumer:
 
 # --- the DataLoader side ---------------------------------------------------------------------
 
-def _torch():
-    import torch
-    return torch
-
-
 class _Arena:
     """One int64 buffer, of exactly the size of the batches of one transfer, allocated in
     shared memory in a worker (shared-memory allocation costs about its size, so it is exact);
     batches are carved out of it in order and cross to the main process as one buffer."""
 
     def __init__(self, numel: int, shared: bool):
-        torch = _torch()
         if shared:
             storage = torch.UntypedStorage._new_shared(numel * 8)
             self.tensor = torch.empty(0, dtype=torch.int64).set_(storage).view(-1)
@@ -442,27 +438,29 @@ class _SlotStream:
             n = self.transfer
 
     def batches(self, chunks: Iterator[Dict[str, Any]]) -> Iterator[tuple]:
-        """(slot, batch dict, state after it) from chunks, in the main process."""
+        """(slot, batch dict, state after it, last of its chunk) in the main process."""
         fields = self.fields
         for ch in chunks:
             t = ch["arena"]
-            for (off, shape), ds, keys, state in ch["batches"]:
+            last = len(ch["batches"]) - 1
+            for i, ((off, shape), ds, keys, state) in enumerate(ch["batches"]):
                 n = int(np.prod(shape))
                 x = t[off:off + n].view(shape)
                 batch = {f: x[k] for k, f in enumerate(fields)}
                 batch["dataset"], batch["__key__"] = ds, keys
-                yield ch["slot"], batch, state
+                yield ch["slot"], batch, state, i == last
 
 
-def _iterable_dataset(stream: _SlotStream):
-    from torch.utils.data import IterableDataset, get_worker_info
+class _StreamDataset(IterableDataset):
+    """What the DataLoader iterates: each worker yields its slot's chunks (module level, so it
+    pickles for ``spawn`` workers too)."""
 
-    class _Dataset(IterableDataset):
-        def __iter__(self):
-            info = get_worker_info()
-            return stream.chunks(info.id if info is not None else 0, shared=info is not None)
+    def __init__(self, stream: _SlotStream):
+        self.stream = stream
 
-    return _Dataset()
+    def __iter__(self):
+        info = get_worker_info()
+        return self.stream.chunks(info.id if info is not None else 0, shared=info is not None)
 
 
 class StreamingLoader:
@@ -494,17 +492,15 @@ class StreamingLoader:
         if self.num_workers == 0:
             chunks: Iterator[Dict[str, Any]] = stream.chunks(0, shared=False)
         else:
-            from torch.utils.data import DataLoader
-            chunks = iter(DataLoader(_iterable_dataset(stream), batch_size=None,
+            chunks = iter(DataLoader(_StreamDataset(stream), batch_size=None,
                                      num_workers=self.num_workers,
                                      prefetch_factor=self.prefetch_factor,
                                      pin_memory=self.pin_memory))
-        turn = stream.transfer
-        for slot, batch, state in stream.batches(chunks):
+        for slot, batch, state, last in stream.batches(chunks):
             assert slot == self._next_slot, (slot, self._next_slot)
             self._slots[slot] = state
             self._chunk_pos += 1
-            if self._chunk_pos == turn:
+            if last:  # a worker's turn is one chunk (short ones: resumed mid-turn, or the end)
                 self._chunk_pos = 0
                 self._next_slot = (slot + 1) % self.num_slots
             yield batch
@@ -576,7 +572,6 @@ class StreamingLoader:
     def gather_state_dicts(self) -> Dict[str, Any]:
         """Every rank's state (``{"ranks": [...]}``) via ``torch.distributed``; call on all ranks.
         Needed when only rank 0 writes the checkpoint's client state (DeepSpeed ZeRO-3)."""
-        torch = _torch()
         sd = self.state_dict()
         if self.world_size == 1 or not (torch.distributed.is_available()
                                         and torch.distributed.is_initialized()):
