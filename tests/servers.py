@@ -166,14 +166,18 @@ FAKE_AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing-key-id", "AWS_SECRET_ACCESS_KEY": 
 
 
 class MotoS3Server:
-    """moto's S3 server on ``127.0.0.1:PORT`` (in-process threads); ``env`` holds the AWS
-    variables that point boto3 at it."""
+    """moto's S3 server on ``127.0.0.1:PORT``; ``env`` holds the AWS variables that point boto3
+    at it. In-process threads by default; ``process=True`` runs ``python -m moto.server`` as a
+    child process instead (benchmarks: the server then does not share the reader's GIL)."""
 
-    def __init__(self, port: Optional[int] = None):
-        from moto.server import ThreadedMotoServer
-
+    def __init__(self, port: Optional[int] = None, process: bool = False):
         self.port = port or free_port()
-        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.proc: Optional[subprocess.Popen] = None
+        self._server = None
+        if not process:
+            from moto.server import ThreadedMotoServer
+            self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port,
+                                              verbose=False)
 
     @property
     def endpoint(self) -> str:
@@ -184,12 +188,25 @@ class MotoS3Server:
         return dict(FAKE_AWS_ENV, AWS_ENDPOINT_URL=self.endpoint)
 
     def start(self) -> "MotoS3Server":
-        self._server.start()
-        _wait_port(self.port)
+        if self._server is not None:
+            self._server.start()
+        else:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_port(self.port, self.proc, timeout=30)
         return self
 
     def stop(self) -> None:
-        self._server.stop()
+        if self._server is not None:
+            self._server.stop()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
 
     def client(self):
         import boto3
