@@ -21,7 +21,7 @@ import numpy as np
 __all__ = [
     "FORMAT_NAME", "FORMAT_VERSION", "IDS_SUFFIX", "JSON_SUFFIX", "IGNORE_INDEX", "BLOCK",
     "FormatError", "token_dtype", "check_version", "check_key", "encode_sample", "decode_sample",
-    "mask_to_spans", "labels_to_spans", "spans_to_labels", "num_in_spans", "tar_header",
+    "decode_ids_spans", "mask_to_spans", "labels_to_spans", "spans_to_labels", "num_in_spans", "tar_header",
     "parse_tar_header", "padded", "END_OF_ARCHIVE", "shard_index_name",
 ]
 
@@ -106,9 +106,14 @@ def labels_to_spans(input_ids: np.ndarray, labels: Sequence[int], key: str = "?"
 
 def spans_to_labels(input_ids: np.ndarray, spans: Iterable[Sequence[int]]) -> np.ndarray:
     """Rebuild int64 labels: token id inside the spans, -100 elsewhere."""
-    labels = np.full(input_ids.shape[0], IGNORE_INDEX, dtype=np.int64)
-    for s, e in spans:
-        labels[s:e] = input_ids[s:e]
+    labels = input_ids.astype(np.int64)
+    prev = 0
+    for s, e in spans:  # fill the gaps between spans
+        if s > prev:
+            labels[prev:s] = IGNORE_INDEX
+        prev = e
+    if prev < labels.shape[0]:
+        labels[prev:] = IGNORE_INDEX
     return labels
 
 
@@ -182,14 +187,16 @@ def encode_sample(key: str, input_ids: np.ndarray, spans: List[List[int]],
             + _member(f"{key}.{JSON_SUFFIX}", js.encode("utf-8")))
 
 
-def decode_sample(buf, offset: int, length: int, key: str, num_tokens: int, dtype: np.dtype,
-                  where: str, check: bool = False) -> dict:
-    """Decode the sample whose first tar header is at ``buf[offset]``.
+def decode_ids_spans(buf, offset: int, length: int, key: str, num_tokens: int, dtype: np.dtype,
+                     where: str = "", check: bool = False) -> tuple:
+    """``(input_ids, supervised spans, meta)`` of the sample whose first tar header is at
+    ``buf[offset]``: the hot-path primitive (no label array; collation builds labels from spans).
 
     Uses the shard index (key, length, token count, dtype) to skip generic tar parsing; the cheap
     checks (header magic, member names, npy magic and sizes) always run, so a misplaced offset or
     a truncated buffer raises FormatError instead of yielding a partial sample. ``check=True``
     also validates header checksums, the npy header and the spans (what ``verify`` uses).
+    ``input_ids`` is a read-only view into ``buf``.
     """
     end = offset + length
     if len(buf) < end:
@@ -217,28 +224,27 @@ def decode_sample(buf, offset: int, length: int, key: str, num_tokens: int, dtyp
         raise FormatError(f"{where}: sample {key!r}: member sizes do not add up to the indexed "
                           f"length {length}")
     try:
-        doc = _json_decode(buf[j + BLOCK:j + BLOCK + jsize].decode("utf-8"))
+        doc = _json_raw_decode(buf[j + BLOCK:j + BLOCK + jsize].decode("utf-8"))[0]
         spans = doc["supervised"]
         meta = doc.get("meta", {})
-    except (ValueError, TypeError, KeyError, AttributeError) as e:
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
         raise FormatError(f"{where}: sample {key!r}: bad JSON member: {e!r}") from None
     if check or type(spans) is not list:
         _check_spans(spans, num_tokens, f"{where}: sample {key!r}")
-    ids = np.frombuffer(buf, dtype=dtype, count=num_tokens, offset=data)
-    labels = ids.astype(np.int64)
-    prev = nsup = 0
-    for s, e in spans:  # everything outside the spans is not supervised
-        if s > prev:
-            labels[prev:s] = IGNORE_INDEX
-        nsup += e - s
-        prev = e
-    if prev < num_tokens:
-        labels[prev:] = IGNORE_INDEX
+    return np.frombuffer(buf, dtype=dtype, count=num_tokens, offset=data), spans, meta
+
+
+def decode_sample(buf, offset: int, length: int, key: str, num_tokens: int, dtype: np.dtype,
+                  where: str, check: bool = False) -> dict:
+    """The sample at ``buf[offset]`` as a dict: ``__key__``, ``input_ids`` (read-only view),
+    ``labels`` (int64, -100 where not supervised), ``meta``, ``num_supervised``."""
+    ids, spans, meta = decode_ids_spans(buf, offset, length, key, num_tokens, dtype, where, check)
+    labels = spans_to_labels(ids, spans)
     return {"__key__": key, "input_ids": ids, "labels": labels, "meta": meta,
-            "num_supervised": nsup}
+            "num_supervised": num_in_spans(spans)}
 
 
-_json_decode = json.JSONDecoder().decode
+_json_raw_decode = json.JSONDecoder().raw_decode  # no trailing-whitespace scan of json.loads
 
 
 def _check_members(buf, offset, j, key, npy_size, num_tokens, dtype, where) -> None:
