@@ -20,15 +20,13 @@ import shutil
 import sys
 from typing import Optional, Sequence
 
-import torch
-
 from lumina import checkpoint as ckpt_lib
 
-__all__ = ["export_checkpoint", "main"]
+__all__ = ["add_arguments", "export_checkpoint", "main", "run"]
 
 log = logging.getLogger("lumina.export")
 
-_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+_DTYPES = ("bf16", "fp16", "fp32")
 _WRAPPER_PREFIX = "chameleon."
 
 
@@ -50,6 +48,7 @@ def _vq_from_init(init_from: Optional[str]) -> dict:
 def export_checkpoint(output_dir: str, out: str, tag: Optional[str] = None,
                       dtype: str = "bf16") -> str:
     """Write ``out`` (config, safetensors, tokenizer) from checkpoint ``tag`` (default: latest)."""
+    import torch
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import ChameleonConfig, ChameleonForConditionalGeneration
 
@@ -58,7 +57,7 @@ def export_checkpoint(output_dir: str, out: str, tag: Optional[str] = None,
     if tag is None or not os.path.isdir(os.path.join(root, tag)):
         raise ValueError(f"no checkpoint {tag or ''} under {root}")
     if dtype not in _DTYPES:
-        raise ValueError(f"--dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        raise ValueError(f"--dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
     with open(os.path.join(output_dir, "trainer_meta.json")) as fh:
         meta = json.load(fh)
     state = get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
@@ -78,7 +77,7 @@ def export_checkpoint(output_dir: str, out: str, tag: Optional[str] = None,
     if bad or result.unexpected_keys:
         raise ValueError(f"checkpoint {tag} does not match the model config: missing {bad[:5]}, "
                          f"unexpected {result.unexpected_keys[:5]}")
-    model.to(_DTYPES[dtype])
+    model.to({"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype])
     model.config.use_cache = True
     os.makedirs(out, exist_ok=True)
     model.save_pretrained(out)
@@ -91,17 +90,19 @@ def export_checkpoint(output_dir: str, out: str, tag: Optional[str] = None,
     return out
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m lumina.export``: checkpoint -> Hugging Face folder."""
-    parser = argparse.ArgumentParser(prog="lumina-export", description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The export's flags on ``parser`` (for the ``lumina`` subcommand registry)."""
     parser.add_argument("--output_dir", required=True, help="the trainer's --output_dir")
     parser.add_argument("--out", required=True, help="folder to write the Hugging Face model to")
     parser.add_argument("--tag", default=None, help="checkpoint tag, e.g. step_00001000 "
                         "(default: the latest)")
-    parser.add_argument("--dtype", default="bf16", choices=sorted(_DTYPES),
-                        help="dtype of the saved weights (default: %(default)s; the fp32 master "
+    parser.add_argument("--dtype", default="bf16", choices=_DTYPES,
+                        help="dtype of the saved weights (default: %(default)s: the fp32 master "
                         "weights rounded as the bf16 engine uses them)")
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Export from parsed flags; a bad input exits 2 with one line."""
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
         path = export_checkpoint(args.output_dir, args.out, args.tag, args.dtype)
@@ -110,6 +111,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     print(f"exported to {path}")
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m lumina.export``: checkpoint -> Hugging Face folder."""
+    parser = argparse.ArgumentParser(prog="lumina-export", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ is the only host sync the loop adds.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
@@ -31,14 +32,11 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 if __package__ in (None, ""):  # run as a file (`deepspeed lumina/train.py`): import as a package
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-import torch
-
 from lumina import checkpoint as ckpt_lib
-from lumina.loss import supervised_positions
-from lumina.train_config import ConfigError, TrainConfig, load_deepspeed_json, parse_args, \
-    resolve_deepspeed_config
+from lumina.train_config import ConfigError, TrainConfig, build_parser, config_from_namespace, \
+    load_deepspeed_json, resolve_deepspeed_config
 
-__all__ = ["DistInfo", "LoaderFactory", "build_engine", "init_distributed", "lr_lambda", "main",
+__all__ = ["DistInfo", "add_arguments", "run", "LoaderFactory", "build_engine", "init_distributed", "lr_lambda", "main", "shutdown_distributed",
            "train", "wds_loader_factory"]
 
 log = logging.getLogger("lumina.train")
@@ -65,6 +63,7 @@ def _free_port() -> int:
 
 def init_distributed() -> DistInfo:
     """Join (or, alone, create) the process group; the backend follows the accelerator."""
+    import torch
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -86,6 +85,25 @@ def init_distributed() -> DistInfo:
     return DistInfo(rank, world, local_rank, device)
 
 
+def shutdown_distributed(exit_code: Optional[int] = None) -> None:
+    """Barrier, destroy the process group and, given ``exit_code``, end the process at once.
+
+    Ending with ``os._exit`` skips the C++ static destructors: with torch 2.13 + DeepSpeed 0.19 on
+    gloo, a normal interpreter exit aborted now and then ("terminate called without an active
+    exception", SIGABRT, exit -6) after all work was done and saved, failing the whole launch.
+    """
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    if exit_code is not None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(exit_code)
+
+
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     """Multiplier of the peak LR at optimizer step ``s``: linear warm-up, then constant or cosine."""
     warmup, total = cfg.optim.warmup_steps, cfg.ckpt.max_steps
@@ -104,6 +122,7 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
 
 def build_engine(cfg: TrainConfig, dist: DistInfo, fresh_start: bool = True) -> tuple[Any, dict]:
     """The DeepSpeed engine around :class:`lumina.model.LuminaChameleon`, and the resolved config."""
+    import torch
     import deepspeed
 
     from lumina.model import build_model, optimizer_groups
@@ -143,6 +162,7 @@ class _Meter:
         self.reset()
 
     def reset(self) -> None:
+        import torch
         self.dev = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, ce_sum, z_sum
         self.host = Counter()
         self.samples: Counter = Counter()
@@ -161,11 +181,13 @@ class _Meter:
             self.tokens[name] += n
 
     def add_loss(self, out: Any) -> None:
+        import torch
         self.dev += torch.stack([out.loss.detach().double(), out.ce_sum.double(), out.z_sum.double()])
         self.host["supervised_tokens"] += out.num_tokens
 
 
 def _gather_host(obj: Any, world: int) -> list:
+    import torch
     if world == 1:
         return [obj]
     out: list = [None] * world
@@ -217,7 +239,10 @@ def train(cfg: TrainConfig, loader_factory: Optional[LoaderFactory] = None,
     ``loader_factory`` defaults to :func:`wds_loader_factory`; ``sync_timing`` synchronises the
     device around each phase so the recorded times split exactly (benchmarks only).
     """
+    import torch
     from deepspeed.accelerator import get_accelerator
+
+    from lumina.loss import supervised_positions
 
     dist = init_distributed()
     loader_factory = loader_factory or wds_loader_factory
@@ -306,6 +331,7 @@ def train(cfg: TrainConfig, loader_factory: Optional[LoaderFactory] = None,
 def _reduce_and_log(cfg: TrainConfig, dist: DistInfo, engine: Any, meter: _Meter, counts: dict,
                     step: int, phase: Counter) -> dict:
     """One all-reduce of the device sums, one gather of the host stats (log steps only)."""
+    import torch
     sums = meter.dev.clone()
     if dist.world_size > 1:
         torch.distributed.all_reduce(sums)
@@ -365,6 +391,7 @@ def _emit(cfg: TrainConfig, record: dict, writer: Any, bar: Any) -> None:
 
 def _save(cfg: TrainConfig, dist: DistInfo, engine: Any, loader: Any, counts: dict, step: int,
           root: str) -> None:
+    import torch
     states = _gather_host(loader.state_dict(), dist.world_size)
     state = ckpt_lib.client_state(step, states, {k: dict(v) for k, v in counts.items()},
                                   dist.world_size)
@@ -377,16 +404,26 @@ def _save(cfg: TrainConfig, dist: DistInfo, engine: Any, loader: Any, counts: di
               + (f" (deleted {', '.join(deleted)})" if deleted else ""), flush=True)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``lumina-train``: parse flags, train, exit 0; a bad setting exits 2 with one line."""
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The trainer's flags on ``parser`` (for the ``lumina`` subcommand registry)."""
+    build_parser(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train from parsed flags; a bad setting exits 2 with one line."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
-        cfg = parse_args(argv)
-        train(cfg)
+        train(config_from_namespace(args))
     except ConfigError as exc:
         print(f"lumina-train: error: {exc}", file=sys.stderr)
         return 2
-    return 0
+    shutdown_distributed(exit_code=0)
+    return 0  # not reached
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``lumina-train``: parse flags, train, exit 0; a bad setting exits 2 with one line."""
+    return run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

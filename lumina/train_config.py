@@ -31,6 +31,7 @@ __all__ = [
     "TrainConfig",
     "build_parser",
     "parse_args",
+    "config_from_namespace",
     "load_deepspeed_json",
     "resolve_deepspeed_config",
 ]
@@ -233,9 +234,9 @@ def _field_type(f: dataclasses.Field) -> type:
     return str
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
     """The trainer's CLI: one flag per config field, plus the launchers' ``--local_rank``."""
-    parser = argparse.ArgumentParser(
+    parser = parser or argparse.ArgumentParser(
         prog="lumina-train",
         description="Train a Chameleon (Lumina-mGPT) model with DeepSpeed ZeRO-3 on a streamed "
         "WebDataset token mixture.",
@@ -263,7 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     """Parse the command line into a validated :class:`TrainConfig`."""
-    ns = vars(build_parser().parse_args(argv))
+    return config_from_namespace(build_parser().parse_args(argv))
+
+
+def config_from_namespace(args: argparse.Namespace) -> TrainConfig:
+    """The validated :class:`TrainConfig` of a namespace :func:`build_parser` produced."""
+    ns = vars(args)
     sections: dict = {name: {} for name in _SECTIONS}
     for key, value in ns.items():
         if "." in key:

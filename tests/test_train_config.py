@@ -122,3 +122,29 @@ def test_cli_bad_flag_is_one_line_exit_2():
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == "lumina-train: error: --lr must be > 0, got 0.0"
+
+
+def test_export_without_checkpoint_is_one_line_error(tmp_path, capsys):
+    from lumina.export import main as export_main
+
+    assert export_main(["--output_dir", str(tmp_path), "--out", str(tmp_path / "hf")]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_resume_resolution(tmp_path):
+    from lumina.checkpoint import prune_checkpoints, resolve_resume
+
+    assert resolve_resume("auto", str(tmp_path)) is None
+    root = tmp_path / "checkpoints"
+    for step in (2, 4, 6):
+        (root / f"step_{step:08d}").mkdir(parents=True)
+        (root / f"step_{step:08d}" / "x.pt").write_text("x")
+    (root / "latest").write_text("step_00000004")  # DeepSpeed's pointer wins
+    assert resolve_resume("auto", str(tmp_path)) == (str(root), "step_00000004")
+    assert resolve_resume(str(root / "step_00000002"), str(tmp_path)) == (str(root), "step_00000002")
+    with pytest.raises(ConfigError, match="--resume never"):
+        resolve_resume("never", str(tmp_path))
+    with pytest.raises(ConfigError, match="--resume"):
+        resolve_resume(str(tmp_path / "nope"), str(tmp_path))
+    assert prune_checkpoints(str(root), 1) == ["step_00000002", "step_00000004"]
+    assert sorted(os.listdir(root)) == ["latest", "step_00000006"]

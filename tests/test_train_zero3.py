@@ -24,7 +24,7 @@ WORKER = textwrap.dedent('''
     import torch
 
     from lumina.synthetic import SyntheticLoader
-    from lumina.train import build_engine, init_distributed, train
+    from lumina.train import build_engine, init_distributed, shutdown_distributed, train
     from lumina.train_config import parse_args
 
     mode, vocab, seq_len, argv = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
@@ -48,6 +48,7 @@ WORKER = textwrap.dedent('''
         logits = engine.module.logits(batch["input_ids"], batch["attention_mask"])
         if dist.rank == 0:
             torch.save({"logits": logits, "batch": batch}, out)
+    shutdown_distributed(exit_code=0)
 ''')
 
 
