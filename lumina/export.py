@@ -1,6 +1,6 @@
 """Export a trainer checkpoint to a Hugging Face folder that ``from_pretrained`` loads.
 
-    python -m lumina.export --output_dir train_out --out hf_model [--tag step_00001000] [--dtype bf16]
+    python -m lumina.export --run_dir train_out --out hf_model [--tag step_00001000] [--dtype bf16]
 
 Runs on one CPU process, no process group: DeepSpeed's ``zero_to_fp32`` merges the ZeRO-3 shards
 into the fp32 master weights, the Chameleon config comes from ``train_out/model``, and the
@@ -92,7 +92,8 @@ def export_checkpoint(output_dir: str, out: str, tag: Optional[str] = None,
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The export's flags on ``parser`` (for the ``lumina`` subcommand registry)."""
-    parser.add_argument("--output_dir", required=True, help="the trainer's --output_dir")
+    parser.add_argument("--run_dir", "--output_dir", dest="run_dir", required=True,
+                        help="the training run's folder (the trainer's --output_dir)")
     parser.add_argument("--out", required=True, help="folder to write the Hugging Face model to")
     parser.add_argument("--tag", default=None, help="checkpoint tag, e.g. step_00001000 "
                         "(default: the latest)")
@@ -105,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     """Export from parsed flags; a bad input exits 2 with one line."""
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
-        path = export_checkpoint(args.output_dir, args.out, args.tag, args.dtype)
+        path = export_checkpoint(args.run_dir, args.out, args.tag, args.dtype)
     except (ValueError, FileNotFoundError) as exc:
         print(f"lumina-export: error: {exc}", file=sys.stderr)
         return 2

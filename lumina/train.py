@@ -279,12 +279,17 @@ def train(cfg: TrainConfig, loader_factory: Optional[LoaderFactory] = None,
     last_saved = step if resume is not None else -1
     batches: Iterator[dict] = iter(loader)
     engine.train()
-    while step < cfg.ckpt.max_steps:
+    stop_at = min(cfg.ckpt.max_steps, cfg.ckpt.stop_after or cfg.ckpt.max_steps)
+    exhausted = False
+    while step < stop_at:
         # Dropout masks depend on (seed, step, rank) only, so a resumed run draws the same ones.
         torch.manual_seed(cfg.data.seed * 1_000_003 + step * dist.world_size + dist.rank)
         for _ in range(accum):
             t0 = time.perf_counter()
-            batch = next(batches)
+            batch = next(batches, None)  # every rank yields the same number of batches
+            if batch is None:
+                exhausted = True
+                break
             wait = time.perf_counter() - t0
             meter.add_batch(batch, wait)
             labels = batch["labels"]
@@ -307,10 +312,14 @@ def train(cfg: TrainConfig, loader_factory: Optional[LoaderFactory] = None,
             phase["data_wait_s"] += wait
             phase["fwd_bwd_s"] += t2 - t1
             phase["optimizer_s"] += t3 - t2
+        if exhausted:  # a bounded mixture ended; a partial accumulation is dropped
+            if dist.is_main:
+                print(f"the data ended after step {step}; stopping", flush=True)
+            break
         step += 1
         if bar is not None:
             bar.update(1)
-        if step % cfg.log.log_every == 0 or step == cfg.ckpt.max_steps:
+        if step % cfg.log.log_every == 0 or step == stop_at:
             record = _reduce_and_log(cfg, dist, engine, meter, counts, step, phase)
             if dist.is_main:
                 records.append(record)
@@ -321,6 +330,11 @@ def train(cfg: TrainConfig, loader_factory: Optional[LoaderFactory] = None,
             if step != last_saved:
                 _save(cfg, dist, engine, loader, counts, step, root)
                 last_saved = step
+    if exhausted and step != last_saved and step > 0:
+        _save(cfg, dist, engine, loader, counts, step, root)
+    if cfg.ckpt.stop_after is not None and step == cfg.ckpt.stop_after < cfg.ckpt.max_steps \
+            and dist.is_main:
+        print(f"stopped at step {step} (--stop_after), as if killed; rerun to resume", flush=True)
     if bar is not None:
         bar.close()
     if writer is not None:

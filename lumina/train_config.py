@@ -160,6 +160,9 @@ class CheckpointConfig:
     save_every: int = _opt(1000, "save a DeepSpeed checkpoint every N optimizer steps (and at the "
                            "end); 0 saves only at the end")
     keep_last: int = _opt(3, "keep the last K checkpoints (0 keeps all)")
+    stop_after: Optional[int] = _opt(
+        None, "stop at this global step without the final checkpoint, as if the job were killed "
+        "there (periodic checkpoints still happen); for crash/resume drills")
     resume: str = _opt("auto", "'auto': continue from the latest checkpoint in "
                        "--output_dir/checkpoints if any; 'never': refuse to start over one; "
                        "or a checkpoint folder (a step_* tag folder)")
@@ -168,6 +171,8 @@ class CheckpointConfig:
         _check(self.max_steps > 0, f"--max_steps must be > 0, got {self.max_steps}")
         _check(self.save_every >= 0, f"--save_every must be >= 0, got {self.save_every}")
         _check(self.keep_last >= 0, f"--keep_last must be >= 0, got {self.keep_last}")
+        _check(self.stop_after is None or self.stop_after > 0,
+               f"--stop_after must be > 0, got {self.stop_after}")
 
 
 @dataclass
@@ -178,9 +183,12 @@ class LogConfig:
                           "sync of the loop)")
     tensorboard: bool = _opt(True, "write TensorBoard events to --output_dir/tb when installed")
     progress_bar: str = _opt("auto", "tqdm progress bar on rank 0: auto (when interactive), "
-                             "always, never", choices=("auto", "always", "never"))
+                             "always (or true), never (or false)",
+                             choices=("auto", "always", "never", "true", "false"))
 
     def __post_init__(self) -> None:
+        self.progress_bar = {"true": "always", "false": "never"}.get(self.progress_bar,
+                                                                     self.progress_bar)
         _check(self.log_every > 0, f"--log_every must be > 0, got {self.log_every}")
 
 
