@@ -18,23 +18,26 @@ class SyntheticLoader:
     """Random token batches: ``input_ids``, ``labels``, ``attention_mask``, ``dataset``, ``__key__``.
 
     Samples have random lengths in ``[min_len, seq_len]`` (right-padded with ``pad_id``), an
-    unsupervised prompt of ``prompt_len`` tokens, and alternate between ``datasets`` names.
+    unsupervised prompt of ``prompt_len`` tokens, ids in ``[min_token, vocab_size)``, and alternate
+    between ``datasets`` names.
     """
 
     def __init__(self, vocab_size: int, batch_size: int, seq_len: int, *, rank: int = 0,
                  seed: int = 0, num_distinct: int = 0, min_len: int = 0, prompt_len: int = 2,
-                 pad_id: int = 0, datasets: Sequence[str] = ("synthetic_a", "synthetic_b")) -> None:
+                 pad_id: int = 0, datasets: Sequence[str] = ("synthetic_a", "synthetic_b"),
+                 min_token: int = 1) -> None:
         self.vocab_size, self.batch_size, self.seq_len = vocab_size, batch_size, seq_len
         self.rank, self.seed, self.num_distinct = rank, seed, num_distinct
         self.min_len = min_len or seq_len
         self.prompt_len, self.pad_id, self.datasets = prompt_len, pad_id, list(datasets)
+        self.min_token = min_token
         self.next_index = 0
 
     def batch(self, index: int) -> dict:
         key = index % self.num_distinct if self.num_distinct else index
         g = torch.Generator().manual_seed((self.seed * 7919 + self.rank) * 1_000_003 + key)
         b, t = self.batch_size, self.seq_len
-        ids = torch.randint(1, self.vocab_size, (b, t), generator=g)
+        ids = torch.randint(self.min_token, self.vocab_size, (b, t), generator=g)
         lengths = torch.randint(self.min_len, t + 1, (b,), generator=g)
         mask = (torch.arange(t)[None, :] < lengths[:, None]).long()
         ids = ids.masked_fill(mask == 0, self.pad_id)
