@@ -11,7 +11,7 @@ import logging
 import sys
 from typing import List, Optional
 
-__all__ = ["main", "SUBCOMMANDS"]
+__all__ = ["main", "standalone_main", "SUBCOMMANDS"]
 
 # name -> (module, one-line help)
 SUBCOMMANDS = {
@@ -49,6 +49,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def standalone_main(name: str, argv: Optional[List[str]] = None) -> int:
+    """``python -m wds_tools.<module> ...``: one subcommand on its own, same errors and exit codes."""
+    return main([name] + list(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

@@ -112,15 +112,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="wds-tools mix", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    args = p.parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, OSError) as e:
-        print(f"wds-tools mix: error: {e}", file=sys.stderr)
-        return 2
+    from .cli import standalone_main
+    return standalone_main("mix", argv)
 
 
 if __name__ == "__main__":
