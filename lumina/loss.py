@@ -5,11 +5,12 @@ loss = mean over supervised positions of cross-entropy(logits, next token)
 
 Positions are shifted (the hidden state at t predicts the label at t+1); a position is supervised
 when its shifted label is not -100. Only supervised positions get logits, and they get them a
-chunk at a time, each chunk under activation checkpointing, so at most one chunk of
-``chunk_size x vocab`` fp32 logits exists at once, in the forward and in the backward pass (the
-reference materialised fp32 logits for the whole batch). Image-token logits are left unmasked
-unless ``mask_token_ids`` is given: transformers' Chameleon masks them to -inf, which makes image
-tokens unlearnable.
+chunk at a time: a custom autograd function computes each chunk's loss and its gradients with
+respect to the hidden states and the lm_head weight while the chunk's fp32 logits exist, then
+drops them. At most one ``chunk_size x vocab`` block of fp32 logits exists at once (the reference
+materialised fp32 logits for the whole batch), and nothing is recomputed in the backward pass.
+Image-token logits are left unmasked unless ``mask_token_ids`` is given: transformers' Chameleon
+masks them to -inf, which makes image tokens unlearnable.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 __all__ = ["IGNORE_INDEX", "LossOutput", "supervised_positions", "chunked_lm_loss"]
 
@@ -47,15 +47,63 @@ def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
     return (shifted != IGNORE_INDEX).nonzero().squeeze(1)
 
 
-def _chunk_terms(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                 mask_token_ids: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    # lm_head in the model's dtype (as the reference), cross-entropy in fp32.
-    logits = F.linear(hidden, weight).float()
-    if mask_token_ids is not None:
-        logits = logits.index_fill(1, mask_token_ids, float("-inf"))
-    lse = torch.logsumexp(logits, dim=-1)
-    target_logit = logits.gather(1, targets.unsqueeze(1)).squeeze(1)
-    return (lse - target_logit).sum(), lse.square().sum()
+class _LinearCrossEntropy(torch.autograd.Function):
+    """``sum(CE) + z_w * sum(lse^2)``, times ``scale``, of ``hidden @ weight.T``, chunk by chunk.
+
+    The gradients are computed in the forward pass, chunk by chunk, while the chunk's logits
+    exist: ``dlogits = (softmax * (1 + 2 z_w lse) - onehot) * scale``, then
+    ``grad_hidden = dlogits @ W`` and ``grad_W += dlogits.T @ hidden``. Nothing of size
+    ``N x vocab`` outlives a chunk, and nothing is recomputed in the backward pass (which only
+    scales the stored gradients): the FLOPs of a plain forward + backward, the memory of one chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, z_w, chunk, mask_ids, scale):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = None
+        ce_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        z_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        num = hidden.shape[0]
+        for start in range(0, num, chunk):
+            h, y = hidden[start:start + chunk], targets[start:start + chunk]
+            # lm_head in the model's dtype (as the reference), cross-entropy in fp32.
+            logits = F.linear(h, weight).float()
+            if mask_ids is not None:
+                logits.index_fill_(1, mask_ids, float("-inf"))
+            lse = torch.logsumexp(logits, dim=-1)
+            target_logit = logits.gather(1, y.unsqueeze(1)).squeeze(1)
+            ce_sum += (lse - target_logit).sum()
+            z_sum += lse.square().sum()
+            if not (need_h or need_w):
+                continue
+            probs = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place of the logits
+            probs.mul_(((1.0 + 2.0 * z_w * lse) * scale).unsqueeze(1))
+            probs.scatter_add_(1, y.unsqueeze(1), torch.full_like(lse, -scale).unsqueeze(1))
+            dlogits = probs.to(hidden.dtype)
+            del probs, logits
+            if need_h:
+                grad_h[start:start + chunk] = dlogits @ weight
+            if need_w:
+                part = dlogits.t() @ h
+                if grad_w is None:
+                    grad_w = part if num <= chunk else part.float()
+                else:
+                    grad_w += part
+        ctx.grads, ctx.weight_dtype = (grad_h, grad_w), weight.dtype
+        loss = (ce_sum + z_w * z_sum) * scale
+        ctx.mark_non_differentiable(ce_sum, z_sum)
+        return loss, ce_sum, z_sum
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_ce, _grad_z):
+        grad_h, grad_w = ctx.grads
+        ctx.grads = None
+        if grad_h is not None:
+            grad_h = grad_h * grad_loss.to(grad_h.dtype)
+        if grad_w is not None:
+            grad_w = (grad_w * grad_loss).to(ctx.weight_dtype)
+        return grad_h, grad_w, None, None, None, None, None
 
 
 def chunked_lm_loss(
@@ -98,20 +146,9 @@ def chunked_lm_loss(
     if mask_token_ids is not None:
         mask_token_ids = mask_token_ids.to(hidden.device)
 
-    ce_sum = hidden.new_zeros((), dtype=torch.float32)
-    z_sum = hidden.new_zeros((), dtype=torch.float32)
-    use_ckpt = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    for start in range(0, sel_hidden.shape[0], chunk_size):
-        args = (sel_hidden[start:start + chunk_size], weight,
-                sel_targets[start:start + chunk_size], mask_token_ids)
-        if use_ckpt:
-            ce, z = checkpoint(_chunk_terms, *args, use_reentrant=False)
-        else:
-            ce, z = _chunk_terms(*args)
-        ce_sum = ce_sum + ce
-        z_sum = z_sum + z
     denom = float(max(num_tokens, 1))
-    loss = (ce_sum + z_loss_weight * z_sum) * (scale / denom)
-    return LossOutput(loss=loss, ce_sum=ce_sum.detach() * scale, z_sum=z_sum.detach() * scale,
-                      num_tokens=num_tokens)
+    loss, ce_sum, z_sum = _LinearCrossEntropy.apply(
+        sel_hidden, weight, sel_targets, float(z_loss_weight), int(chunk_size), mask_token_ids,
+        scale / denom)
+    return LossOutput(loss=loss, ce_sum=ce_sum * scale, z_sum=z_sum * scale, num_tokens=num_tokens)
 

@@ -154,6 +154,26 @@ def wds_loader_factory(cfg: TrainConfig, rank: int, world_size: int, micro_batch
                         pad_id=cfg.data.pad_id, seed=cfg.data.seed)
 
 
+def _device_inputs(batch: dict, positions: Any, device: Any) -> dict:
+    """The model inputs on ``device``; pinned, asynchronous copies on GPUs.
+
+    The attention mask is dropped for right-padded batches (the loader's layout): under a causal
+    mask a real token never attends to the padding after it, so the result at every supervised
+    position is the same, and attention takes its fused ``is_causal`` path, with no mask tensor
+    and no check of it on the device (transformers checks an all-ones mask with a host sync).
+    """
+    mask = batch["attention_mask"]
+    right_padded = bool((mask[:, 1:] <= mask[:, :-1]).all())  # CPU tensor: no device sync
+    pin = device.type == "cuda"
+
+    def move(t):
+        return (t.pin_memory() if pin else t).to(device, non_blocking=pin)
+
+    return {"input_ids": move(batch["input_ids"]), "labels": move(batch["labels"]),
+            "attention_mask": None if right_padded else move(mask),
+            "positions": move(positions)}
+
+
 class _Meter:
     """Per-window accumulators: device tensors for the loss, host numbers for the batch stats."""
 
@@ -298,10 +318,7 @@ def train(cfg: TrainConfig, loader_factory: Optional[LoaderFactory] = None,
                                   "(their loss would be infinite); unset it to train generation")
             positions = supervised_positions(labels)  # on the CPU copy: no device sync
             t1 = time.perf_counter()
-            out = engine(input_ids=batch["input_ids"].to(dist.device, non_blocking=True),
-                         labels=labels.to(dist.device, non_blocking=True),
-                         attention_mask=batch["attention_mask"].to(dist.device, non_blocking=True),
-                         positions=positions)
+            out = engine(**_device_inputs(batch, positions, dist.device))
             engine.backward(out.loss)
             sync()
             t2 = time.perf_counter()
