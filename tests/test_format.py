@@ -341,3 +341,80 @@ def test_pickle_members_are_never_unpickled(tmp_path):
 def test_token_dtype():
     assert token_dtype(256) == np.uint8 and token_dtype(257) == np.uint16
     assert token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32
+
+
+# --- block decode ---------------------------------------------------------------------------
+
+def _shard_bytes(tmp_path, samples, vocab, max_samples=1000):
+    write_dataset(tmp_path, samples, vocab, max_samples=max_samples)
+    sh = open_shards(str(tmp_path / "index.json"))[0]
+    return sh, bytearray(open(sh.url, "rb").read())
+
+
+def _block_vs_one(sh, buf):
+    """decode_block over the whole shard agrees with decode_ids_spans sample by sample."""
+    from wds_tools.format import decode_block, decode_ids_spans
+    buf = bytes(buf)
+    ids, spans, metas, errors = decode_block(buf, sh.offsets, sh.lengths, sh.keys, sh.num_tokens,
+                                             sh.dtype, "w")
+    for i in range(len(sh)):
+        try:
+            want = decode_ids_spans(buf, sh.offsets[i], sh.lengths[i], sh.keys[i],
+                                    sh.num_tokens[i], sh.dtype, "w")
+        except FormatError as e:
+            assert i in errors and str(errors[i]) == str(e) and ids[i] is None
+            continue
+        assert i not in errors
+        np.testing.assert_array_equal(ids[i], want[0])
+        assert ids[i].dtype == want[0].dtype and not ids[i].flags.writeable
+        assert spans[i] == want[1] and metas[i] == want[2]
+    return errors
+
+
+@pytest.mark.parametrize("vocab", [200, 65536, 70000])
+@pytest.mark.parametrize("text", ["plain", "caption é 日本"])
+def test_decode_block_matches_decode_ids_spans(tmp_path, vocab, text):
+    samples = make_samples(40, vocab)
+    samples = [(k, ids, lab, {"index": m["index"], "text": text}) for k, ids, lab, m in samples]
+    sh, buf = _shard_bytes(tmp_path, samples, vocab)
+    assert _block_vs_one(sh, buf) == {}
+
+
+def test_decode_block_corrupt_samples_match_the_exact_path(tmp_path):
+    samples = make_samples(12, 65536, min_len=50, max_len=120)
+    sh, buf = _shard_bytes(tmp_path, samples, 65536)
+    o = sh.offsets
+    buf[o[1]] ^= 1                                   # key of the ids member
+    buf[o[2] + 258] = ord("X")                       # ustar magic
+    buf[o[3] + 512 + 1] = 0                          # npy magic
+    j4 = o[4] + sh.lengths[4] - 1024                 # JSON header of a one-block JSON member
+    buf[j4 + 124:j4 + 135] = b"       1234"          # odd but valid octal: exact path decides
+    j5 = o[5] + sh.lengths[5] - 512
+    buf[j5] = ord("[")                               # JSON is not an object
+    j6 = o[6] + sh.lengths[6] - 512
+    buf[j6:j6 + 2] = b" {"                           # leading whitespace: refused by both
+    j7 = o[7] + sh.lengths[7] - 512
+    buf[j7 + 1:j7 + 13] = b'"supervisedX'            # no "supervised" key
+    errors = _block_vs_one(sh, buf)
+    assert {1, 2, 3, 5, 6, 7} <= set(errors) and 0 not in errors and 8 not in errors
+    # a buffer cut inside sample 9: samples before it decode, the rest are errors
+    from wds_tools.format import decode_block
+    cut = bytes(buf[:o[9] + 700])
+    ids, _, _, errors = decode_block(cut, o, sh.lengths, sh.keys, sh.num_tokens, sh.dtype)
+    assert ids[8] is not None and all(ids[i] is None for i in (9, 10, 11))
+    assert "truncated" in str(errors[9])
+
+
+def test_reader_labels_are_never_overwritten_by_recycling(tmp_path):
+    samples = make_samples(50, 65536, min_len=1, max_len=3000)
+    write_dataset(tmp_path, samples, 65536, max_samples=20)
+    held = list(iter_samples(str(tmp_path / "index.json")))        # every sample held
+    views = [s["labels"][:3] for s in iter_samples(str(tmp_path / "index.json"))]  # views only
+    streamed = []
+    for s in iter_samples(str(tmp_path / "index.json")):           # each dropped at once
+        streamed.append(s["labels"].copy())
+    for s, v, c, (_, ids, labels, _) in zip(held, views, streamed, samples):
+        np.testing.assert_array_equal(s["labels"], labels)
+        np.testing.assert_array_equal(v, labels[:3])
+        np.testing.assert_array_equal(c, labels)
+        assert s["labels"].dtype == np.int64 and s["num_supervised"] == int((labels != -100).sum())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
@@ -16,14 +17,16 @@ import braceexpand
 import numpy as np
 
 from . import io as wio
-from .format import (BLOCK, IDS_SUFFIX, FormatError, check_version, decode_sample, num_in_spans,
-                     padded, parse_tar_header, shard_index_name, spans_to_labels)
+from .format import (BLOCK, IDS_SUFFIX, FormatError, check_version, decode_block, decode_sample,
+                     key_table, num_in_spans, padded, parse_tar_header, shard_index_name,
+                     spans_to_labels)
 
 __all__ = ["Shard", "ReadStats", "load_manifest", "open_shards", "iter_samples", "iter_tar",
            "expand_urls"]
 
 log = logging.getLogger(__name__)
-CHUNK_BYTES = 4 << 20
+CHUNK_BYTES = 1 << 20
+_LABEL_RING = 4
 
 
 def expand_urls(spec: Union[str, Sequence[str]]) -> List[str]:
@@ -92,31 +95,90 @@ class Shard:
         off, n = self.offsets[i], self.lengths[i]
         return self._decode(wio.read_range(self.url, off, off + n, self.opts), off, i)
 
-    def iter(self, start: int = 0, stop: Optional[int] = None) -> Iterator[Dict[str, Any]]:
-        """Samples ``start..stop-1`` through one sequential read of their bytes.
+    def columns(self) -> tuple:
+        """``(offsets, lengths, num_tokens)`` as int64 arrays and ``key_table(keys)``: the
+        index in the form ``format.decode_block`` takes, computed once per shard."""
+        cols = self.__dict__.get("_columns")
+        if cols is None:
+            cols = self._columns = (np.asarray(self.offsets, np.int64),
+                                    np.asarray(self.lengths, np.int64),
+                                    np.asarray(self.num_tokens, np.int64), key_table(self.keys))
+        return cols
+
+    def decode_block(self, buf, base: int, a: int, b: int) -> tuple:
+        """``format.decode_block`` of samples ``a..b-1``, whose bytes start at ``buf[0]`` =
+        byte ``base`` of the shard."""
+        off, ln, nt, (table, klen) = self.columns()
+        return decode_block(buf, off[a:b] - base, ln[a:b], self.keys[a:b], nt[a:b], self.dtype,
+                            self.where, (table[a:b], klen[a:b]))
+
+    def iter(self, start: int = 0, stop: Optional[int] = None,
+             stats: Optional["ReadStats"] = None) -> Iterator[Dict[str, Any]]:
+        """Samples ``start..stop-1`` through one sequential (ranged) read of their bytes,
+        decoded a piece at a time (``format.decode_block``). ``stats`` (optional) counts the
+        samples and tokens yielded.
 
         A stream that ends early raises FormatError after the last complete sample: a
         partial sample is never yielded.
         """
+        keys, url, offsets, lengths = self.keys, self.url, self.offsets, self.lengths
+        labels_of, refs, empty, int64 = spans_to_labels, sys.getrefcount, np.empty, np.int64
+        # Label memory is recycled: a buffer is reused only once nothing but this ring refers
+        # to it (the caller dropped that sample's labels and every view of them). Reusing warm
+        # memory saves the page faults of a fresh allocation per sample.
+        ring, r = [empty(0, int64)] * _LABEL_RING, 0
+        for buf, base, a, b in self._runs(start, stop):
+            ids, spans, metas, errors = self.decode_block(buf, base, a, b)
+            if errors:
+                k = min(errors)
+                ids, spans, metas = ids[:k], spans[:k], metas[:k]
+            i = a
+            for x, sp, meta in zip(ids, spans, metas):
+                if stats is not None:
+                    stats.samples += 1
+                    stats.tokens += len(x)
+                r = (r + 1) % _LABEL_RING
+                out = ring[r]
+                if refs(out) > 3 or out.shape[0] < len(x):  # 3: the ring, `out`, the argument
+                    out = ring[r] = empty(max(len(x), 4096), int64)
+                yield {"__key__": keys[i], "input_ids": x, "labels": labels_of(x, sp, out),
+                       "meta": meta, "num_supervised": sum([e - s for s, e in sp]),
+                       "__shard__": url, "__index__": i}
+                i += 1
+            if errors:
+                i = a + min(errors)
+                if offsets[i] - base + lengths[i] > len(buf):
+                    raise FormatError(
+                        f"{self.where}: truncated shard: ends inside sample {keys[i]!r} "
+                        f"(byte {base + len(buf)} of {self.index['bytes']})")
+                raise errors[i - a]
+
+    def _runs(self, start: int, stop: Optional[int]) -> Iterator[tuple]:
+        """``(buf, base, a, b)``: the bytes of samples ``a..b-1`` start at ``buf[0]`` = shard
+        byte ``base``. One sequential (ranged) read, in pieces of whole samples of up to
+        ``CHUNK_BYTES`` (one sample at least), each read into a fresh read-only buffer (ids are
+        views of it). A piece of about 1 MiB stays in the CPU cache while it is decoded and its
+        labels built: measured faster than decoding from a memory map of the page cache."""
         stop = len(self) if stop is None else min(stop, len(self))
         if start >= stop:
             return
-        end = self.offsets[stop - 1] + self.lengths[stop - 1]
-        with wio.open_range(self.url, self.offsets[start], end, self.opts) as f:
+        offsets, lengths = self.offsets, self.lengths
+        end = offsets[stop - 1] + lengths[stop - 1]
+        with wio.open_range(self.url, offsets[start], end, self.opts) as f:
             i = start
             while i < stop:
-                j, total = i + 1, self.lengths[i]
-                while j < stop and total + self.lengths[j] <= CHUNK_BYTES:
-                    total += self.lengths[j]
+                j, total = i + 1, lengths[i]
+                while j < stop and total + lengths[j] <= CHUNK_BYTES:
+                    total += lengths[j]
                     j += 1
-                buf = f.read(total)
-                base = self.offsets[i]
-                for k in range(i, j):
-                    if self.offsets[k] - base + self.lengths[k] > len(buf):
-                        raise FormatError(
-                            f"{self.where}: truncated shard: ends inside sample {self.keys[k]!r} "
-                            f"(byte {base + len(buf)} of {self.index['bytes']})")
-                    yield self._decode(buf, base, k)
+                buf = np.empty(total, np.uint8)
+                got = f.readinto(buf)
+                if got < total:
+                    buf = buf[:got]
+                buf.flags.writeable = False
+                yield buf, offsets[i], i, j
+                if got < total:
+                    return
                 i = j
 
 
@@ -163,10 +225,7 @@ def iter_samples(source: Union[str, Sequence[str]], *, on_error: str = "fail",
     stats = stats if stats is not None else ReadStats()
     for shard in open_shards(source, opts):
         try:
-            for s in shard.iter():
-                stats.samples += 1
-                stats.tokens += s["input_ids"].size
-                yield s
+            yield from shard.iter(stats=stats)
         except (FormatError, IOError) as e:
             if on_error == "fail":
                 raise
