@@ -228,3 +228,23 @@ def test_export_loads_with_from_pretrained_and_gives_the_engine_logits(tiny, str
     # And the weights moved away from the starting point.
     start = ChameleonForConditionalGeneration.from_pretrained(tiny["model"])
     assert not torch.equal(start.lm_head.weight.bfloat16(), model.lm_head.weight)
+
+
+def test_optimizer_offload_config_trains_like_zero3(tiny, straight):
+    """ds_configs/zero3_offload.json: DeepSpeed's CPU Adam instead of torch's AdamW, same run."""
+    out = tiny["base"] / "offload"
+    offload = os.path.join(ROOT, "ds_configs", "zero3_offload.json")
+    _train(tiny, out, "--max_steps", "3", "--save_every", "0", "--deepspeed_config", offload)
+    a, b = _metrics(straight), _metrics(out)
+    assert b[1]["loss"] == a[1]["loss"]  # same start, same first batch
+    for step in (2, 3):
+        assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=2e-3), step
+
+
+def test_gpu_benchmark_runs_in_tiny_mode():
+    """benchmarks/bench_train_gpu.py (run on GPUs for the docs) works end to end on CPU."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_train_gpu.py"),
+                           "--tiny", "--warmup", "1", "--steps", "1"], cwd=ROOT,
+                          env=_env(ROOT), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| bare ZeRO-3 loop" in proc.stdout and "| lumina trainer" in proc.stdout
