@@ -43,3 +43,34 @@ def test_pack_batch_position_ids_segments_and_no_cross_document_labels():
     # boundary from the previous document)
     assert lab.tolist() == [[-100, 11, 12, -100, 21], [-100, -100, 32, 33, 34]]
     assert counts == {"tokens": 10, "padding": 0, "truncated": 1}
+
+
+def test_compact_batches_expand_to_exactly_pad_and_pack_batch():
+    from wds_tools.collate import compact_layout, expand, pack_compact, pad_compact
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        b, limit = int(rng.integers(1, 6)), int(rng.integers(1, 40))
+        dt = [np.uint8, np.uint16, np.uint32][trial % 3]
+        ids = [rng.integers(0, 250, int(rng.integers(1, 50))).astype(dt) for _ in range(b)]
+        if trial % 5 == 0:
+            ids[0] = ids[0].astype(np.uint32)  # mixed dtypes in one batch
+        spans = []
+        for x in ids:
+            pts = sorted(set(rng.integers(0, len(x) + 1, 4).tolist()))
+            spans.append([[s, e] for s, e in zip(pts[::2], pts[1::2]) if s < e])
+        pad_id = [0, 7, -1][trial % 3]
+        ref, _ = pad_batch(ids, spans, limit, pad_id)
+        arrays = {n: np.full(s, 99).astype(d) for n, s, d in compact_layout(ids, ref.shape, False)}
+        pad_compact(ids, spans, limit, arrays)
+        if ref[0].size >= 64:
+            assert sum(a.nbytes for a in arrays.values()) < ref.nbytes // 3
+        np.testing.assert_array_equal(expand(arrays, pad_id), ref)
+        rows = rows_for_packing([min(len(x), limit) for x in ids], limit, b)
+        k = sum(len(r) for r in rows)
+        ref, _ = pack_batch(ids[:k], spans[:k], rows, limit, pad_id)
+        arrays = {n: np.full(s, 99).astype(d)
+                  for n, s, d in compact_layout(ids[:k], ref.shape, True)}
+        pack_compact(ids[:k], spans[:k], rows, limit, arrays)
+        got = expand(arrays, pad_id)
+        assert got.dtype == np.int64 and got.shape == ref.shape
+        np.testing.assert_array_equal(got, ref)

@@ -28,7 +28,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from . import io as wio
-from .collate import PACK_FIELDS, PAD_FIELDS, pack_batch, pad_batch
+from .collate import (PACK_FIELDS, PAD_FIELDS, compact_layout, expand, pack_batch, pack_compact,
+                      pad_batch, pad_compact)
 from .config import DataConfig, load_data_config
 from .format import FormatError, decode_ids_spans
 from .mixing import DatasetPlan, EpochSlice, Mixer, dataset_weights
@@ -340,6 +341,13 @@ class Consumer:
         assert arr.shape == plan["shape"], (arr.shape, plan["shape"])
         return arr
 
+    def collate_compact(self, plan: Dict[str, Any], arrays: Dict[str, np.ndarray]) -> None:
+        """Fill the compact arrays (``collate.compact_layout``) of a planned batch."""
+        if plan["rows"] is None:
+            pad_compact(plan["ids"], plan["spans"], self.max_seq_len, arrays)
+        else:
+            pack_compact(plan["ids"], plan["spans"], plan["rows"], self.max_seq_len, arrays)
+
     def next_batch(self, alloc=None) -> Optional[Tuple[np.ndarray, List[int], List[str]]]:
         """(``[k, B, T]`` array, dataset of each sample, key of each sample) or None at the end."""
         plan = self.next_plan()
@@ -351,24 +359,38 @@ class Consumer:
 # --- the DataLoader side ---------------------------------------------------------------------
 
 class _Arena:
-    """One int64 buffer, of exactly the size of the batches of one transfer, allocated in
-    shared memory in a worker (shared-memory allocation costs about its size, so it is exact);
-    batches are carved out of it in order and cross to the main process as one buffer."""
+    """One buffer, of exactly the size of the batches of one transfer, allocated in shared
+    memory in a worker (shared-memory allocation costs about its size, so it is exact); batches
+    are carved out of it in order and cross to the main process as one buffer."""
 
-    def __init__(self, numel: int, shared: bool):
+    def __init__(self, nbytes: int, shared: bool):
         if shared:
-            storage = torch.UntypedStorage._new_shared(numel * 8)
-            self.tensor = torch.empty(0, dtype=torch.int64).set_(storage).view(-1)
+            storage = torch.UntypedStorage._new_shared(max(nbytes, 1))
+            self.tensor = torch.empty(0, dtype=torch.uint8).set_(storage).view(-1)[:nbytes]
         else:
-            self.tensor = torch.empty(numel, dtype=torch.int64)
+            self.tensor = torch.empty(nbytes, dtype=torch.uint8)
         self.flat = self.tensor.numpy()
         self.used = 0
 
-    def __call__(self, shape):
-        n = int(np.prod(shape))
-        out = self.flat[self.used:self.used + n].reshape(shape)
-        self.used += n
-        return out
+    def take(self, shape, dtype) -> Tuple[int, np.ndarray]:
+        """(byte offset, array) of the next piece (offsets aligned to 8 bytes)."""
+        dtype = np.dtype(dtype)
+        off = self.used
+        n = int(np.prod(shape)) * dtype.itemsize
+        self.used = off + _align(n)
+        return off, self.flat[off:off + n].view(dtype).reshape(shape)
+
+    def __call__(self, shape):  # an int64 [k, B, T] batch (``Consumer.collate``'s alloc)
+        return self.take(shape, np.int64)[1]
+
+
+def _align(n: int) -> int:
+    return (n + 7) // 8 * 8
+
+
+def _carve(flat: np.ndarray, off: int, shape, dtype) -> np.ndarray:
+    dtype = np.dtype(dtype)
+    return flat[off:off + int(np.prod(shape)) * dtype.itemsize].view(dtype).reshape(shape)
 
 
 class _SlotStream:
@@ -387,11 +409,18 @@ class _SlotStream:
 
     def chunks(self, worker: int, shared: bool) -> Iterator[Dict[str, Any]]:
         """Chunks of up to ``transfer`` batches of worker ``worker``'s slot (the first chunk of
-        the slot that was interrupted mid-turn is shorter, so the turn order is kept)."""
+        the slot that was interrupted mid-turn is shorter, so the turn order is kept).
+
+        ``shared`` (a DataLoader worker): batches travel compact (``collate.pad_compact``/
+        ``pack_compact``: about 3 bytes per token instead of 24) in one shared-memory buffer and
+        are expanded to int64 in the main process (``batches``): filling fresh shared memory
+        costs the worker about its size in page faults. In process they are collated to int64
+        directly."""
         slot = (worker + self.first_slot) % self.num_slots
         c = Consumer(self.plans, self.cfg, seed=self.seed, consumer=self.rank * self.num_slots + slot,
                      num_consumers=self.num_consumers, state=self.slot_states[slot], **self.kw)
         names = c.names
+        pack = self.kw["pack"]
         n = self.transfer - (self.chunk_pos if worker == 0 else 0)
         while True:
             plans, states = [], []
@@ -402,27 +431,47 @@ class _SlotStream:
                 plans.append(plan)
                 states.append(c.state())
             if plans:
-                arena = _Arena(sum(int(np.prod(p["shape"])) for p in plans), shared)
+                if shared:
+                    layouts = [compact_layout(p["ids"], p["shape"], pack) for p in plans]
+                    arena = _Arena(sum(_align(int(np.prod(sh)) * dt.itemsize)
+                                       for lay in layouts for _, sh, dt in lay), True)
+                else:
+                    arena = _Arena(sum(int(np.prod(p["shape"])) * 8 for p in plans), False)
                 metas = []
-                for plan, state in zip(plans, states):
-                    off = arena.used
-                    c.collate(plan, arena)
-                    metas.append(((off, plan["shape"]), [names[d] for d in plan["datasets"]],
-                                  plan["keys"], state))
-                yield {"slot": slot, "arena": arena.tensor, "batches": metas}
+                for bi, (plan, state) in enumerate(zip(plans, states)):
+                    if shared:
+                        where, arrays = [], {}
+                        for name, sh, dt in layouts[bi]:
+                            off, arrays[name] = arena.take(sh, dt)
+                            where.append((name, off, sh, dt.str))
+                        c.collate_compact(plan, arrays)
+                        piece = (plan["shape"], where)
+                    else:
+                        piece = (plan["shape"], arena.used)
+                        c.collate(plan, arena)
+                    metas.append((piece, [names[d] for d in plan["datasets"]], plan["keys"],
+                                  state))
+                yield {"slot": slot, "arena": arena.tensor, "batches": metas,
+                       "compact": shared}
             if len(plans) < n:
                 return
             n = self.transfer
 
-    def batches(self, chunks: Iterator[Dict[str, Any]]) -> Iterator[tuple]:
+    def batches(self, chunks: Iterator[Dict[str, Any]],
+                pin_memory: bool = False) -> Iterator[tuple]:
         """(slot, batch dict, state after it, last of its chunk) in the main process."""
-        fields = self.fields
+        fields, pad_id = self.fields, self.kw["pad_id"]
         for ch in chunks:
-            t = ch["arena"]
+            flat = ch["arena"].numpy()
             last = len(ch["batches"]) - 1
-            for i, ((off, shape), ds, keys, state) in enumerate(ch["batches"]):
-                n = int(np.prod(shape))
-                x = t[off:off + n].view(shape)
+            for i, ((shape, where), ds, keys, state) in enumerate(ch["batches"]):
+                if ch["compact"]:
+                    x = torch.empty(shape, dtype=torch.int64, pin_memory=pin_memory)
+                    expand({name: _carve(flat, off, sh, dt) for name, off, sh, dt in where},
+                           pad_id, x.numpy())
+                else:
+                    x = ch["arena"][where:where + 8 * int(np.prod(shape))].view(torch.int64)
+                    x = x.view(shape)
                 batch = {f: x[k] for k, f in enumerate(fields)}
                 batch["dataset"], batch["__key__"] = ds, keys
                 yield ch["slot"], batch, state, i == last
@@ -471,9 +520,10 @@ class StreamingLoader:
         else:
             chunks = iter(DataLoader(_StreamDataset(stream), batch_size=None,
                                      num_workers=self.num_workers,
-                                     prefetch_factor=self.prefetch_factor,
-                                     pin_memory=self.pin_memory))
-        for slot, batch, state, last in stream.batches(chunks):
+                                     prefetch_factor=self.prefetch_factor))
+        # workers send compact batches; they are expanded here, into pinned memory if asked
+        pin = bool(self.pin_memory and self.num_workers and torch.cuda.is_available())
+        for slot, batch, state, last in stream.batches(chunks, pin):
             assert slot == self._next_slot, (slot, self._next_slot)
             self._slots[slot] = state
             self._chunk_pos += 1
