@@ -283,7 +283,7 @@ def train(cfg: TrainConfig, loader_factory: Optional[LoaderFactory] = None,
         loader.load_state_dict(state["loader_states"][dist.rank])
         counts = {k: Counter(v) for k, v in state.get("data_counts", counts).items()}
         if dist.is_main:
-            print(f"resumed from {path} at step {step}", flush=True)
+            print(f"resumed from {os.path.join(*resume)} at step {step}", flush=True)
     elif dist.is_main:
         _write_run_files(cfg, engine)
 

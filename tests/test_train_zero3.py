@@ -93,8 +93,14 @@ def tiny(tmp_path_factory):
           - {name: captions, manifest: captions/index.json, weight: 0.5}
           - {name: generation, manifest: generation/index.json, weight: 0.5}
         """))
+    (data / "once.yaml").write_text(textwrap.dedent("""\
+        seed: 0
+        datasets:
+          - {name: captions, manifest: captions/index.json, weight: 0.5, max_epochs: 1}
+          - {name: generation, manifest: generation/index.json, weight: 0.5, max_epochs: 1}
+        """))
     return {"model": model, "worker": str(worker), "base": base, "vocab": vocab,
-            "data_config": str(data / "mix.yaml")}
+            "data_config": str(data / "mix.yaml"), "bounded_config": str(data / "once.yaml")}
 
 
 def _env(tmp_root):
@@ -248,3 +254,15 @@ def test_gpu_benchmark_runs_in_tiny_mode():
                           env=_env(ROOT), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| bare ZeRO-3 loop" in proc.stdout and "| lumina trainer" in proc.stdout
+
+
+def test_bounded_mixture_ends_training_with_a_checkpoint(tiny):
+    """One epoch of each dataset, with gradient accumulation: every sample once, then stop."""
+    out = tiny["base"] / "bounded"
+    proc = _train(tiny, out, "--data_config", tiny["bounded_config"], "--max_steps", "100",
+                  "--save_every", "0", "--grad_accum", "2")
+    assert "the data ended after step 2" in proc.stdout
+    m = _metrics(out)
+    assert sorted(m) == [1, 2]  # 16 samples = 2 steps x 2 micro-batches x 2 ranks x 2 samples
+    assert m[2]["dataset_samples"] == {"captions": 8, "generation": 8}
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000002"
