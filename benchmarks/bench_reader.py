@@ -7,7 +7,7 @@ all, in one run, with:
 - ``wds_tools``: ``wds_tools.reader.iter_samples(manifest)`` (ids, labels, meta per sample);
 - ``webdataset``: plain ``webdataset.WebDataset(shards).decode()`` (ids and JSON per sample);
 - ``lean``: the loader's hot path (one ranged read per block of 256 samples, then
-  ``wds_tools.loader._decode``: ids view + supervised spans, labels left to collation);
+  ``Shard.decode_block``: ids views + supervised spans, labels left to collation);
 - ``mmap limit``: ``numpy.frombuffer`` over an mmap of each tar at offsets precomputed from the
   index (no parsing, no labels: the ceiling for any Python reader of these files).
 
@@ -89,23 +89,20 @@ def webdataset_pass(folder: str):
 
 
 def lean_pass(manifest: str, block: int = 256):
-    """The loader's hot path: one ranged read per block of samples, then its lean decode
-    (ids view + supervised spans; labels are built later, into the padded batch)."""
+    """The loader's hot path: one ranged read per block of samples, then its block decode
+    (``Shard.decode_block``: ids views + supervised spans; labels are built later, into the
+    padded batch)."""
     from wds_tools import io as wio
-    from wds_tools.loader import _decode
     from wds_tools.reader import open_shards
-    shards = open_shards(manifest)
 
     def run():
-        for sh in shards:
+        for sh in open_shards(manifest):
             for a in range(0, len(sh), block):
                 b = min(a + block, len(sh))
                 base, end = sh.offsets[a], sh.offsets[b - 1] + sh.lengths[b - 1]
                 with wio.open_range(sh.url, base, end) as f:
                     buf = f.read(end - base)
-                for i in range(a, b):
-                    yield _decode(buf, sh.offsets[i] - base, sh.lengths[i], sh.keys[i],
-                                  sh.num_tokens[i], sh.dtype)[0]
+                yield from sh.decode_block(buf, base, a, b)[0]
     return run
 
 
@@ -184,7 +181,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         rows = []
         for name, fn in (("plain webdataset `WebDataset(...).decode()`", webdataset_pass(folder)),
                          ("wds_tools `iter_samples` (ids + labels + meta)", wds_tools_pass(manifest)),
-                         ("wds_tools loader hot path: block reads + lean decode (ids + spans)",
+                         ("wds_tools loader hot path: block reads + block decode (ids + spans)",
                           lean_pass(manifest)),
                          ("mmap + `np.frombuffer` at indexed offsets (limit)", mmap_pass(manifest))):
             r = measure(fn, args.repeat)

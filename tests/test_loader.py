@@ -281,3 +281,45 @@ def test_a_huge_manifest_is_planned_lazily(data, tmp_path, monkeypatch):
     b = next(iter(build_loader(cfg, batch_size=16, num_workers=0, max_seq_len=64)))
     assert time.perf_counter() - t < 2.0
     assert b["input_ids"].shape[0] == 16 and len(opened) <= cfg.shuffle.window_blocks
+
+
+@pytest.mark.parametrize("shards,batch_size", [(20, 4), (20, 7), (3, 5), (7, 16)])
+def test_bounded_two_workers_deliver_every_batch_in_turn(tmp_path, shards, batch_size):
+    """The reported AssertionError (1, 0) (2 workers, max_epochs 1, 20 shards): every batch of a
+    bounded stream arrives in worker turn order, whole and resumed, for several shard counts."""
+    sizes = [23 + (i % 5) for i in range(shards)]
+    man = make_dataset(str(tmp_path), "b", 0, sum(sizes), shard_sizes=sizes)
+    cfg = load_data_config(write_config(str(tmp_path / "b.yaml"),
+                                        [{"manifest": man, "weight": 1, "max_epochs": 1}],
+                                        shuffle={"block_size": 8}))
+
+    def loader():
+        return build_loader(cfg, batch_size=batch_size, num_workers=2, max_seq_len=64,
+                            transfer_batches=3)
+    full = [b["__key__"] for b in loader()]
+    assert len(full) == len(loader()) > 0
+    for k in (1, len(full) // 2, len(full) - 1):
+        first = loader()
+        got = []
+        for b in first:
+            got.append(b["__key__"])
+            if len(got) == k:
+                break
+        second = loader()
+        second.load_state_dict(first.state_dict())
+        assert got + [b["__key__"] for b in second] == full
+
+
+def test_an_older_iterator_cannot_continue_after_a_newer_one(data, tmp_path):
+    loader = build_loader(mix_config(data, tmp_path), batch_size=4, num_workers=2, max_seq_len=40)
+    old = iter(loader)
+    next(old)
+    new = iter(loader)
+    first_new = next(new)
+    with pytest.raises(RuntimeError, match="iterated again"):
+        next(old)
+    # the newer iterator goes on, exactly where the last delivered batch left off
+    ref = build_loader(mix_config(data, tmp_path), batch_size=4, num_workers=2, max_seq_len=40)
+    it = iter(ref)
+    want = [next(it)["__key__"] for _ in range(4)]
+    assert [first_new["__key__"], next(new)["__key__"], next(new)["__key__"]] == want[1:]

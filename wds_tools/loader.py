@@ -31,7 +31,7 @@ from . import io as wio
 from .collate import (PACK_FIELDS, PAD_FIELDS, compact_layout, expand, pack_batch, pack_compact,
                       pad_batch, pad_compact)
 from .config import DataConfig, load_data_config
-from .format import FormatError, decode_ids_spans
+from .format import FormatError
 from .mixing import DatasetPlan, EpochSlice, Mixer, dataset_weights
 from .reader import Shard, load_manifest
 
@@ -137,28 +137,32 @@ class DatasetReader:
         return sh
 
     def _load_window(self, w: int) -> None:
-        # Parallel lists, not a tuple per sample: a window is built at C speed.
+        # Parallel lists, not a tuple per sample: a window is built at C speed. Each block is
+        # decoded as soon as it is read (format.decode_block: ids views + spans); a sample that
+        # does not decode keeps its error, raised (or skipped) when the sample is taken.
         blocks, self.order = self.slice.window(w)
-        self.w_shard, self.w_buf, self.w_dtype = [], [], []
-        keys, toks, rel, lens, blk = [], [], [], [], []
+        self.w_shard, self.w_buf = [], []
+        keys, toks, ids, spans, blk, errs = [], [], [], [], [], {}
         for bi, (s, a, n) in enumerate(blocks):
             sh, buf = self._load_block(s, a, n)
             self.w_shard.append(s)
             self.w_buf.append(buf)
-            self.w_dtype.append(sh.dtype if sh is not None else None)
             blk.extend([bi] * n)
-            if sh is None:
-                keys.extend([None] * n)
-                toks.extend([0] * n)
-                rel.extend([0] * n)
-                lens.extend([0] * n)
+            if sh is None or buf is None:  # a bad shard, or a dry run: nothing to decode
+                keys.extend([None] * n if sh is None else sh.keys[a:a + n])
+                toks.extend([0] * n if sh is None else sh.num_tokens[a:a + n])
+                ids.extend([None] * n)
+                spans.extend([None] * n)
                 continue
             keys.extend(sh.keys[a:a + n])
             toks.extend(sh.num_tokens[a:a + n])
-            lens.extend(sh.lengths[a:a + n])
-            base = sh.offsets[a]
-            rel.extend([o - base for o in sh.offsets[a:a + n]])
-        self.w_key, self.w_tok, self.w_rel, self.w_len, self.w_blk = keys, toks, rel, lens, blk
+            x, sp, _, errors = sh.decode_block(buf, sh.offsets[a], a, a + n)
+            for k, e in errors.items():
+                errs[len(ids) + k] = e
+            ids.extend(x)
+            spans.extend(sp)
+        self.w_key, self.w_tok, self.w_blk = keys, toks, blk
+        self.w_ids, self.w_spans, self.w_err = ids, spans, errs
 
     def _load_block(self, s: int, a: int, n: int) -> Tuple[Optional[Shard], Any]:
         """(shard, bytes of samples a..a+n-1); (None, False) when the shard is bad; bytes are
@@ -214,16 +218,14 @@ class DatasetReader:
             if buf is None:
                 self._read_in_epoch += 1
                 return key, None, None, ntok
-            try:
-                ids, spans = _decode(buf, self.w_rel[j], self.w_len[j], key, ntok, self.w_dtype[bi])
-            except FormatError as e:
-                s = self.w_shard[bi]
-                self._shard_failed(s, FormatError(f"{wio.redact(self.plan.urls[s])}{e}"))
+            ids = self.w_ids[j]
+            if ids is None:
+                self._shard_failed(self.w_shard[bi], self.w_err[j])
                 self.skipped_samples += 1
                 self._skipped_in_epoch += 1
                 continue
             self._read_in_epoch += 1
-            return key, ids, spans, ntok
+            return key, ids, self.w_spans[j], ntok
 
     def peek(self) -> Tuple[str, Optional[np.ndarray], Any, int]:
         """The sample ``take()`` will return next, without consuming it (``state()`` still
@@ -232,13 +234,6 @@ class DatasetReader:
             before = self.state()
             self._peeked = (self.take(), before)
         return self._peeked[0]
-
-def _decode(buf: bytes, off: int, length: int, key: str, ntok: int, dtype: np.dtype,
-            where: str = ""):
-    """(input_ids view, supervised spans): the format's hot-path decode, labels left to collation."""
-    ids, spans, _ = decode_ids_spans(buf, off, length, key, ntok, dtype, where)
-    return ids, spans
-
 
 # --- one consumer: batches -------------------------------------------------------------------
 
@@ -511,9 +506,12 @@ class StreamingLoader:
         self._slots: List[Optional[Dict[str, Any]]] = [None] * self.num_slots
         self._next_slot = 0
         self._chunk_pos = 0  # batches of the current slot's turn already delivered
+        self._generation = 0  # bumped by every __iter__ and load_state_dict
 
     # -- iteration --------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Dict[str, Any]]:
+        self._generation += 1
+        gen = self._generation
         stream = _SlotStream(self)
         if self.num_workers == 0:
             chunks: Iterator[Dict[str, Any]] = stream.chunks(0, shared=False)
@@ -524,7 +522,14 @@ class StreamingLoader:
         # workers send compact batches; they are expanded here, into pinned memory if asked
         pin = bool(self.pin_memory and self.num_workers and torch.cuda.is_available())
         for slot, batch, state, last in stream.batches(chunks, pin):
-            assert slot == self._next_slot, (slot, self._next_slot)
+            if gen != self._generation:
+                raise RuntimeError(
+                    "this loader was iterated again (or given a state) after this iterator "
+                    "started: only the newest iterator continues the stream (it starts where "
+                    "the last delivered batch left off)")
+            if slot != self._next_slot:  # workers deliver in turn order; never expected
+                raise RuntimeError(f"loader: a batch of worker slot {slot} arrived when slot "
+                                   f"{self._next_slot} was due (please report this)")
             self._slots[slot] = state
             self._chunk_pos += 1
             if last:  # a worker's turn is one chunk (short ones: resumed mid-turn, or the end)
@@ -592,6 +597,7 @@ class StreamingLoader:
                                  f"loader has {mine[k]!r}; resume with the same setting")
         if len(sd["slots"]) != self.num_slots or not 0 <= sd["next_slot"] < self.num_slots:
             raise ValueError("loader state: malformed slots")
+        self._generation += 1
         self._slots = [None if s is None else dict(s) for s in sd["slots"]]
         self._next_slot = int(sd["next_slot"])
         self._chunk_pos = int(sd["chunk_pos"])
