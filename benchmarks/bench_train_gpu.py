@@ -31,7 +31,7 @@ import torch  # noqa: E402
 
 from lumina.synthetic import SyntheticLoader  # noqa: E402
 from lumina.tiny import image_code_token, tiny_vq_config  # noqa: E402
-from lumina.train import build_engine, init_distributed, shutdown_distributed, train  # noqa: E402
+from lumina.train import init_distributed, shutdown_distributed, train  # noqa: E402
 from lumina.train_config import (CheckpointConfig, DataSettings, LogConfig, LossConfig,  # noqa: E402
                                  ModelConfig, OptimConfig, TrainConfig, load_deepspeed_json,
                                  resolve_deepspeed_config)
@@ -110,7 +110,7 @@ def run_bare(args, cfg: TrainConfig, dist, vocab: int) -> dict:
 
     ds = resolve_deepspeed_config(load_deepspeed_json(cfg.deepspeed_config), cfg.data, cfg.optim,
                                   dist.world_size)
-    handle = HfDeepSpeedConfig(ds)  # noqa: F841 (kept alive while the model is built)
+    handle = HfDeepSpeedConfig(ds)  # kept alive while the model is built
     torch.manual_seed(0)
     model = ChameleonForConditionalGeneration._from_config(
         ChameleonConfig.from_pretrained(cfg.model.model_config), dtype=torch.bfloat16,
@@ -120,6 +120,7 @@ def run_bare(args, cfg: TrainConfig, dist, vocab: int) -> dict:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds)
+    del handle
     source = SyntheticLoader(vocab, args.micro_batch_size, args.seq_len, seed=0,
                              min_len=args.seq_len, prompt_len=1, min_token=args.min_token)
     engine.train()

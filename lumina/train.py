@@ -27,7 +27,10 @@ import socket
 import sys
 import time
 from collections import Counter
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, Sequence
+
+if TYPE_CHECKING:
+    import torch
 
 if __package__ in (None, ""):  # run as a file (`deepspeed lumina/train.py`): import as a package
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from lumina.loss import IGNORE_INDEX, chunked_lm_loss, supervised_positions
 from lumina.model import LuminaChameleon, image_token_ids
