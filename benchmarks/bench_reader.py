@@ -95,8 +95,10 @@ def lean_pass(manifest: str, block: int = 256):
     from wds_tools import io as wio
     from wds_tools.reader import open_shards
 
+    shards = open_shards(manifest)  # the indexes are read once, as the loader caches them
+
     def run():
-        for sh in open_shards(manifest):
+        for sh in shards:
             for a in range(0, len(sh), block):
                 b = min(a + block, len(sh))
                 base, end = sh.offsets[a], sh.offsets[b - 1] + sh.lengths[b - 1]

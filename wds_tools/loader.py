@@ -2,10 +2,13 @@
 
 Each data-parallel rank runs ``num_slots = max(1, num_workers)`` consumers (one per DataLoader
 worker). A consumer reads its own slice of every dataset (``mixing.EpochSlice``), picks the
-dataset of every sample with the ``mixing.Mixer``, and collates batches in the worker into one
-contiguous ``[k, B, T]`` int64 tensor. The DataLoader hands batches to the main process round
-robin over workers; each batch carries its consumer's state, so the main process always knows
-the state that reproduces exactly the batches still to come (``state_dict``).
+dataset of every sample with the ``mixing.Mixer``, and collates batches in the worker, compact
+(ids in their stored dtype, a one-byte "not a target" mask, lengths: ``collate.pad_compact``),
+into one shared-memory buffer per transfer; the main process expands each batch into one
+contiguous ``[k, B, T]`` int64 tensor (``collate.expand``). The DataLoader hands batches to the
+main process round robin over workers; each batch carries its consumer's state, so the main
+process always knows the state that reproduces exactly the batches still to come
+(``state_dict``).
 
     loader = build_loader(load_data_config("data.yaml"), batch_size=8, num_workers=2,
                           max_seq_len=4096)
