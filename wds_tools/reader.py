@@ -123,28 +123,28 @@ class Shard:
         """
         keys, url, offsets, lengths = self.keys, self.url, self.offsets, self.lengths
         labels_of, refs, empty, int64 = spans_to_labels, sys.getrefcount, np.empty, np.int64
+        stats = stats if stats is not None else ReadStats()
         # Label memory is recycled: a buffer is reused only once nothing but this ring refers
         # to it (the caller dropped that sample's labels and every view of them). Reusing warm
         # memory saves the page faults of a fresh allocation per sample.
-        ring, r = [empty(0, int64)] * _LABEL_RING, 0
+        ring, r = [empty(0, int64) for _ in range(_LABEL_RING)], 0
         for buf, base, a, b in self._runs(start, stop):
             ids, spans, metas, errors = self.decode_block(buf, base, a, b)
             if errors:
                 k = min(errors)
                 ids, spans, metas = ids[:k], spans[:k], metas[:k]
-            i = a
-            for x, sp, meta in zip(ids, spans, metas):
-                if stats is not None:
-                    stats.samples += 1
-                    stats.tokens += len(x)
+            for x, sp, meta, i in zip(ids, spans, metas, range(a, b)):
+                n = len(x)
+                stats.samples += 1
+                stats.tokens += n
                 r = (r + 1) % _LABEL_RING
                 out = ring[r]
-                if refs(out) > 3 or out.shape[0] < len(x):  # 3: the ring, `out`, the argument
-                    out = ring[r] = empty(max(len(x), 4096), int64)
+                if refs(out) > 3 or len(out) < n:  # 3: the ring, `out`, the argument
+                    out = ring[r] = empty(n if n > 4096 else 4096, int64)
                 yield {"__key__": keys[i], "input_ids": x, "labels": labels_of(x, sp, out),
-                       "meta": meta, "num_supervised": sum([e - s for s, e in sp]),
+                       "meta": meta, "num_supervised": (sp[0][1] - sp[0][0] if len(sp) == 1
+                                                        else sum([e - s for s, e in sp])),
                        "__shard__": url, "__index__": i}
-                i += 1
             if errors:
                 i = a + min(errors)
                 if offsets[i] - base + lengths[i] > len(buf):
