@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The GPU checks of the pre-tokenize and trainer issues, as one short script for a lent machine
+# (one H100/H200, no network). Python packages the image lacks come as wheels in .gpu_wheels/
+# (deepspeed sdist + hjson, pydantic, webdataset, braceexpand): see docs/benchmarks.md.
+#   OUT=/some/folder bash benchmarks/gpu_checks.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD TOKENIZERS_PARALLELISM=false
+t0=$(date +%s)
+stamp() { echo "[gpu_checks +$(( $(date +%s) - t0 ))s] $*"; }
+
+stamp "environment"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python3 -m pip install -q --no-index --no-build-isolation --find-links .gpu_wheels \
+  hjson pydantic webdataset braceexpand deepspeed > "$OUT/pip.txt" 2>&1 || { tail -5 "$OUT/pip.txt"; }
+python3 -c "import torch, transformers, deepspeed; print('torch', torch.__version__, 'transformers', transformers.__version__, 'deepspeed', deepspeed.__version__)" | tee -a "$OUT/gpu.txt"
+
+for T in 512 768; do
+  stamp "pre-tokenize encoder, real-size VQ, T=$T: batch-1 fp32 vs batched bf16"
+  timeout 150 python3 benchmarks/bench_pretokenize.py --device cuda --vq_config real --target_size "$T" \
+    --precision bf16 --batch_size 16 --encoder_images 64 --num_items 64 --num_workers 8 \
+    > "$OUT/pretok_$T.txt" 2>&1
+  tail -15 "$OUT/pretok_$T.txt"
+done
+
+stamp "trainer vs bare ZeRO-3 loop, ~1B Chameleon, 4096 tokens"
+timeout 300 deepspeed --num_gpus 1 benchmarks/bench_train_gpu.py --out "$OUT/train.json" \
+  > "$OUT/train.txt" 2>&1
+tail -25 "$OUT/train.txt"
+stamp "done"
