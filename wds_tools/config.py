@@ -20,15 +20,27 @@ times ``ratio``; datasets of different ``type`` never share a batch)::
       - {path: /data/chat/index.json, type: default, ratio: 0.4}
 
 Errors are ``ValueError`` naming the entry (by position and name) and the key to change.
+
+Security: ``pipe:`` manifests (a shell command) are refused unless ``allow_pipe: true`` (or the
+caller's ``allow_pipe=True``); ``file://`` URLs are local paths (other hosts refused); only
+local paths, ``file://``, ``http(s)://`` and ``s3://`` are accepted. With ``allowed_roots`` (in
+the config, or the caller's ``allowed_roots=``; both must hold when both are given) every
+manifest must lie under one of the roots: local folders (symlinks and ``..`` resolved) or URL
+prefixes (``https://host/data/``, ``s3://bucket/prefix/``). Messages never show a URL's user
+info or query string (signatures).
 """
 from __future__ import annotations
 
 import os
+import posixpath
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from urllib.parse import urlsplit
 
 import yaml
+
+from .io import redact
 
 __all__ = ["DatasetConfig", "ShuffleConfig", "DataConfig", "load_data_config",
            "parse_data_config", "config_summary", "WEIGHT_BY", "ON_ERROR"]
@@ -75,6 +87,8 @@ class DataConfig:
     on_error: str = "fail"
     shuffle: ShuffleConfig = field(default_factory=ShuffleConfig)
     source: str = "<dict>"
+    allow_pipe: bool = False          # pipe: manifests accepted (also needs IOOptions(allow_pipe))
+    allowed_roots: Tuple[str, ...] = ()   # where manifests may live; () = anywhere
 
     @property
     def bounded(self) -> bool:
@@ -87,45 +101,64 @@ class DataConfig:
         return list(dict.fromkeys(d.group for d in self.datasets))
 
 
-def load_data_config(path: str) -> DataConfig:
+def load_data_config(path: str, *, allowed_roots: Optional[Sequence[str]] = None,
+                     allow_pipe: bool = False) -> DataConfig:
     """Read and validate a data config YAML; relative manifest paths are resolved against the
-    folder of ``path``."""
+    folder of ``path``. ``allowed_roots``/``allow_pipe``: see :func:`parse_data_config`."""
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             doc = yaml.safe_load(f)
     except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML: {e}") from None
-    return parse_data_config(doc, where=path, base_dir=os.path.dirname(os.path.abspath(path)))
+        first = " ".join(str(e).split())
+        raise ValueError(f"{path}: not valid YAML: {first}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text: {e}") from None
+    return parse_data_config(doc, where=path, base_dir=os.path.dirname(os.path.abspath(path)),
+                             allowed_roots=allowed_roots, allow_pipe=allow_pipe)
 
 
-def parse_data_config(doc: Any, where: str = "<dict>", base_dir: Optional[str] = None) -> DataConfig:
-    """Validate a data config given as a mapping (the parsed YAML)."""
+def parse_data_config(doc: Any, where: str = "<dict>", base_dir: Optional[str] = None, *,
+                      allowed_roots: Optional[Sequence[str]] = None,
+                      allow_pipe: bool = False) -> DataConfig:
+    """Validate a data config given as a mapping (the parsed YAML).
+
+    ``allowed_roots`` (the caller's, trusted): every manifest must lie under one of them, in
+    addition to the config's own ``allowed_roots``. ``allow_pipe``: accept ``pipe:`` manifests
+    even when the config does not say ``allow_pipe: true``.
+    """
     if not isinstance(doc, Mapping):
         raise ValueError(f"{where}: a data config must be a mapping with 'datasets' or 'META'")
     if "META" in doc and "datasets" in doc:
         raise ValueError(f"{where}: give either 'datasets' or 'META', not both")
-    known = {"datasets", "META", "seed", "weight_by", "on_error", "shuffle"}
+    known = {"datasets", "META", "seed", "weight_by", "on_error", "shuffle", "allow_pipe",
+             "allowed_roots"}
     _no_unknown(doc, known, where)
+    pipe_ok = _bool(doc.get("allow_pipe", False), f"{where}: allow_pipe") or bool(allow_pipe)
+    cfg_roots = _roots(doc.get("allowed_roots"), f"{where}: allowed_roots", base_dir)
+    caller_roots = _roots(allowed_roots, "allowed_roots (caller)", None)
+    policy = (pipe_ok, [r for r in (cfg_roots, caller_roots) if r is not None])
     seed = _int(doc.get("seed", 0), f"{where}: seed", lo=0)
     weight_by = _choice(doc.get("weight_by", "samples"), WEIGHT_BY, f"{where}: weight_by")
     on_error = _choice(doc.get("on_error", "fail"), ON_ERROR, f"{where}: on_error")
     shuffle = _shuffle(doc.get("shuffle", {}), f"{where}: shuffle")
     if "META" in doc:
-        datasets = _meta_entries(doc["META"], where, base_dir)
+        datasets = _meta_entries(doc["META"], where, base_dir, policy)
     else:
-        datasets = _dataset_entries(doc.get("datasets"), where, base_dir)
+        datasets = _dataset_entries(doc.get("datasets"), where, base_dir, policy)
     names = [d.name for d in datasets]
     for i, n in enumerate(names):
         if names.index(n) != i:
             raise ValueError(f"{where}: datasets[{i}]: name {n!r} is used twice; give each "
                              "dataset a unique 'name'")
     return DataConfig(datasets=tuple(datasets), seed=seed, weight_by=weight_by,
-                      on_error=on_error, shuffle=shuffle, source=where)
+                      on_error=on_error, shuffle=shuffle, source=where, allow_pipe=pipe_ok,
+                      allowed_roots=tuple(cfg_roots or ()) + tuple(caller_roots or ()))
 
 
 # --- entries ---------------------------------------------------------------------------------
 
-def _dataset_entries(entries: Any, where: str, base_dir: Optional[str]) -> List[DatasetConfig]:
+def _dataset_entries(entries: Any, where: str, base_dir: Optional[str],
+                     policy: tuple = (False, [])) -> List[DatasetConfig]:
     if not isinstance(entries, list) or not entries:
         raise ValueError(f"{where}: 'datasets' must be a non-empty list of "
                          "{manifest: ..., weight: ...} entries")
@@ -139,7 +172,7 @@ def _dataset_entries(entries: Any, where: str, base_dir: Optional[str]) -> List[
         if "weight_by" in e:
             raise ValueError(f"{at}: weight_by: set 'weight_by' once at the top level (a mixture "
                              "is in samples or in tokens, not both)")
-        manifest = _manifest(e.get("manifest"), f"{at}: manifest", base_dir)
+        manifest = _manifest(e.get("manifest"), f"{at}: manifest", base_dir, policy)
         weight = _positive(e.get("weight", 1.0), f"{at}: weight")
         out.append(DatasetConfig(
             name=_name(e.get("name"), manifest, f"{at}: name"), manifest=manifest, weight=weight,
@@ -148,7 +181,8 @@ def _dataset_entries(entries: Any, where: str, base_dir: Optional[str]) -> List[
     return out
 
 
-def _meta_entries(entries: Any, where: str, base_dir: Optional[str]) -> List[DatasetConfig]:
+def _meta_entries(entries: Any, where: str, base_dir: Optional[str],
+                  policy: tuple = (False, [])) -> List[DatasetConfig]:
     if not isinstance(entries, list) or not entries:
         raise ValueError(f"{where}: 'META' must be a non-empty list of {{path, type, ratio}} entries")
     out = []
@@ -158,7 +192,7 @@ def _meta_entries(entries: Any, where: str, base_dir: Optional[str]) -> List[Dat
             raise ValueError(f"{at}: must be a mapping with 'path', 'type' and 'ratio'")
         at = _named(at, e)
         _no_unknown(e, {"path", "type", "ratio", "name", "max_epochs"}, at)
-        manifest = _manifest(e.get("path"), f"{at}: path", base_dir)
+        manifest = _manifest(e.get("path"), f"{at}: path", base_dir, policy)
         ratio = _positive(e.get("ratio", 1.0), f"{at}: ratio")
         out.append(DatasetConfig(
             name=_name(e.get("name"), manifest, f"{at}: name"), manifest=manifest, weight=1.0,
@@ -193,19 +227,105 @@ def _no_unknown(doc: Mapping, known: set, at: str) -> None:
         raise ValueError(f"{at}: unknown key {extra[0]!r} (known: {', '.join(sorted(known))})")
 
 
-def _manifest(v: Any, at: str, base_dir: Optional[str]) -> str:
+_REMOTE = ("http", "https", "s3")
+
+
+def _manifest(v: Any, at: str, base_dir: Optional[str], policy: tuple = (False, [])) -> str:
+    allow_pipe, root_sets = policy
     if not isinstance(v, str) or not v.strip():
         raise ValueError(f"{at}: required, the URL or path of a dataset manifest (index.json)")
+    if "\0" in v:
+        raise ValueError(f"{at}: the path contains a NUL character")
     if v.startswith("pipe:"):
-        raise ValueError(f"{at}: pipe: URLs are not allowed in a data config")
+        if not allow_pipe:
+            raise ValueError(f"{at}: pipe: URLs run a shell command and are refused in a data "
+                             "config (set 'allow_pipe: true' to accept them)")
+        if root_sets:
+            raise ValueError(f"{at}: a pipe: URL cannot be checked against allowed_roots")
+        return v
+    if v.startswith("file://"):
+        v = _file_url_path(v, at)
+    elif "://" in v:
+        scheme = v.split("://", 1)[0].lower()
+        if scheme not in _REMOTE:
+            raise ValueError(f"{at}: unsupported URL scheme {scheme[:20]!r} (use a local path, "
+                             "file://, http(s):// or s3://)")
+        try:
+            parts = urlsplit(v)
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError:
+            raise ValueError(f"{at}: malformed URL {redact(v)!r}") from None
+        if not parts.netloc:
+            raise ValueError(f"{at}: {redact(v)!r} names no host or bucket")
     if "://" not in v and base_dir is not None and not os.path.isabs(v):
         v = os.path.normpath(os.path.join(base_dir, v))
+    for roots in root_sets:
+        if not any(_under(v, r) for r in roots):
+            raise ValueError(f"{at}: {redact(v)!r} is outside the allowed roots "
+                             f"({', '.join(redact(r) for r in roots)}); add its folder to "
+                             "'allowed_roots' to allow it")
     return v
+
+
+def _file_url_path(v: str, at: str) -> str:
+    rest = v[len("file://"):]
+    host, sep, path = rest.partition("/")
+    if host not in ("", "localhost"):
+        raise ValueError(f"{at}: file:// URL names another host ({redact(v)!r}); only local "
+                         "files (file:///path) are accepted")
+    if "?" in path or "#" in path:
+        raise ValueError(f"{at}: a file:// URL takes no query or fragment: {redact(v)!r}")
+    return "/" + path
+
+
+def _roots(v: Any, at: str, base_dir: Optional[str]) -> Optional[List[str]]:
+    if v is None:
+        return None
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, (list, tuple)) or not v:
+        raise ValueError(f"{at}: must be a non-empty list of folders or URL prefixes")
+    out = []
+    for i, r in enumerate(v):
+        if not isinstance(r, str) or not r.strip() or "\0" in r or r.startswith("pipe:"):
+            raise ValueError(f"{at}[{i}]: must be a local folder or an http(s):// or s3:// prefix")
+        if r.startswith("file://"):
+            r = _file_url_path(r, f"{at}[{i}]")
+        if "://" in r:
+            scheme = r.split("://", 1)[0].lower()
+            if scheme not in _REMOTE:
+                raise ValueError(f"{at}[{i}]: unsupported URL scheme {scheme[:20]!r}")
+            out.append(r if r.endswith("/") else r + "/")
+        else:
+            if base_dir is not None and not os.path.isabs(r):
+                r = os.path.join(base_dir, r)
+            out.append(os.path.realpath(r))
+    return out
+
+
+def _under(v: str, root: str) -> bool:
+    if "://" in root:
+        if "://" not in v:
+            return False
+        parts = urlsplit(v)
+        if ".." in parts.path.split("/") or parts.username or parts.password:
+            return False
+        clean = f"{parts.scheme.lower()}://{parts.netloc.lower()}{posixpath.normpath(parts.path or '/')}"
+        rparts = urlsplit(root)
+        rclean = f"{rparts.scheme.lower()}://{rparts.netloc.lower()}{rparts.path}"
+        return (clean + "/").startswith(rclean)
+    if "://" in v:
+        return False
+    real = os.path.realpath(v)
+    try:
+        return os.path.commonpath([real, root]) == root
+    except ValueError:
+        return False
 
 
 def _name(v: Any, manifest: str, at: str) -> str:
     if v is None:
-        stem = manifest.rstrip("/")
+        stem = redact(manifest).rstrip("/")  # never a signature or password in a name
         if stem.endswith(".json"):
             stem = stem.rsplit("/", 1)[0]
         v = re.sub(r"[^A-Za-z0-9_.\-]", "_", stem.rsplit("/", 1)[-1])[-80:] or "dataset"
@@ -252,4 +372,6 @@ def config_summary(cfg: DataConfig) -> Dict[str, Any]:
     """A JSON-able view of the config (for logs and ``wds-tools mix --json``)."""
     return {"source": cfg.source, "seed": cfg.seed, "weight_by": cfg.weight_by,
             "on_error": cfg.on_error, "shuffle": vars(cfg.shuffle).copy(),
-            "datasets": [vars(d).copy() for d in cfg.datasets]}
+            "datasets": [dict(vars(d), manifest=redact(d.manifest)) for d in cfg.datasets],
+            **({"allowed_roots": [redact(r) for r in cfg.allowed_roots]} if cfg.allowed_roots
+               else {}), **({"allow_pipe": True} if cfg.allow_pipe else {})}

@@ -128,6 +128,21 @@ def num_in_spans(spans: Iterable[Sequence[int]]) -> int:
     return sum(e - s for s, e in spans)
 
 
+def _spans_ok(spans: Any, n: int) -> bool:
+    """Fast form of ``_check_spans`` (no message): sorted, disjoint, non-empty, in ``[0, n]``."""
+    if type(spans) is not list:
+        return False
+    prev = 0
+    for sp in spans:
+        if type(sp) is not list or len(sp) != 2:
+            return False
+        a, b = sp
+        if type(a) is not int or type(b) is not int or not prev <= a < b <= n:
+            return False
+        prev = b
+    return True
+
+
 def _check_spans(spans: Any, n: int, where: str) -> List[List[int]]:
     if not isinstance(spans, list):
         raise FormatError(f"{where}: 'supervised' must be a list of [start, end] pairs")
@@ -164,7 +179,10 @@ def parse_tar_header(block: bytes, where: str) -> tuple:
         raise FormatError(f"{where}: truncated tar header ({len(block)} of {BLOCK} bytes)")
     if block[257:262] != b"ustar":
         raise FormatError(f"{where}: not a tar header (bad magic)")
-    stored = int(block[148:156].strip(b"\0 ") or b"0", 8)
+    try:
+        stored = int(block[148:156].strip(b"\0 ") or b"0", 8)
+    except ValueError:
+        raise FormatError(f"{where}: tar header checksum field is not octal (corrupt shard)") from None
     computed = sum(block[:148]) + 256 + sum(block[156:BLOCK])
     if stored != computed:
         raise FormatError(f"{where}: tar header checksum mismatch (corrupt shard)")
@@ -172,8 +190,11 @@ def parse_tar_header(block: bytes, where: str) -> tuple:
     prefix = block[345:500].split(b"\0", 1)[0]
     if prefix:
         name = prefix + b"/" + name
-    size = int(block[124:136].strip(b"\0 ") or b"0", 8)
-    return name.decode("utf-8"), size
+    try:
+        size = int(block[124:136].strip(b"\0 ") or b"0", 8)
+        return name.decode("utf-8"), size
+    except (ValueError, UnicodeDecodeError):
+        raise FormatError(f"{where}: corrupt tar header (size field or member name)") from None
 
 
 def _member(name: str, payload: bytes) -> bytes:
@@ -217,6 +238,10 @@ def decode_ids_spans(buf, offset: int, length: int, key: str, num_tokens: int, d
     p = offset + BLOCK
     if buf[p:p + 6] != _NPY_MAGIC:
         raise FormatError(f"{where}: sample {key!r}: {IDS_SUFFIX} is not a .npy array")
+    descr = _descr(dtype)
+    if buf[p + 10:p + 10 + len(descr)] != descr:
+        raise FormatError(f"{where}: sample {key!r}: {IDS_SUFFIX} does not hold {dtype} ids "
+                          "(index and shard disagree on the dtype)")
     data = p + 10 + (buf[p + 8] | (buf[p + 9] << 8))
     npy_size = data - p + num_tokens * dtype.itemsize
     j = p + (npy_size + BLOCK - 1) // BLOCK * BLOCK
@@ -237,7 +262,7 @@ def decode_ids_spans(buf, offset: int, length: int, key: str, num_tokens: int, d
         meta = doc.get("meta", {})
     except (ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
         raise FormatError(f"{where}: sample {key!r}: bad JSON member: {e!r}") from None
-    if check or type(spans) is not list:
+    if check or not _spans_ok(spans, num_tokens):  # bad spans would corrupt or crash labels
         _check_spans(spans, num_tokens, f"{where}: sample {key!r}")
     return np.frombuffer(buf, dtype=dtype, count=num_tokens, offset=data), spans, meta
 
@@ -250,6 +275,11 @@ def decode_sample(buf, offset: int, length: int, key: str, num_tokens: int, dtyp
     labels = spans_to_labels(ids, spans)
     return {"__key__": key, "input_ids": ids, "labels": labels, "meta": meta,
             "num_supervised": num_in_spans(spans)}
+
+
+def _descr(dtype: np.dtype) -> bytes:
+    """The start of the .npy header ``numpy.save`` writes for a 1-D array of ``dtype``."""
+    return f"{{'descr': '{np.dtype(dtype).str}'".encode("ascii")
 
 
 _json_raw_decode = json.JSONDecoder().raw_decode  # no trailing-whitespace scan of json.loads
@@ -322,6 +352,9 @@ def decode_block(buf, offsets, lengths, keys: Sequence[str], num_tokens, dtype: 
     ok = (off >= 0) & (end <= size) & (name_ok | (col > kl)).all(1)           # "KEY."
     hdr = u8.take(off[:, None] + _HDR_POS, mode="clip")
     ok &= (hdr[:, :11] == _HDR_EXPECT).all(1)                                  # ustar, npy magic
+    dpat = np.frombuffer(_descr(dtype), np.uint8)
+    ok &= (u8.take(off[:, None] + (BLOCK + 10 + np.arange(dpat.size)), mode="clip")
+           == dpat).all(1)                                                     # npy dtype
     data = off + (BLOCK + 10) + (hdr[:, 11].astype(np.int64) | (hdr[:, 12].astype(np.int64) << 8))
     j = off + BLOCK + (data - off - BLOCK + nt * isz + BLOCK - 1) // BLOCK * BLOCK
     name_ok = u8.take(j[:, None] + col, mode="clip") == table
@@ -358,7 +391,7 @@ def decode_block(buf, offsets, lengths, keys: Sequence[str], num_tokens, dtype: 
     meta_out: list = [None] * n
     slow = [] if text is not None else sel
     if text is not None:
-        scan, p = _json_scan, 0
+        scan, p, spans_ok = _json_scan, 0, _spans_ok
         for i, q, x, y in zip(sel, ends, first, last):
             try:
                 doc, e = scan(text, p)
@@ -369,7 +402,7 @@ def decode_block(buf, offsets, lengths, keys: Sequence[str], num_tokens, dtype: 
                 slow.append(i)
                 continue
             spans = doc.get("supervised")
-            if type(spans) is not list:
+            if not spans_ok(spans, y - x):
                 slow.append(i)
                 continue
             ids_out[i] = typed[x:y]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
@@ -17,8 +18,8 @@ import braceexpand
 import numpy as np
 
 from . import io as wio
-from .format import (BLOCK, IDS_SUFFIX, FormatError, check_version, decode_block, decode_sample,
-                     key_table, num_in_spans, padded, parse_tar_header, shard_index_name,
+from .format import (_KEY_RE, BLOCK, IDS_SUFFIX, FormatError, check_version, decode_block, decode_sample,
+                     key_table, num_in_spans, token_dtype, padded, parse_tar_header, shard_index_name,
                      spans_to_labels)
 
 __all__ = ["Shard", "ReadStats", "load_manifest", "open_shards", "iter_samples", "iter_tar",
@@ -35,16 +36,120 @@ def expand_urls(spec: Union[str, Sequence[str]]) -> List[str]:
     return [u for s in specs for u in braceexpand.braceexpand(s)]
 
 
-def load_manifest(url: str, opts: wio.IOOptions = wio.DEFAULT) -> Dict[str, Any]:
-    """The dataset manifest at ``url``, version-checked, shard URLs resolved to absolute."""
+def load_manifest(url: str, opts: wio.IOOptions = wio.DEFAULT, *,
+                  allow_outside_root: Optional[bool] = None) -> Dict[str, Any]:
+    """The dataset manifest at ``url``, version-checked, shard URLs resolved to absolute.
+
+    Every ``path``/``index`` entry must be relative and stay inside the manifest's folder: a
+    URL (``https://``, ``s3://``, ``file://``, ``pipe:``), a ``..`` that climbs out or an
+    absolute path is refused with a FormatError naming the entry. ``allow_outside_root``:
+    ``True`` accepts all of them; ``False`` refuses all of them; ``None`` (default) refuses
+    all but absolute paths named by a *local* manifest (accepted for compatibility with
+    hand-written local manifests, with a warning).
+    """
+    where = wio.redact(url)
     doc = wio.read_json(url, opts)
-    check_version(doc, wio.redact(url))
+    check_version(doc, where)
     if doc.get("kind") != "manifest":
-        raise FormatError(f"{wio.redact(url)}: not a dataset manifest (kind={doc.get('kind')!r})")
-    for s in doc["shards"]:
-        s["url"] = wio.join_url(url, s["path"])
-        s["index_url"] = wio.join_url(url, s["index"])
+        raise FormatError(f"{where}: not a dataset manifest (kind={doc.get('kind')!r})")
+    shards = doc.get("shards")
+    if not isinstance(shards, list):
+        raise FormatError(f"{where}: manifest 'shards' must be a list")
+    warned: list = []
+    for i, s in enumerate(shards):
+        at = f"{where}: shards[{i}]"
+        if not isinstance(s, dict):
+            raise FormatError(f"{at}: must be an object with 'path' and 'index'")
+        for k in ("num_samples", "num_tokens", "bytes"):
+            if k in s and not _is_count(s[k]):
+                raise FormatError(f"{at}.{k}: must be a non-negative integer, got {_short(s[k])}")
+        s["url"] = _join_entry(url, s.get("path"), f"{at}.path", allow_outside_root, warned)
+        s["index_url"] = _join_entry(url, s.get("index"), f"{at}.index", allow_outside_root,
+                                     warned)
+    for k in ("num_samples", "num_tokens"):
+        if k in doc and not _is_count(doc[k]):
+            raise FormatError(f"{where}: manifest {k!r} must be a non-negative integer, "
+                              f"got {_short(doc[k])}")
     return doc
+
+
+def _is_count(v: Any) -> bool:
+    return type(v) is int and v >= 0
+
+
+def _short(v: Any) -> str:
+    r = repr(v)
+    return wio.scrub(r if len(r) <= 60 else r[:57] + "...")
+
+
+def _join_entry(base: str, rel: Any, at: str, allow_outside_root: Optional[bool],
+                warned: Optional[list] = None) -> str:
+    """``rel`` (a manifest or index entry) resolved against ``base``; refuses an entry that
+    leaves ``base``'s folder (see :func:`load_manifest` for ``allow_outside_root``)."""
+    if not isinstance(rel, str) or not rel or "\0" in rel:
+        raise FormatError(f"{at}: must be a non-empty relative path, got {_short(rel)}")
+    if not allow_outside_root:
+        import posixpath
+        norm = posixpath.normpath(rel.replace("\\", "/"))
+        absolute = rel.startswith("/") and "://" not in rel
+        if (allow_outside_root is None and absolute and not wio.is_remote(base)
+                and not base.startswith("pipe:")):
+            if warned is not None and not warned:
+                warned.append(True)
+                log.warning("%s: absolute path in a local manifest accepted (pass "
+                            "allow_outside_root=False to refuse)", at)
+        elif ("://" in rel or rel.startswith(("pipe:", "/", "~")) or os.path.isabs(rel)
+                or re.match(r"^[A-Za-z]:", rel) or norm == ".." or norm.startswith("../")):
+            raise FormatError(
+                f"{at}: {_short(rel)} leaves the dataset folder (absolute path, URL, pipe: or "
+                "'..'); entries must be relative paths inside the folder of the file naming them "
+                "(pass allow_outside_root=True to accept it)")
+    try:
+        return wio.join_url(base, rel)
+    except ValueError as e:
+        raise FormatError(f"{at}: {e}") from None
+
+
+def _check_index(index: Any, where: str) -> None:
+    """Refuse a shard index whose structure the reader cannot trust (a FormatError naming the
+    field), so a damaged or hostile index never raises KeyError/TypeError deep in a read."""
+    if not isinstance(index, dict):
+        raise FormatError(f"{where}: shard index must be a JSON object")
+    try:
+        dt = np.dtype(index.get("dtype"))
+    except TypeError:
+        dt = None
+    if dt is None or dt.kind != "u" or dt.itemsize not in (1, 2, 4, 8) or index.get("dtype") is None:
+        raise FormatError(f"{where}: index dtype {_short(index.get('dtype'))} is not an unsigned "
+                          "integer type")
+    if dt.byteorder == ">":
+        raise FormatError(f"{where}: index dtype {_short(index.get('dtype'))} is big-endian")
+    for k in ("num_samples",):
+        if not _is_count(index.get(k)):
+            raise FormatError(f"{where}: index {k!r} must be a non-negative integer, "
+                              f"got {_short(index.get(k))}")
+    vs = index.get("vocab_size")
+    if vs is not None and (type(vs) is not int or vs < 1):
+        raise FormatError(f"{where}: index vocab_size must be a positive integer, got {_short(vs)}")
+    if vs is not None and token_dtype(vs) != dt:
+        raise FormatError(f"{where}: index dtype {dt} is not the dtype of a {vs}-token vocabulary "
+                          f"({token_dtype(vs)})")
+    cols = index.get("samples")
+    if not isinstance(cols, dict):
+        raise FormatError(f"{where}: index 'samples' must be an object of columns")
+    for k in ("key", "offset", "length", "num_tokens", "num_supervised"):
+        col = cols.get(k)
+        if not isinstance(col, list):
+            raise FormatError(f"{where}: index column samples.{k} must be a list")
+        if k == "key":
+            bad = next((v for v in col if type(v) is not str or not _KEY_RE.match(v)), None)
+            if bad is not None:
+                raise FormatError(f"{where}: index key {_short(bad)} is not a valid sample key")
+        else:
+            bad = next((v for v in col if type(v) is not int or v < 0), None)
+            if bad is not None:
+                raise FormatError(f"{where}: index column samples.{k} holds {_short(bad)}, not a "
+                                  "non-negative integer")
 
 
 @dataclass
@@ -56,6 +161,8 @@ class Shard:
     opts: wio.IOOptions = field(default=wio.DEFAULT, repr=False)
 
     def __post_init__(self) -> None:
+        self.where = wio.redact(self.url)
+        _check_index(self.index, self.where)
         cols = self.index["samples"]
         self.keys: List[str] = cols["key"]
         self.offsets: List[int] = cols["offset"]
@@ -63,9 +170,13 @@ class Shard:
         self.num_tokens: List[int] = cols["num_tokens"]
         self.num_supervised: List[int] = cols["num_supervised"]
         self.dtype = np.dtype(self.index["dtype"])
-        self.where = wio.redact(self.url)
+        vocab = self.index.get("vocab_size")
+        # ids >= vocab_size can only be stored when the dtype holds more values than the
+        # vocabulary (a uint16 shard of a 65,536 vocabulary needs no check)
+        self.vocab_limit: Optional[int] = (
+            vocab if vocab is not None and vocab <= int(np.iinfo(self.dtype).max) else None)
         if not (len(self.keys) == len(self.offsets) == len(self.lengths) == len(self.num_tokens)
-                == self.index["num_samples"]):
+                == len(self.num_supervised) == self.index["num_samples"]):
             raise FormatError(f"{self.where}: index columns disagree with num_samples")
 
     @classmethod
@@ -78,8 +189,34 @@ class Shard:
         except FileNotFoundError:
             raise FormatError(f"{wio.redact(url)}: no shard index {os.path.basename(index_url)} "
                               "beside it (incomplete write, or not a wds-tokens shard)") from None
+        except FormatError:
+            raise
+        except ValueError as e:  # not JSON
+            raise FormatError(f"{wio.redact(index_url)}: unreadable shard index: "
+                              f"{wio.scrub(str(e))}") from None
         check_version(index, wio.redact(index_url))
         return cls(url, index, opts)
+
+    def verify_checksum(self) -> None:
+        """Read the whole shard and compare its size and sha256 with the index; FormatError on
+        a mismatch. The fast read path checks structure, not content: a flipped byte inside
+        token ids or inside a JSON number decodes cleanly and is only caught here (or by
+        ``wds-tools verify``)."""
+        import hashlib
+
+        h, n = hashlib.sha256(), 0
+        with wio.open_range(self.url, 0, None, self.opts) as f:
+            while True:
+                b = f.read(CHUNK_BYTES * 4)
+                if not b:
+                    break
+                h.update(b)
+                n += len(b)
+        if n != self.index.get("bytes"):
+            raise FormatError(f"{self.where}: {n} bytes, its index says {self.index.get('bytes')} "
+                              "(truncated or overwritten shard)")
+        if h.hexdigest() != self.index.get("sha256"):
+            raise FormatError(f"{self.where}: sha256 mismatch with its index (corrupt shard)")
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -87,6 +224,11 @@ class Shard:
     def _decode(self, buf, base: int, i: int) -> Dict[str, Any]:
         s = decode_sample(buf, self.offsets[i] - base, self.lengths[i], self.keys[i],
                           self.num_tokens[i], self.dtype, self.where)
+        if self.vocab_limit is not None:
+            errors: dict = {}
+            self._check_vocab([s["input_ids"]], errors, i)
+            if errors:
+                raise errors[0]
         s["__shard__"], s["__index__"] = self.url, i
         return s
 
@@ -109,8 +251,23 @@ class Shard:
         """``format.decode_block`` of samples ``a..b-1``, whose bytes start at ``buf[0]`` =
         byte ``base`` of the shard."""
         off, ln, nt, (table, klen) = self.columns()
-        return decode_block(buf, off[a:b] - base, ln[a:b], self.keys[a:b], nt[a:b], self.dtype,
-                            self.where, (table[a:b], klen[a:b]))
+        out = decode_block(buf, off[a:b] - base, ln[a:b], self.keys[a:b], nt[a:b], self.dtype,
+                           self.where, (table[a:b], klen[a:b]))
+        if self.vocab_limit is not None:
+            self._check_vocab(out[0], out[3], a)
+        return out
+
+    def _check_vocab(self, ids: list, errors: dict, a: int) -> None:
+        """A sample holding a token id >= vocab_size becomes an error (it would index past the
+        embedding table); only runs when the dtype can hold such ids."""
+        limit = self.vocab_limit
+        for k, x in enumerate(ids):
+            if x is not None and len(x) and int(x.max()) >= limit:
+                p = int(np.argmax(x >= limit))
+                ids[k] = None
+                errors[k] = FormatError(
+                    f"{self.where}: sample {self.keys[a + k]!r}: token id {int(x[p])} at position "
+                    f"{p} is outside the vocabulary (vocab_size {limit})")
 
     def iter(self, start: int = 0, stop: Optional[int] = None,
              stats: Optional["ReadStats"] = None) -> Iterator[Dict[str, Any]]:
@@ -191,46 +348,81 @@ class ReadStats:
     skipped_shards: List[tuple] = field(default_factory=list)
 
 
-def open_shards(source: Union[str, Sequence[str]], opts: wio.IOOptions = wio.DEFAULT) -> List[Shard]:
-    """Shards named by a manifest, a shard index, shard URLs or brace patterns of them."""
+def open_shards(source: Union[str, Sequence[str]], opts: wio.IOOptions = wio.DEFAULT, *,
+                allow_outside_root: Optional[bool] = None) -> List[Shard]:
+    """Shards named by a manifest, a shard index, shard URLs or brace patterns of them.
+
+    Entries of a manifest or index must stay inside its folder unless ``allow_outside_root``
+    (see :func:`load_manifest`)."""
     shards: List[Shard] = []
+    for item in _shard_sources(source, opts, allow_outside_root):
+        shards.append(item())
+    return shards
+
+
+def _shard_sources(source, opts, allow_outside_root):
+    """A callable per shard that opens it (so a caller can handle each shard's error)."""
     for url in expand_urls(source):
         if url.endswith(".json"):
             doc = wio.read_json(url, opts)
             check_version(doc, wio.redact(url))
             if doc.get("kind") == "manifest":
-                for s in load_manifest(url, opts)["shards"]:
-                    shards.append(Shard.open(s["url"], s["index_url"], opts))
+                for s in load_manifest(url, opts, allow_outside_root=allow_outside_root)["shards"]:
+                    yield _Opener(s["url"], s["index_url"], opts)
             elif doc.get("kind") == "shard_index":
-                shards.append(Shard(wio.join_url(url, doc["shard"]), doc, opts))
+                shard_url = _join_entry(url, doc.get("shard"), f"{wio.redact(url)}: shard",
+                                        allow_outside_root)
+                yield lambda u=shard_url, d=doc: Shard(u, d, opts)
             else:
                 raise FormatError(f"{wio.redact(url)}: unknown kind {doc.get('kind')!r}")
         else:
-            shards.append(Shard.open(url, opts=opts))
-    return shards
+            yield _Opener(url, None, opts)
+
+
+@dataclass
+class _Opener:
+    url: str
+    index_url: Optional[str]
+    opts: wio.IOOptions
+
+    def __call__(self) -> Shard:
+        return Shard.open(self.url, self.index_url, self.opts)
 
 
 def iter_samples(source: Union[str, Sequence[str]], *, on_error: str = "fail",
-                 stats: Optional[ReadStats] = None,
-                 opts: wio.IOOptions = wio.DEFAULT) -> Iterator[Dict[str, Any]]:
+                 stats: Optional[ReadStats] = None, opts: wio.IOOptions = wio.DEFAULT,
+                 verify_checksums: bool = False,
+                 allow_outside_root: Optional[bool] = None) -> Iterator[Dict[str, Any]]:
     """Every sample of ``source`` in order: dicts with ``__key__``, ``input_ids`` (stored dtype,
     read-only), ``labels`` (int64, -100 where not supervised), ``meta``.
 
     ``on_error``: ``"fail"`` raises on a corrupt or truncated shard; ``"skip"`` logs a warning,
     records the shard in ``stats.skipped_shards`` and goes on with the next shard (samples
-    already yielded from it stay; a partial sample is never yielded).
+    already yielded from it stay; a partial sample is never yielded). A shard whose index is
+    missing or unreadable, or (with ``verify_checksums``) whose sha256 does not match, is a
+    bad shard under the same policy.
+
+    ``verify_checksums``: hash each whole shard against its index before yielding from it (one
+    extra read of the shard). Without it a flipped byte inside token ids or a JSON number is not
+    detected by the read path (structure is checked, content is not); ``wds-tools verify`` is
+    the tool for checking a dataset at rest.
     """
     if on_error not in ("fail", "skip"):
         raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
     stats = stats if stats is not None else ReadStats()
-    for shard in open_shards(source, opts):
+    for opener in _shard_sources(source, opts, allow_outside_root):
+        where = wio.redact(getattr(opener, "url", "") or "?")
         try:
+            shard = opener()
+            where = shard.where
+            if verify_checksums:
+                shard.verify_checksum()
             yield from shard.iter(stats=stats)
         except (FormatError, IOError) as e:
             if on_error == "fail":
                 raise
             log.warning("skipping rest of shard: %s", e)
-            stats.skipped_shards.append((shard.where, str(e)))
+            stats.skipped_shards.append((where, str(e)))
 
 
 def iter_tar(url: str, opts: wio.IOOptions = wio.DEFAULT) -> Iterator[Dict[str, Any]]:

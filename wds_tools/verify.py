@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from . import io as wio
 from .format import FormatError, decode_sample
-from .reader import Shard, iter_tar, open_shards
+from .reader import Shard, _shard_sources, iter_tar
 
 __all__ = ["verify_shard", "verify", "add_arguments", "run"]
 
@@ -29,7 +29,7 @@ def verify_shard(sh: Shard, vocab_size: int) -> List[str]:
     try:
         data = wio.read_bytes(sh.url, sh.opts)
     except (OSError, ValueError) as e:
-        return [f"{where}: cannot read: {e}"]
+        return [f"{where}: cannot read: {wio.scrub(str(e))}"]
     problems = []
     if len(data) != sh.index["bytes"]:
         problems.append(f"{where}: {len(data)} bytes, index says {sh.index['bytes']}")
@@ -62,25 +62,43 @@ def verify_shard(sh: Shard, vocab_size: int) -> List[str]:
     return problems
 
 
-def verify(path: str, progress: bool = False) -> Dict[str, Any]:
-    shards = open_shards(path)
+def verify(path: str, progress: bool = False, opts: wio.IOOptions = wio.DEFAULT) -> Dict[str, Any]:
+    """Check every shard named by ``path``; a shard that cannot be opened (missing index or
+    tar, unreadable index) is a problem of the report, not an exception."""
     problems: List[str] = []
     seen: Dict[str, str] = {}
-    manifest = wio.read_json(path) if path.endswith(".json") else {}
-    if manifest.get("kind") == "manifest":
-        n = sum(sh.index["num_samples"] for sh in shards)
-        if n != manifest["num_samples"]:
-            problems.append(f"{path}: manifest says {manifest['num_samples']} samples, shards hold {n}")
-        for sh, entry in zip(shards, manifest["shards"]):
-            if entry["sha256"] != sh.index["sha256"] or entry["bytes"] != sh.index["bytes"]:
+    manifest = wio.read_json(path, opts) if path.endswith(".json") else {}
+    manifest = manifest if isinstance(manifest, dict) else {}
+    entries = manifest.get("shards") if manifest.get("kind") == "manifest" else None
+    shards = []
+    for k, opener in enumerate(_shard_sources(path, opts, None)):
+        try:
+            sh = opener()
+        except (FormatError, OSError, ValueError) as e:
+            problems.append(f"{wio.redact(getattr(opener, 'url', path))}: cannot open: "
+                            f"{wio.scrub(str(e))}")
+            continue
+        shards.append(sh)
+        if entries is not None:
+            entry = entries[k]
+            if entry.get("sha256") != sh.index.get("sha256") or entry.get("bytes") != sh.index.get("bytes"):
                 problems.append(f"{sh.where}: manifest entry disagrees with the shard index")
+            if entry.get("num_samples") != sh.index["num_samples"]:
+                problems.append(f"{sh.where}: manifest entry says {entry.get('num_samples')} "
+                                f"samples, the shard index {sh.index['num_samples']}")
+    if entries is not None:
+        n = sum(sh.index["num_samples"] for sh in shards)
+        if n != manifest.get("num_samples"):
+            problems.append(f"{path}: manifest says {manifest.get('num_samples')} samples, "
+                            f"readable shards hold {n}")
     for sh in tqdm(shards, desc="verify", unit="shard", disable=not progress):
-        problems += verify_shard(sh, int(sh.index.get("vocab_size", np.iinfo(sh.dtype).max + 1)))
+        problems += verify_shard(sh, int(sh.index.get("vocab_size") or np.iinfo(sh.dtype).max + 1))
         for k in sh.keys:
             if k in seen:
                 problems.append(f"duplicate key {k!r} in {sh.where} and {seen[k]}")
             seen[k] = sh.where
-    return {"shards": len(shards), "samples": len(seen), "ok": not problems, "problems": problems}
+    n_shards = len(entries) if entries is not None else len(shards)
+    return {"shards": n_shards, "samples": len(seen), "ok": not problems, "problems": problems}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
