@@ -22,6 +22,7 @@ This module imports no torch: it runs in the background worker processes.
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import warnings
 from dataclasses import dataclass
@@ -96,14 +97,25 @@ def crop_rng(seed: int, index: int, image_number: int) -> random.Random:
 
 
 def resize_and_crop(
-    img: Image.Image, crop_size: tuple[int, int], rng: Optional[random.Random]
+    img: Image.Image, crop_size: tuple[int, int], rng: Optional[random.Random],
+    max_pixels: Optional[int] = None,
 ) -> tuple[Image.Image, tuple[int, int, int, int], tuple[int, int]]:
-    """Halve (BOX), resize to cover (BICUBIC), crop. ``rng=None`` crops at the centre."""
+    """Halve (BOX), resize to cover (BICUBIC), crop. ``rng=None`` crops at the centre.
+
+    ``max_pixels``: refuse (:class:`BadItem` ``oversize_image``) an image whose resize-to-cover
+    would exceed this many pixels: a tiny file of extreme aspect ratio (1 x 20,000) would
+    otherwise be upscaled to hundreds of millions of pixels before the crop.
+    """
     cw, ch = crop_size
     while img.size[0] >= 2 * cw and img.size[1] >= 2 * ch:
         img = img.resize((img.size[0] // 2, img.size[1] // 2), resample=Image.BOX)
     scale = max(cw / img.size[0], ch / img.size[1])
-    img = img.resize((round(img.size[0] * scale), round(img.size[1] * scale)), resample=Image.BICUBIC)
+    new_size = (round(img.size[0] * scale), round(img.size[1] * scale))
+    if max_pixels is not None and new_size[0] * new_size[1] > max(max_pixels, cw * ch):
+        raise BadItem("oversize_image", f"{img.size[0]}x{img.size[1]} would be resized to "
+                      f"{new_size[0]}x{new_size[1]} to cover a {cw}x{ch} crop (aspect ratio too "
+                      f"extreme; over {max_pixels} pixels)")
+    img = img.resize(new_size, resample=Image.BICUBIC)
     if rng is None:
         left, top = (img.size[0] - cw) // 2, (img.size[1] - ch) // 2
     else:
@@ -129,8 +141,12 @@ def whiten_to_rgb(img: Image.Image) -> np.ndarray:
 
 
 def load_image(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
-    """Open and decode an image; :class:`BadItem` if missing, unreadable or over ``max_pixels``."""
+    """Open and decode an image; :class:`BadItem` if missing, unreadable or over ``max_pixels``.
+
+    Only regular files are opened: a FIFO or device would block or never end."""
     try:
+        if os.path.exists(path) and not os.path.isfile(path):
+            raise BadItem("unreadable_image", f"{path}: not a regular file")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(path)
@@ -158,8 +174,11 @@ def prepare_image(
     img = load_image(path, max_pixels)
     orig_size = img.size
     try:
-        cropped, box, resized = resize_and_crop(img, pick_crop_size(img.size, crop_sizes), rng)
+        cropped, box, resized = resize_and_crop(img, pick_crop_size(img.size, crop_sizes), rng,
+                                                max_pixels)
         pixels = whiten_to_rgb(cropped)
+    except BadItem as e:
+        raise BadItem(e.reason, f"{path}: {e.message}") from None
     except (OSError, ValueError) as e:  # e.g. modes PIL cannot resize
         raise BadItem("unreadable_image", f"{path}: {type(e).__name__}: {e}") from None
     return PreparedImage(pixels=pixels, crop=box, resized_size=resized, orig_size=orig_size)

@@ -48,7 +48,7 @@ def load_manifest(url: str, opts: wio.IOOptions = wio.DEFAULT, *,
     hand-written local manifests, with a warning).
     """
     where = wio.redact(url)
-    doc = wio.read_json(url, opts)
+    doc = _read_doc(url, opts)
     check_version(doc, where)
     if doc.get("kind") != "manifest":
         raise FormatError(f"{where}: not a dataset manifest (kind={doc.get('kind')!r})")
@@ -71,6 +71,17 @@ def load_manifest(url: str, opts: wio.IOOptions = wio.DEFAULT, *,
             raise FormatError(f"{where}: manifest {k!r} must be a non-negative integer, "
                               f"got {_short(doc[k])}")
     return doc
+
+
+def _read_doc(url: str, opts: wio.IOOptions) -> Any:
+    """``wio.read_json``, with a document that is not JSON (or not UTF-8) as a FormatError."""
+    try:
+        return wio.read_json(url, opts)
+    except (FormatError, OSError):
+        raise
+    except ValueError as e:
+        raise FormatError(f"{wio.redact(url)}: not a JSON document: "
+                          f"{' '.join(wio.scrub(str(e)).split())}") from None
 
 
 def _is_count(v: Any) -> bool:
@@ -116,8 +127,8 @@ def _check_index(index: Any, where: str) -> None:
     if not isinstance(index, dict):
         raise FormatError(f"{where}: shard index must be a JSON object")
     try:
-        dt = np.dtype(index.get("dtype"))
-    except TypeError:
+        dt = np.dtype(index.get("dtype")) if isinstance(index.get("dtype"), str) else None
+    except Exception:  # noqa: BLE001 - numpy raises TypeError, ValueError, SyntaxError...
         dt = None
     if dt is None or dt.kind != "u" or dt.itemsize not in (1, 2, 4, 8) or index.get("dtype") is None:
         raise FormatError(f"{where}: index dtype {_short(index.get('dtype'))} is not an unsigned "
@@ -142,12 +153,13 @@ def _check_index(index: Any, where: str) -> None:
         if not isinstance(col, list):
             raise FormatError(f"{where}: index column samples.{k} must be a list")
         if k == "key":
-            bad = next((v for v in col if type(v) is not str or not _KEY_RE.match(v)), None)
-            if bad is not None:
-                raise FormatError(f"{where}: index key {_short(bad)} is not a valid sample key")
+            bad = [v for v in col if type(v) is not str or not _KEY_RE.match(v)][:1]
+            if bad:
+                raise FormatError(f"{where}: index key {_short(bad[0])} is not a valid sample key")
         else:
-            bad = next((v for v in col if type(v) is not int or v < 0), None)
-            if bad is not None:
+            bad = [v for v in col if type(v) is not int or v < 0][:1]
+            if bad:
+                bad = bad[0]
                 raise FormatError(f"{where}: index column samples.{k} holds {_short(bad)}, not a "
                                   "non-negative integer")
 
@@ -364,7 +376,7 @@ def _shard_sources(source, opts, allow_outside_root):
     """A callable per shard that opens it (so a caller can handle each shard's error)."""
     for url in expand_urls(source):
         if url.endswith(".json"):
-            doc = wio.read_json(url, opts)
+            doc = _read_doc(url, opts)
             check_version(doc, wio.redact(url))
             if doc.get("kind") == "manifest":
                 for s in load_manifest(url, opts, allow_outside_root=allow_outside_root)["shards"]:

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from . import io as wio
 from .format import FormatError, decode_sample
-from .reader import Shard, _shard_sources, iter_tar
+from .reader import Shard, _read_doc, _shard_sources, iter_tar
 
 __all__ = ["verify_shard", "verify", "add_arguments", "run"]
 
@@ -67,7 +67,7 @@ def verify(path: str, progress: bool = False, opts: wio.IOOptions = wio.DEFAULT)
     tar, unreadable index) is a problem of the report, not an exception."""
     problems: List[str] = []
     seen: Dict[str, str] = {}
-    manifest = wio.read_json(path, opts) if path.endswith(".json") else {}
+    manifest = _read_doc(path, opts) if path.endswith(".json") else {}
     manifest = manifest if isinstance(manifest, dict) else {}
     entries = manifest.get("shards") if manifest.get("kind") == "manifest" else None
     shards = []
