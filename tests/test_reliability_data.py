@@ -301,3 +301,41 @@ def test_token_out_of_vocabulary(clean, tmp_path):
     assert isinstance(lerr, FormatError) and key in str(lerr)
     record("data", "token out of vocab", injected=1, tried=4, detected=1,
            note="reader fail/skip, Shard.read, verify, loader fail/skip")
+
+
+def test_merge_names_bad_indexes_and_keeps_entries_aligned(clean, tmp_path):
+    """merge reports a damaged or hostile index by name (never a KeyError), refuses a shard
+    name that leaves the folder and a manifest saved outside it, and with allow_incomplete
+    pairs every remaining index with its own shard."""
+    root0, samples = clean
+    cases = 0
+    for name, fault in {"no bytes": lambda s, d: d.pop("bytes"),
+                        "columns": lambda s, d: s.pop("offset"),
+                        "escape": lambda s, d: d.__setitem__("shard", "../../etc/passwd"),
+                        "not json": None}.items():
+        root = _copy(clean, tmp_path, name.replace(" ", "_"))
+        if fault is None:
+            p = sorted(os.path.join(root, f) for f in os.listdir(root) if f.endswith(".idx.json"))[0]
+            open(p, "w").write("{not json")
+        else:
+            p = _edit_index(root, 0, fault)
+        with pytest.raises(MergeError) as e:
+            merge(root, save_path=os.path.join(root, "again.json"))
+        assert os.path.basename(p) in str(e.value) and _one_line(e.value), (name, e.value)
+        man = merge(root, save_path=os.path.join(root, "again.json"), allow_incomplete=True)
+        assert [s["path"] for s in man["shards"]] == [
+            "shard-r00000-000001.tar", "shard-r00000-000002.tar"], name
+        assert [s["index"] for s in man["shards"]] == [
+            "shard-r00000-000001.idx.json", "shard-r00000-000002.idx.json"], name
+        got = list(iter_samples(os.path.join(root, "again.json")))
+        assert len(got) == 16 and _differs([(g["__key__"], g["input_ids"].tolist(),
+                                             g["labels"].tolist(), g["meta"]) for g in got], samples) == []
+        cases += 1
+    root = _copy(clean, tmp_path, "outside")
+    with pytest.raises(MergeError, match="outside the folder of the manifest"):
+        os.makedirs(tmp_path / "sibling")
+        merge(root, save_path=str(tmp_path / "sibling" / "index.json"))
+    cases += 1
+    record("data", "index mismatch", injected=cases, tried=cases, detected=cases,
+           note="merge: index without bytes/columns, shard name with '..', non-JSON index, "
+                "manifest saved outside the dataset folder")

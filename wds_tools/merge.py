@@ -55,14 +55,31 @@ def _scan(root: str):
     return indexes, tars, tmps, markers
 
 
-def _load(path: str, problems: List[str]) -> Optional[Dict[str, Any]]:
+def _load(path: str, problems: List[str], kind: Optional[str] = None) -> Optional[Dict[str, Any]]:
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             doc = json.load(f)
         check_version(doc, path)
+        if kind == "shard_index":
+            from .reader import _check_index
+            _check_index(doc, path)
+            shard = doc.get("shard")
+            if (not isinstance(shard, str) or not shard.endswith(".tar") or "/" in shard
+                    or "\\" in shard or shard.startswith(".")):
+                raise FormatError(f"{path}: 'shard' must be the file name of a .tar beside the "
+                                  f"index, got {str(shard)[:80]!r}")
+            for k in ("bytes", "num_tokens", "num_supervised"):
+                if type(doc.get(k)) is not int or doc[k] < 0:
+                    raise FormatError(f"{path}: {k!r} must be a non-negative integer")
+            if not isinstance(doc.get("sha256"), str):
+                raise FormatError(f"{path}: 'sha256' must be a hex digest string")
+        elif kind == "rank_done":
+            for k in ("prefix", "rank", "world_size", "num_shards", "num_samples"):
+                if k not in doc:
+                    raise FormatError(f"{path}: done-marker lacks {k!r}")
         return doc
     except (ValueError, OSError) as e:
-        problems.append(f"{path}: unreadable ({e})")
+        problems.append(f"{path}: unreadable ({' '.join(str(e).split())})")
         return None
 
 
@@ -78,7 +95,9 @@ def merge(root: str, save_path: Optional[str] = None, *, verify_checksums: bool 
     indexes, tars, tmps, marker_paths = _scan(root)
     problems = [f"{p}: incomplete shard left by an interrupted writer (rerun that rank with "
                 "resume to redo it)" for p in tmps]
-    docs = [d for d in (_load(p, problems) for p in indexes) if d is not None]
+    loaded = [(p, _load(p, problems, "shard_index")) for p in indexes]
+    indexes = [p for p, d in loaded if d is not None]
+    docs = [d for _, d in loaded if d is not None]
     if not docs and not problems:
         raise MergeError([f"{root}: no shard indexes (*.idx.json) found"])
     shards, seen_keys, ident = [], {}, None
@@ -110,6 +129,11 @@ def merge(root: str, save_path: Optional[str] = None, *, verify_checksums: bool 
                 problems.append(f"duplicate key {k!r} in {tar} and {seen_keys[k]}")
                 break
             seen_keys[k] = tar
+        if os.path.relpath(tar, base).startswith(".."):
+            problems.append(f"{tar}: outside the folder of the manifest {save_path} (readers "
+                            "refuse manifest entries that leave its folder: save the manifest "
+                            "in the dataset folder)")
+            continue
         shards.append({"path": os.path.relpath(tar, base),
                        "index": os.path.relpath(ipath, base),
                        "rank": idx.get("rank", 0), "shard_id": idx.get("shard_id", 0),
@@ -143,7 +167,7 @@ def merge(root: str, save_path: Optional[str] = None, *, verify_checksums: bool 
 def _check_ranks(docs, marker_paths, problems) -> List[Dict[str, Any]]:
     markers = {}
     for p in marker_paths:
-        m = _load(p, problems)
+        m = _load(p, problems, "rank_done")
         if m is not None:
             markers[(m["prefix"], m["rank"])] = m
     expected = {}
