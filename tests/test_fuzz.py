@@ -311,7 +311,6 @@ def _hostile_images(d: Path) -> dict:
     return out
 
 
-@pytest.mark.slow
 def test_hostile_images_through_the_pretokenizer(tiny_dirs, tmp_path):
     from lumina.pre_tokenize import PreTokenizeConfig, run_config
 
