@@ -158,7 +158,8 @@ def test_flipped_bytes_fast_path_vs_checksum(clean, tmp_path):
     root = _copy(clean, tmp_path)
     tar = _tars(root)[0]
     manifest = os.path.join(root, "index.json")
-    counts = {"verify": 0, "fast_detected": 0, "silent": 0, "harmless": 0, "checked_ok": 0}
+    counts = {"verify": 0, "fast_detected": 0, "silent": 0, "harmless": 0, "checked_ok": 0,
+              "loader": 0}
     for pos in positions:
         buf = bytearray(data0)
         buf[pos] ^= 1 << int(rng.integers(0, 8))
@@ -177,6 +178,12 @@ def test_flipped_bytes_fast_path_vs_checksum(clean, tmp_path):
             assert content[pos], f"flip at byte {pos} outside ids/JSON changed {bad}"
         elif not stats.skipped_shards:
             counts["harmless"] += 1
+        if len(positions) and pos in positions[::4]:  # the loader's decode path too
+            lgot, lerr = _loader_read(root, "skip")
+            assert lerr is None
+            lbad = [k for k, ids in lgot if ids != samples[k][0]]
+            assert not lbad or content[pos], (pos, lbad)
+            counts["loader"] += 1
         got, stats, err = _read_all(root, "skip", verify_checksums=True)
         assert _differs(got, samples) == [] and len(stats.skipped_shards) == 1
         assert "sha256" in stats.skipped_shards[0][1]
@@ -191,7 +198,8 @@ def test_flipped_bytes_fast_path_vs_checksum(clean, tmp_path):
            note=(f"verify (sha256) {counts['verify']}/{len(positions)}; fast read path "
                  f"{counts['fast_detected']} detected, {counts['silent']} silently changed "
                  f"(all inside token ids/JSON), {counts['harmless']} harmless; with "
-                 f"verify_checksums 0 changed samples yielded"))
+                 f"verify_checksums 0 changed samples yielded; loader run on "
+                 f"{counts['loader']} of them"))
 
 
 def _edit_index(root, shard_no, fn):
