@@ -28,7 +28,7 @@ from typing import List, Optional
 import numpy as np
 import pytest
 
-__all__ = ["free_port", "NginxServer", "MotoS3Server", "FaultProxy", "make_dataset",
+__all__ = ["free_port", "NginxServer", "MotoS3Server", "FaultProxy", "make_dataset", "S3FaultProxy",
            "find_nginx", "ScriptedHTTPServer", "remote_dataset", "nginx", "s3", "s3_env", "DATASET_NAME"]
 
 DATASET_NAME = "ds"
@@ -240,16 +240,23 @@ class FaultProxy:
 
     Each of the first ``faults`` connections that carry more than ``after_bytes`` response bytes
     is broken at that point: ``mode="cut"`` resets both sides (RST), ``mode="stall"`` stops
-    forwarding and holds the connection open (a stalled server). Later connections pass
-    through. ``faults_done`` counts the breaks made.
+    forwarding and holds the connection open (a stalled server), ``mode="close"`` ends the
+    response early with an orderly FIN (a truncated body), ``mode="trickle"`` forwards the next
+    ``trickle_span`` bytes in ``trickle_bytes`` pieces every ``trickle_delay`` seconds (a slow
+    link that never stalls long enough to time out), then normally until ``after_bytes`` more
+    (the next fault). Later connections pass through.
+    ``faults_done`` counts the faults injected.
     """
 
     def __init__(self, target_port: int, after_bytes: int = 100_000, faults: int = 3,
-                 mode: str = "cut"):
-        if mode not in ("cut", "stall"):
-            raise ValueError("mode must be 'cut' or 'stall'")
+                 mode: str = "cut", trickle_bytes: int = 4096, trickle_delay: float = 0.01,
+                 trickle_span: int = 32768):
+        if mode not in ("cut", "stall", "close", "trickle"):
+            raise ValueError("mode must be 'cut', 'stall', 'close' or 'trickle'")
         self.target_port, self.after_bytes, self.faults, self.mode = (
             target_port, after_bytes, faults, mode)
+        self.trickle_bytes, self.trickle_delay, self.trickle_span = (
+            trickle_bytes, trickle_delay, trickle_span)
         self.faults_done = 0
         self.connections = 0
         self._lock = threading.Lock()
@@ -318,6 +325,19 @@ class FaultProxy:
                 if armed and sent + len(data) > self.after_bytes:
                     if self._take_fault():
                         dst.sendall(data[:max(0, self.after_bytes - sent)])
+                        if self.mode == "trickle":   # a slow stretch, then normal again
+                            if not self._trickle(src, dst, data[max(0, self.after_bytes - sent):]):
+                                break
+                            sent = 0
+                            continue
+                        if self.mode == "close":   # orderly FIN: the body ends short
+                            for s in (dst, src):
+                                try:
+                                    s.shutdown(socket.SHUT_RDWR)
+                                except OSError:
+                                    pass
+                                s.close()
+                            return
                         if self.mode == "stall":
                             self._stop.wait()   # hold the connection open, send nothing
                         _hard_close(src)
@@ -332,6 +352,24 @@ class FaultProxy:
             dst.shutdown(socket.SHUT_WR)
         except OSError:
             pass
+
+
+    def _trickle(self, src: socket.socket, dst: socket.socket, pending: bytes) -> bool:
+        """``trickle_span`` bytes of this connection, slowly (``trickle_bytes`` every
+        ``trickle_delay`` s); False when the upstream closed meanwhile."""
+        left = self.trickle_span
+        while not self._stop.is_set() and left > 0:
+            if not pending:
+                pending = src.recv(min(65536, left))
+                if not pending:
+                    return False
+            piece, pending = pending[:min(self.trickle_bytes, left)], pending[min(self.trickle_bytes, left):]
+            dst.sendall(piece)
+            left -= len(piece)
+            time.sleep(self.trickle_delay)
+        if pending:
+            dst.sendall(pending)
+        return True
 
 
 def _hard_close(s: socket.socket) -> None:
@@ -354,17 +392,36 @@ class ScriptedHTTPServer:
     """A small threaded HTTP server over ``root`` whose answers follow a script.
 
     ``errors``: status codes returned (with ``Retry-After: 0``) by the first requests, in
-    order; then files are served normally. ``honour_ranges=False`` answers every GET with the
-    whole file and 200, like a server without range support. ``requests`` logs
-    (method, path, Range header).
+    order; then files are served normally. ``fail_every=N`` (> 0) also answers every N-th
+    request with the next code of ``fail_codes`` (cycled); ``fail_all=True`` answers every
+    request with them (a server that never recovers). ``honour_ranges=False`` answers every
+    GET with the whole file and 200, like a server without range support. ``requests`` logs
+    (method, path, Range header); ``errors_sent`` counts the error answers given. Files
+    deleted from ``root`` are 404 from then on (a shard that vanishes).
     """
 
-    def __init__(self, root: str, errors=(), honour_ranges: bool = True):
+    def __init__(self, root: str, errors=(), honour_ranges: bool = True, fail_every: int = 0,
+                 fail_codes=(500, 503), fail_all: bool = False):
         import http.server
 
         outer = self
         self.root, self.errors, self.honour_ranges = root, list(errors), honour_ranges
+        self.fail_every, self.fail_codes, self.fail_all = fail_every, list(fail_codes), fail_all
+        self.errors_sent = 0
+        self._count_lock = threading.Lock()
         self.requests: List[tuple] = []
+
+        def scripted_error() -> Optional[int]:
+            with outer._count_lock:
+                n = len(outer.requests)
+                code = None
+                if outer.errors:
+                    code = outer.errors.pop(0)
+                elif outer.fail_all or (outer.fail_every and n % outer.fail_every == 0):
+                    code = outer.fail_codes[outer.errors_sent % len(outer.fail_codes)]
+                if code is not None:
+                    outer.errors_sent += 1
+                return code
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -380,8 +437,8 @@ class ScriptedHTTPServer:
 
             def _serve(self, body):
                 outer.requests.append((self.command, self.path, self.headers.get("Range")))
-                if outer.errors:
-                    code = outer.errors.pop(0)
+                code = scripted_error()
+                if code is not None:
                     self.send_response(code)
                     self.send_header("Retry-After", "0")
                     self.send_header("Content-Length", "0")
@@ -425,6 +482,106 @@ class ScriptedHTTPServer:
         return f"http://127.0.0.1:{self.port}"
 
     def __enter__(self) -> "ScriptedHTTPServer":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
+# --- an S3 front that throttles -----------------------------------------------------------------
+
+_S3_ERROR_XML = ('<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
+                 '<Message>{msg}</Message><RequestId>reliability-{n}</RequestId></Error>')
+_S3_ERRORS = {503: ("SlowDown", "Please reduce your request rate."),
+              500: ("InternalError", "We encountered an internal error. Please try again.")}
+
+
+class S3FaultProxy:
+    """An HTTP front for an S3 server (moto) that answers some requests itself, like S3 under
+    load: every ``fail_every``-th request (1-based; 0: none) gets the next status of
+    ``codes`` (503 ``SlowDown``, 500 ``InternalError``, with S3's XML error body; HEAD
+    answers carry no body, as S3's do); ``fail_all=True`` fails every request. Everything
+    else is forwarded to ``127.0.0.1:target_port`` unchanged (moto does not check signatures,
+    so the client may sign for this host). Point ``AWS_ENDPOINT_URL`` at ``url``.
+    ``errors_sent`` counts the injected answers, ``requests`` all requests."""
+
+    def __init__(self, target_port: int, fail_every: int = 3, codes=(503, 500),
+                 fail_all: bool = False):
+        import http.client
+        import http.server
+
+        outer = self
+        self.target_port, self.fail_every, self.codes = target_port, fail_every, list(codes)
+        self.fail_all = fail_all
+        self.requests = self.errors_sent = 0
+        self._lock = threading.Lock()
+
+        def decide() -> Optional[int]:
+            with outer._lock:
+                outer.requests += 1
+                if outer.fail_all or (outer.fail_every and outer.requests % outer.fail_every == 0):
+                    code = outer.codes[outer.errors_sent % len(outer.codes)]
+                    outer.errors_sent += 1
+                    return code
+                return None
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def _any(self):
+                n = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(n) if n else b""
+                code = decide()
+                if code is not None:
+                    name, msg = _S3_ERRORS.get(code, ("ServiceUnavailable", "Try again."))
+                    data = _S3_ERROR_XML.format(code=name, msg=msg, n=outer.errors_sent).encode()
+                    self.send_response(code)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(data)
+                    return
+                conn = http.client.HTTPConnection("127.0.0.1", outer.target_port, timeout=30)
+                try:
+                    headers = {k: v for k, v in self.headers.items()
+                               if k.lower() not in ("connection", "keep-alive")}
+                    conn.request(self.command, self.path, body=body or None, headers=headers)
+                    r = conn.getresponse()
+                    data = r.read()
+                    self.send_response(r.status)
+                    for k, v in r.getheaders():
+                        if k.lower() not in ("connection", "keep-alive", "transfer-encoding",
+                                             "content-length", "server", "date"):
+                            self.send_header(k, v)
+                    length = r.getheader("Content-Length")
+                    if self.command == "HEAD" and length is not None:
+                        self.send_header("Content-Length", length)
+                    else:
+                        self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(data)
+                finally:
+                    conn.close()
+
+            do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _any
+
+        self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        self.port = self._httpd.server_address[1]
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> "S3FaultProxy":
         self._thread.start()
         return self
 

@@ -179,8 +179,13 @@ class _Retryable(IOError):
         self.retry_after = retry_after
 
 
+_BOTO_RETRIES = re.compile(r" \(reached max retries: \d+\)")
+
+
 def _short(e: BaseException) -> str:
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    # botocore's own retry count (always 0: retries are ours) would contradict ours
+    msg = _BOTO_RETRIES.sub("", msg)
     return scrub(f"{type(e).__name__}: {msg}" if not isinstance(e, (_Retryable, _Permanent))
                  else msg)[:300]
 
