@@ -76,7 +76,7 @@ def preparer(tiny_dirs):
     return ItemPreparer(ItemSettings(tokenizer=tiny_dirs[0], target_size=64, crop="center"))
 
 
-def test_fuzz_pretokenizer_items(preparer, tmp_path):
+def test_fuzz_pretokenizer_items(preparer, tmp_path, monkeypatch):
     counts = {"tried": 0, "ok": 0, "bad": 0}
 
     @FUZZ(150)
@@ -97,7 +97,7 @@ def test_fuzz_pretokenizer_items(preparer, tmp_path):
             assert isinstance(out, PreparedItem) and out.tokens.ndim == 1
             counts["ok"] += 1
 
-    os.chdir(tmp_path)  # relative fuzzed image paths resolve in an empty folder
+    monkeypatch.chdir(tmp_path)  # relative fuzzed image paths resolve in an empty folder
     run()
     # raw .jsonl lines that are not JSON at all
     for line in ["{", "[1,2", "\"\\ud800\"", "nul\x00l", "{\"conversations\": [" * 50, "1e999"]:
