@@ -4,17 +4,36 @@ Layout under ``--output_dir``::
 
     checkpoints/step_00000100/   DeepSpeed's sharded ZeRO-3 checkpoint (fp32 master weights,
                                  optimizer, LR scheduler) plus the client state below
-    checkpoints/latest           DeepSpeed's pointer to the newest tag
+    checkpoints/step_00000100/lumina_complete.json
+                                 the completion marker: written by rank 0 after every rank's
+                                 files are saved (barrier), listing each file and its size
+    checkpoints/lumina_markers.json  says this root's checkpoints carry completion markers
+    checkpoints/latest           DeepSpeed's pointer to the newest tag (not trusted, see below)
     model/config.json            the Chameleon config (for the export)
     tokenizer/                   the tokenizer, copied at start (for the export)
     trainer_meta.json            the TrainConfig the run was started with
 
 The client state (saved by rank 0 in the model-states file) holds the step, every rank's loader
 state (gathered: each rank's loader has its own position) and the cumulative per-dataset counts.
+
+Which checkpoint is the latest: DeepSpeed's ``latest`` file is not a commit point (rank 0 writes
+it after its own files; a rank killed inside a save leaves a tag folder with torn or missing
+files, and a kill in the first save leaves no ``latest`` at all, where the old highest-step
+fallback picked the torn folder and every rerun failed loading it). So the trainer marks a tag
+complete itself (:func:`mark_complete`, by rank 0 after a barrier that follows every rank's
+save) and, in a root that uses markers, only tags whose marker lists files that are all present
+with their sizes are candidates (:func:`is_complete`); ``latest`` is ignored there. Roots written
+before markers (no ``lumina_markers.json`` and no marker in any tag) keep the old rule:
+``latest``, else the highest non-empty step folder.
+
+Test-only hook: ``LUMINA_TEST_KILL_IN_SAVE=STEP:RANK`` makes rank RANK SIGKILL itself inside the
+save of step STEP, leaving its optimizer-states file half-written (:func:`kill_hook_for_tests`,
+used by ``tests/test_reliability_crash.py``; a no-op when unset).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -24,13 +43,19 @@ __all__ = [
     "CLIENT_STATE_VERSION",
     "checkpoint_root",
     "find_latest",
+    "is_complete",
     "list_checkpoints",
+    "mark_complete",
+    "unmark",
+    "use_markers",
     "prune_checkpoints",
     "resolve_resume",
     "tag_for_step",
 ]
 
 CLIENT_STATE_VERSION = 1
+MARKER_NAME = "lumina_complete.json"
+ROOT_MARKER_NAME = "lumina_markers.json"
 _TAG_RE = re.compile(r"^step_(\d+)$")
 
 
@@ -42,20 +67,97 @@ def tag_for_step(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def list_checkpoints(root: str) -> list[tuple[int, str]]:
-    """``(step, tag)`` of the complete-looking checkpoint folders under ``root``, oldest first."""
+def _write_json_atomic(path: str, doc: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(doc, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def use_markers(root: str) -> None:
+    """Declare that ``root``'s checkpoints carry completion markers (a fresh run, before saving)."""
+    os.makedirs(root, exist_ok=True)
+    path = os.path.join(root, ROOT_MARKER_NAME)
+    if not os.path.isfile(path):
+        _write_json_atomic(path, {"marker": MARKER_NAME, "version": 1})
+
+
+def _uses_markers(root: str, tags: list[str]) -> bool:
+    return os.path.isfile(os.path.join(root, ROOT_MARKER_NAME)) or any(
+        os.path.isfile(os.path.join(root, t, MARKER_NAME)) for t in tags)
+
+
+def unmark(root: str, tag: str) -> None:
+    """Remove ``tag``'s completion marker (before saving over it, so a crash leaves it unmarked)."""
+    try:
+        os.remove(os.path.join(root, tag, MARKER_NAME))
+    except FileNotFoundError:
+        pass
+
+
+def mark_complete(root: str, tag: str, step: int, world_size: int) -> dict:
+    """Write ``tag``'s completion marker: every file below it with its size (rank 0, after every
+    rank's files are written)."""
+    folder = os.path.join(root, tag)
+    files = {}
+    for dirpath, _, names in os.walk(folder):
+        for name in names:
+            if name == MARKER_NAME or name.endswith(".tmp"):
+                continue
+            full = os.path.join(dirpath, name)
+            files[os.path.relpath(full, folder)] = os.path.getsize(full)
+    doc = {"tag": tag, "step": step, "world_size": world_size, "files": dict(sorted(files.items()))}
+    _write_json_atomic(os.path.join(folder, MARKER_NAME), doc)
+    return doc
+
+
+def is_complete(root: str, tag: str) -> bool:
+    """Whether ``tag`` has a readable marker whose files are all there, with their sizes."""
+    folder = os.path.join(root, tag)
+    try:
+        with open(os.path.join(folder, MARKER_NAME)) as fh:
+            doc = json.load(fh)
+        files = doc["files"]
+        if doc.get("tag") != tag or not files:
+            return False
+        return all(os.path.getsize(os.path.join(folder, rel)) == size for rel, size in files.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def _tag_folders(root: str) -> list[tuple[int, str]]:
     if not os.path.isdir(root):
         return []
     found = []
     for name in os.listdir(root):
         m = _TAG_RE.match(name)
-        if m and os.path.isdir(os.path.join(root, name)) and os.listdir(os.path.join(root, name)):
+        if m and os.path.isdir(os.path.join(root, name)):
             found.append((int(m.group(1)), name))
     return sorted(found)
 
 
+def list_checkpoints(root: str) -> list[tuple[int, str]]:
+    """``(step, tag)`` of the complete checkpoints under ``root``, oldest first: marked and
+    verified ones in a root that uses markers, else (older roots) the non-empty tag folders."""
+    folders = _tag_folders(root)
+    if _uses_markers(root, [t for _, t in folders]):
+        return [(s, t) for s, t in folders if is_complete(root, t)]
+    return [(s, t) for s, t in folders if os.listdir(os.path.join(root, t))]
+
+
 def find_latest(root: str) -> Optional[str]:
-    """The tag DeepSpeed's ``latest`` file names, if that folder exists; else the highest step."""
+    """The newest complete checkpoint's tag, or None.
+
+    In a root that uses markers, the highest-step verified tag (DeepSpeed's ``latest`` may name a
+    half-written one). In an older root, the tag ``latest`` names if that folder exists, else the
+    highest step.
+    """
+    folders = _tag_folders(root)
+    if _uses_markers(root, [t for _, t in folders]):
+        found = list_checkpoints(root)
+        return found[-1][1] if found else None
     latest = os.path.join(root, "latest")
     if os.path.isfile(latest):
         with open(latest) as fh:
@@ -84,24 +186,33 @@ def resolve_resume(resume: str, output_dir: str) -> Optional[tuple[str, str]]:
                               "--output_dir or --resume auto")
         return None
     path = os.path.normpath(resume)
-    if os.path.isfile(os.path.join(path, "latest")):  # a checkpoints root
+    if any(os.path.isfile(os.path.join(path, f)) for f in ("latest", ROOT_MARKER_NAME)):  # a root
         tag = find_latest(path)
         if tag:
             return path, tag
     if not os.path.isdir(path):
         raise ConfigError(f"--resume {resume!r}: not 'auto', 'never' or a checkpoint folder")
-    return os.path.dirname(path), os.path.basename(path)
+    parent, tag = os.path.dirname(path), os.path.basename(path)
+    if _uses_markers(parent, [tag]) and not is_complete(parent, tag):
+        raise ConfigError(f"--resume {resume!r}: an incomplete checkpoint (no valid {MARKER_NAME}: "
+                          "its save was interrupted); pick an older one or --resume auto")
+    return parent, tag
 
 
 def prune_checkpoints(root: str, keep_last: int) -> list[str]:
-    """Delete all but the newest ``keep_last`` checkpoints (0 keeps all); returns deleted tags."""
+    """Delete all but the newest ``keep_last`` complete checkpoints (0 keeps all) and, in a root
+    started with markers, unmarked tag folders older than the newest complete one (crash
+    leftovers); returns the deleted tags."""
     if keep_last <= 0:
         return []
     found = list_checkpoints(root)
     doomed = [tag for _, tag in found[:-keep_last]]
+    if found and os.path.isfile(os.path.join(root, ROOT_MARKER_NAME)):  # all tags marked here
+        complete = {t for _, t in found}
+        doomed += [t for s, t in _tag_folders(root) if s < found[-1][0] and t not in complete]
     for tag in doomed:
         shutil.rmtree(os.path.join(root, tag), ignore_errors=True)
-    return doomed
+    return sorted(doomed)
 
 
 def copy_tokenizer(candidates: list[Optional[str]], dest: str) -> Optional[str]:
@@ -127,3 +238,36 @@ def client_state(step: int, loader_states: list[Any], data_counts: dict, world_s
         "loader_states": loader_states,
         "data_counts": data_counts,
     }
+
+
+def kill_hook_for_tests(engine: Any, root: str, tag: str, step: int, rank: int) -> None:
+    """``LUMINA_TEST_KILL_IN_SAVE=STEP:RANK`` (tests only): in the save of step STEP, rank RANK
+    writes its optimizer-states file half (a torn ``torch.save``), waits until rank 0 has written
+    ``latest`` for this tag (at most 1 s), then SIGKILLs itself. A no-op when unset."""
+    spec = os.environ.get("LUMINA_TEST_KILL_IN_SAVE")
+    if not spec or [int(x) for x in spec.split(":")] != [step, rank]:
+        return
+    import signal
+    import time
+
+    ce = engine.checkpoint_engine
+    save = ce.save
+
+    def save_then_die(state_dict, path):
+        save(state_dict, path)
+        if "optim_states" not in os.path.basename(path):
+            return
+        with open(path, "r+b") as fh:
+            fh.truncate(os.path.getsize(path) // 2)
+        deadline = time.time() + 1
+        while time.time() < deadline:
+            try:
+                with open(os.path.join(root, "latest")) as fh:
+                    if fh.read().strip() == tag:
+                        break
+            except OSError:
+                pass
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    ce.save = save_then_die

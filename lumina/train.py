@@ -289,6 +289,7 @@ def train(cfg: TrainConfig, loader_factory: Optional[LoaderFactory] = None,
             print(f"resumed from {os.path.join(*resume)} at step {step}", flush=True)
     elif dist.is_main:
         _write_run_files(cfg, engine)
+        ckpt_lib.use_markers(ckpt_lib.checkpoint_root(cfg.ckpt.output_dir))
 
     acc = get_accelerator()
     sync = acc.synchronize if sync_timing else (lambda: None)
@@ -429,10 +430,16 @@ def _save(cfg: TrainConfig, dist: DistInfo, engine: Any, loader: Any, counts: di
     states = _gather_host(loader.state_dict(), dist.world_size)
     state = ckpt_lib.client_state(step, states, {k: dict(v) for k, v in counts.items()},
                                   dist.world_size)
-    engine.save_checkpoint(root, tag=ckpt_lib.tag_for_step(step), client_state=state)
+    tag = ckpt_lib.tag_for_step(step)
+    if dist.is_main:  # saving over a tag (after a resume from an older one): unmarked until done
+        ckpt_lib.unmark(root, tag)
+    ckpt_lib.kill_hook_for_tests(engine, root, tag, step, dist.rank)
+    # DeepSpeed barriers before writing; rank 0 writes `latest` after its own files only.
+    engine.save_checkpoint(root, tag=tag, client_state=state)
     if dist.world_size > 1:
-        torch.distributed.barrier()
+        torch.distributed.barrier()  # every rank's files are written
     if dist.is_main:
+        ckpt_lib.mark_complete(root, tag, step, dist.world_size)
         deleted = ckpt_lib.prune_checkpoints(root, cfg.ckpt.keep_last)
         print(f"saved checkpoint {os.path.join(root, ckpt_lib.tag_for_step(step))}"
               + (f" (deleted {', '.join(deleted)})" if deleted else ""), flush=True)
