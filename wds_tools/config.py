@@ -89,6 +89,7 @@ class DataConfig:
     source: str = "<dict>"
     allow_pipe: bool = False          # pipe: manifests accepted (also needs IOOptions(allow_pipe))
     allowed_roots: Tuple[str, ...] = ()   # where manifests may live; () = anywhere
+    verify_checksums: bool = False    # re-hash every shard on open (sha256 vs its index)
 
     @property
     def bounded(self) -> bool:
@@ -131,7 +132,7 @@ def parse_data_config(doc: Any, where: str = "<dict>", base_dir: Optional[str] =
     if "META" in doc and "datasets" in doc:
         raise ValueError(f"{where}: give either 'datasets' or 'META', not both")
     known = {"datasets", "META", "seed", "weight_by", "on_error", "shuffle", "allow_pipe",
-             "allowed_roots"}
+             "allowed_roots", "verify_checksums"}
     _no_unknown(doc, known, where)
     pipe_ok = _bool(doc.get("allow_pipe", False), f"{where}: allow_pipe") or bool(allow_pipe)
     cfg_roots = _roots(doc.get("allowed_roots"), f"{where}: allowed_roots", base_dir)
@@ -152,7 +153,9 @@ def parse_data_config(doc: Any, where: str = "<dict>", base_dir: Optional[str] =
                              "dataset a unique 'name'")
     return DataConfig(datasets=tuple(datasets), seed=seed, weight_by=weight_by,
                       on_error=on_error, shuffle=shuffle, source=where, allow_pipe=pipe_ok,
-                      allowed_roots=tuple(cfg_roots or ()) + tuple(caller_roots or ()))
+                      allowed_roots=tuple(cfg_roots or ()) + tuple(caller_roots or ()),
+                      verify_checksums=_bool(doc.get("verify_checksums", False),
+                                             f"{where}: verify_checksums"))
 
 
 # --- entries ---------------------------------------------------------------------------------

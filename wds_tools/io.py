@@ -52,6 +52,8 @@ class IOOptions:
         cache_dir: if set, remote ``.tar`` shards are fetched whole into this folder and read
             from there (see :mod:`wds_tools.cache`).
         cache_max_bytes: size limit of ``cache_dir``; least recently used shards are evicted.
+        verify_checksums: readers that honour it (the streaming loader) re-hash every shard
+            when they open it and treat a sha256 mismatch with its index as a bad shard.
     """
 
     timeout: float = 30.0
@@ -63,6 +65,7 @@ class IOOptions:
     chunk_size: int = 1 << 20
     cache_dir: Optional[str] = None
     cache_max_bytes: int = 64 << 30
+    verify_checksums: bool = False
 
     def __post_init__(self) -> None:
         if self.timeout <= 0 or self.connect_timeout <= 0:

@@ -20,6 +20,7 @@ See ``docs/streaming.md`` for the semantics (what is dropped, determinism, resum
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -129,6 +130,8 @@ class DatasetReader:
         sh = self._shards.get(s)
         if sh is None:
             sh = Shard.open(self.plan.urls[s], self.plan.index_urls[s], self.opts)
+            if self.opts.verify_checksums and self.read_data:
+                sh.verify_checksum()  # FormatError -> _shard_failed, like any bad shard
             if len(sh) != int(self.plan.shard_samples[s]):
                 raise FormatError(f"{sh.where}: index has {len(sh)} samples, the manifest says "
                                   f"{int(self.plan.shard_samples[s])}")
@@ -693,6 +696,11 @@ def build_loader(data_config: Union[DataConfig, str], *, rank: Optional[int] = N
     if pack and cfg.bounded:
         raise ValueError(f"{cfg.source}: packing needs an unbounded stream (remove max_epochs): "
                          "packed batch counts depend on sample lengths, so ranks could disagree")
+    if (cfg.allow_pipe and not io_options.allow_pipe) or (
+            cfg.verify_checksums and not io_options.verify_checksums):
+        io_options = dataclasses.replace(io_options, allow_pipe=io_options.allow_pipe or cfg.allow_pipe,
+                                         verify_checksums=io_options.verify_checksums
+                                         or cfg.verify_checksums)
     plans = load_plans(cfg, io_options)
     consumers = world_size * max(1, num_workers)
     for p in plans:
