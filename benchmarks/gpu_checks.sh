@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # The GPU checks of the pre-tokenize and trainer issues, as one short script for a lent machine
 # (one H100/H200, no network). Python packages the image lacks come as wheels in .gpu_wheels/
-# (deepspeed sdist + hjson, pydantic, webdataset, braceexpand): see docs/benchmarks.md.
+# (git-ignored; carry it), fetched beforehand on a machine with PyPI access:
+#   pip download -d .gpu_wheels --no-deps deepspeed==0.19.8
+#   pip download -d .gpu_wheels --no-deps --python-version 3.12 --only-binary=:all: \
+#       --platform manylinux2014_x86_64 hjson webdataset braceexpand
+#   pip download -d .gpu_wheels --python-version 3.12 --only-binary=:all: \
+#       --platform manylinux2014_x86_64 pydantic
 #   OUT=/some/folder bash benchmarks/gpu_checks.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
