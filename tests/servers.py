@@ -14,6 +14,8 @@ These servers are also used by ``benchmarks/bench_stream.py`` (the classes, not 
 """
 from __future__ import annotations
 
+import http.client
+import http.server
 import os
 import shutil
 import socket
@@ -388,7 +390,29 @@ def _hard_close(s: socket.socket) -> None:
 
 # --- a scripted HTTP server --------------------------------------------------------------------
 
-class ScriptedHTTPServer:
+class _ThreadedHTTP:
+    """A threaded HTTP server on 127.0.0.1 (free port), started by ``with``."""
+
+    def _serve(self, handler) -> None:
+        self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._httpd.daemon_threads = True
+        self.port = self._httpd.server_address[1]
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
+class ScriptedHTTPServer(_ThreadedHTTP):
     """A small threaded HTTP server over ``root`` whose answers follow a script.
 
     ``errors``: status codes returned (with ``Retry-After: 0``) by the first requests, in
@@ -402,7 +426,6 @@ class ScriptedHTTPServer:
 
     def __init__(self, root: str, errors=(), honour_ranges: bool = True, fail_every: int = 0,
                  fail_codes=(500, 503), fail_all: bool = False):
-        import http.server
 
         outer = self
         self.root, self.errors, self.honour_ranges = root, list(errors), honour_ranges
@@ -472,22 +495,7 @@ class ScriptedHTTPServer:
                 if body:
                     self.wfile.write(data)
 
-        self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._httpd.daemon_threads = True
-        self.port = self._httpd.server_address[1]
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> "ScriptedHTTPServer":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
+        self._serve(Handler)
 
 
 # --- an S3 front that throttles -----------------------------------------------------------------
@@ -498,7 +506,7 @@ _S3_ERRORS = {503: ("SlowDown", "Please reduce your request rate."),
               500: ("InternalError", "We encountered an internal error. Please try again.")}
 
 
-class S3FaultProxy:
+class S3FaultProxy(_ThreadedHTTP):
     """An HTTP front for an S3 server (moto) that answers some requests itself, like S3 under
     load: every ``fail_every``-th request (1-based; 0: none) gets the next status of
     ``codes`` (503 ``SlowDown``, 500 ``InternalError``, with S3's XML error body; HEAD
@@ -509,8 +517,8 @@ class S3FaultProxy:
 
     def __init__(self, target_port: int, fail_every: int = 3, codes=(503, 500),
                  fail_all: bool = False):
-        import http.client
-        import http.server
+
+
 
         outer = self
         self.target_port, self.fail_every, self.codes = target_port, fail_every, list(codes)
@@ -572,22 +580,7 @@ class S3FaultProxy:
 
             do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _any
 
-        self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._httpd.daemon_threads = True
-        self.port = self._httpd.server_address[1]
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> "S3FaultProxy":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
+        self._serve(Handler)
 
 
 # --- pytest fixtures --------------------------------------------------------------------------
