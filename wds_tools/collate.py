@@ -96,37 +96,16 @@ def pack_batch(ids: Sequence[np.ndarray], spans: Sequence[Spans], rows: Sequence
                alloc: Optional[Alloc] = None) -> Tuple[np.ndarray, Dict[str, int]]:
     """``[5, B, T]`` int64 (input_ids, labels, attention_mask, position_ids, segment_ids) with the
     samples ``rows[r]`` (indexes into ``ids``) laid end to end in row ``r``; ``T`` is the longest
-    row. Counts as in ``pad_batch``."""
+    row. Counts as in ``pad_batch``. (The compact packed batch, expanded: one packing layout.)"""
     lens = [min(len(x), max_seq_len) for x in ids]
     used = [sum(lens[i] for i in r) for r in rows]
     b, t = len(rows), max(used)
-    out = _alloc((5, b, t), alloc)
-    inp, lab, att, pos, seg = (out[k] for k in range(5))
-    inp.fill(pad_id)
-    lab.fill(IGNORE_INDEX)
-    att.fill(0)
-    pos.fill(0)
-    seg.fill(0)
-    truncated = 0
-    ar = np.arange(t)
-    for r, members in enumerate(rows):
-        off = 0
-        for k, i in enumerate(members):
-            n = lens[i]
-            x = ids[i][:n]
-            truncated += len(ids[i]) - n
-            inp[r, off:off + n] = x
-            att[r, off:off + n] = 1
-            pos[r, off:off + n] = ar[:n]
-            seg[r, off:off + n] = k + 1
-            row = lab[r, off:off + n]
-            for s, e in spans[i]:
-                if s >= n:
-                    break
-                row[s:e] = x[s:e]
-            row[0] = IGNORE_INDEX  # never predict a sample's first token from the previous one
-            off += n
+    arrays = {name: np.empty(shape, dt)
+              for name, shape, dt in compact_layout(ids, (len(PACK_FIELDS), b, t), pack=True)}
+    pack_compact(ids, spans, rows, max_seq_len, arrays)
+    out = expand(arrays, pad_id, _alloc((len(PACK_FIELDS), b, t), alloc))
     real = sum(used)
+    truncated = sum(len(ids[i]) - lens[i] for r in rows for i in r)
     return out, {"tokens": real, "padding": b * t - real, "truncated": truncated}
 
 
