@@ -437,10 +437,12 @@ def iter_samples(source: Union[str, Sequence[str]], *, on_error: str = "fail",
             stats.skipped_shards.append((where, str(e)))
 
 
-def iter_tar(url: str, opts: wio.IOOptions = wio.DEFAULT) -> Iterator[Dict[str, Any]]:
+def iter_tar(url: str, opts: wio.IOOptions = wio.DEFAULT,
+             data: Optional[bytes] = None) -> Iterator[Dict[str, Any]]:
     """Samples of a shard read without its index, by walking the tar headers.
 
     Slower than the indexed path; used by ``verify`` and for shards whose index is lost.
+    ``data``: the shard's bytes when the caller already holds them (no second read of ``url``).
     Only ``KEY.input_ids.npy`` and ``KEY.json`` members are decoded (``numpy.load`` with
     ``allow_pickle=False`` and ``json``); any other member is skipped unread.
     """
@@ -449,7 +451,7 @@ def iter_tar(url: str, opts: wio.IOOptions = wio.DEFAULT) -> Iterator[Dict[str, 
 
     where = wio.redact(url)
     cur: Dict[str, Any] = {}
-    with wio.open_range(url, 0, None, opts) as f:
+    with (io.BytesIO(data) if data is not None else wio.open_range(url, 0, None, opts)) as f:
         pos = 0
         while True:
             block = f.read(BLOCK)

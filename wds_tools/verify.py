@@ -36,7 +36,7 @@ def verify_shard(sh: Shard, vocab_size: int) -> List[str]:
     if hashlib.sha256(data).hexdigest() != sh.index["sha256"]:
         problems.append(f"{where}: sha256 mismatch (corrupt or modified shard)")
     try:
-        walked = list(iter_tar(sh.url, sh.opts)) if sh.url else []
+        walked = list(iter_tar(sh.url, sh.opts, data=data))
     except (FormatError, OSError, ValueError) as e:
         problems.append(f"{where}: tar walk failed: {e}")
         walked = []
