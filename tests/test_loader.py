@@ -279,7 +279,7 @@ def test_a_huge_manifest_is_planned_lazily(data, tmp_path, monkeypatch):
     cfg = load_data_config(write_config(str(tmp_path / "huge.yaml"), [{"manifest": str(path)}]))
     t = time.perf_counter()
     b = next(iter(build_loader(cfg, batch_size=16, num_workers=0, max_seq_len=64)))
-    assert time.perf_counter() - t < 2.0
+    assert time.perf_counter() - t < 10.0   # laziness is the open count below; this only catches O(shards) work
     assert b["input_ids"].shape[0] == 16 and len(opened) <= cfg.shuffle.window_blocks
 
 
