@@ -91,9 +91,9 @@ def test_cut_connections_resume_exactly(backend, nginx, s3_env, monkeypatch, dis
             assert _seq(source) == disk_seq
         assert proxy.faults_done == 6
         assert wio.stats.retries - before >= 6
-    if backend == "http":   # HTTP resumes at the exact byte (read1): never from 0 again
-        resumed = [r.getMessage() for r in caplog.records if "retry" in r.getMessage()]
-        assert resumed and all(" at byte 0 " not in m for m in resumed), resumed
+    # both resume at the exact byte where the break came (read1): never from 0 again
+    resumed = [r.getMessage() for r in caplog.records if "retry" in r.getMessage()]
+    assert resumed and all(" at byte 0 " not in m for m in resumed), resumed
     wio._s3_clients.clear()
 
 

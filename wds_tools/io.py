@@ -470,21 +470,37 @@ def _s3_opener(url: str, opts: IOOptions):
         if pos or end is not None:
             kw["Range"] = f"bytes={pos}-" + ("" if end is None else str(end - 1))
         try:
-            return _S3Body(_s3_client(opts).get_object(Bucket=bucket, Key=key, **kw)["Body"])
+            return _S3Body(_s3_client(opts).get_object(Bucket=bucket, Key=key, **kw))
         except Exception as e:  # noqa: BLE001 - botocore raises many types
             raise _s3_error(url, e) from None
     return open_at
 
 
 class _S3Body:
-    """botocore's StreamingBody read in pieces of at most 256 KiB: it fills a whole read before
-    returning, so smaller pieces mean less to re-read after a break."""
+    """A get_object answer read as it arrives.
 
-    def __init__(self, body):
-        self._b = body
+    botocore's ``StreamingBody.read(n)`` fills all ``n`` bytes before returning; the urllib3
+    response under it has ``read1`` (what has arrived, up to n), which is ~15% faster here and
+    loses no received byte when the connection breaks. Reading below botocore skips its length
+    check, so the body counts bytes against ``ContentLength`` itself: an answer that ends early
+    raises (and is resumed) instead of passing as a short object.
+    """
+
+    def __init__(self, resp: dict):
+        self._b = resp["Body"]
+        self._left = resp.get("ContentLength")
+        raw = getattr(self._b, "_raw_stream", None)
+        self._read1 = getattr(raw, "read1", None)
 
     def read(self, n: int) -> bytes:
-        return self._b.read(min(n, 256 << 10))
+        if self._read1 is None:    # urllib3 1.x: botocore's read, in bounded pieces
+            return self._b.read(min(n, 256 << 10))
+        data = self._read1(min(n, _MAX_READ))
+        if self._left is not None:
+            if not data and self._left > 0:
+                raise IOError(f"connection closed with {self._left} bytes of the answer unread")
+            self._left -= len(data)
+        return data
 
     def close(self) -> None:
         self._b.close()
