@@ -181,6 +181,14 @@ from wds_tools.config import parse_data_config
 def rss_mb():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+def peak_mb():
+    # VmHWM: this process image's high-water mark. ru_maxrss is not: Linux carries it over
+    # fork and exec, so a child of a big benchmark process reports its parent's peak.
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 rss0 = rss_mb()
 t1 = time.perf_counter()
 cfg = parse_data_config({"seed": 0, "datasets": [{"name": "big", "manifest": sys.argv[1]}]})
@@ -190,7 +198,7 @@ b = next(iter(loader))
 t2 = time.perf_counter()
 n = loader.plans[0].num_samples
 print(json.dumps({"first_batch_s": t2 - t1, "import_s": t1 - t0, "num_samples": n,
-                  "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "rss_mb": peak_mb(),
                   "rss_imports_mb": rss0, "rss_now_mb": rss_mb(),
                   "batch": list(b["input_ids"].shape)}))
 """
