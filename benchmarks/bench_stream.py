@@ -246,6 +246,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from wds_tools import io as wio
 
     www = tempfile.mkdtemp(prefix="bench_stream_")
+    saved_env = dict(os.environ)
     servers = []
     try:
         folder = os.path.join(www, "ds")
@@ -342,7 +343,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         for srv in servers:
             srv.stop()
         shutil.rmtree(www, ignore_errors=True)
+        _restore_environ(saved_env)
     return 0
+
+
+def _restore_environ(saved: dict) -> None:
+    """Undo the AWS variables set for moto (and the S3 clients made with them): a caller in the
+    same process, such as a test, must not inherit an endpoint that is gone."""
+    from wds_tools import io as wio
+    os.environ.clear()
+    os.environ.update(saved)
+    wio._s3_clients.clear()
 
 
 if __name__ == "__main__":

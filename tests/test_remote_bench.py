@@ -37,3 +37,22 @@ def test_bench_stream_smoke(capsys):
     out = capsys.readouterr().out
     for row in ("disk", "nginx", "moto S3", "curl", "DataLoader 2 workers", "time to first batch"):
         assert row in out
+
+
+@pytest.mark.network
+@pytest.mark.slow
+def test_bench_s3_transport_smoke(tmp_path, capsys):
+    import shutil
+
+    import bench_s3_transport
+    pytest.importorskip("moto.server")
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed (CI installs it)")
+    docs = tmp_path / "b.md"
+    env_before = dict(os.environ)
+    assert bench_s3_transport.main(["--sizes", "1,2", "--total", "4", "--repeat", "1",
+                                    "--docs", str(docs)]) == 0
+    assert dict(os.environ) == env_before   # moto's endpoint does not outlive the benchmark
+    out = capsys.readouterr().out
+    assert "| 1 MB x 4 |" in out and "| 2 MB x 2 |" in out and "wds_tools / curl" in out
+    assert docs.read_text().count("<!-- bench_s3_transport:begin -->") == 1
