@@ -390,8 +390,29 @@ def _hard_close(s: socket.socket) -> None:
 
 # --- a scripted HTTP server --------------------------------------------------------------------
 
+class _QuietHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *a):
+        pass
+
+
 class _ThreadedHTTP:
-    """A threaded HTTP server on 127.0.0.1 (free port), started by ``with``."""
+    """A threaded HTTP server on 127.0.0.1 (free port), started by ``with``.
+
+    Fault schedule shared by the subclasses: ``fail_all`` fails every request, ``fail_every=N``
+    (> 0) every N-th; failures take the next code of ``fail_codes`` (cycled) and count in
+    ``errors_sent``."""
+    fail_all, fail_every, fail_codes, errors_sent = False, 0, [500], 0
+
+    def _periodic_fault(self, n: int) -> Optional[int]:
+        """The status for the ``n``-th request (1-based) by the schedule, or None to serve it.
+        Callers hold their own lock."""
+        if self.fail_all or (self.fail_every and n % self.fail_every == 0):
+            code = self.fail_codes[self.errors_sent % len(self.fail_codes)]
+            self.errors_sent += 1
+            return code
+        return None
 
     def _serve(self, handler) -> None:
         self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -426,7 +447,6 @@ class ScriptedHTTPServer(_ThreadedHTTP):
 
     def __init__(self, root: str, errors=(), honour_ranges: bool = True, fail_every: int = 0,
                  fail_codes=(500, 503), fail_all: bool = False):
-
         outer = self
         self.root, self.errors, self.honour_ranges = root, list(errors), honour_ranges
         self.fail_every, self.fail_codes, self.fail_all = fail_every, list(fail_codes), fail_all
@@ -436,22 +456,12 @@ class ScriptedHTTPServer(_ThreadedHTTP):
 
         def scripted_error() -> Optional[int]:
             with outer._count_lock:
-                n = len(outer.requests)
-                code = None
                 if outer.errors:
-                    code = outer.errors.pop(0)
-                elif outer.fail_all or (outer.fail_every and n % outer.fail_every == 0):
-                    code = outer.fail_codes[outer.errors_sent % len(outer.fail_codes)]
-                if code is not None:
                     outer.errors_sent += 1
-                return code
+                    return outer.errors.pop(0)
+                return outer._periodic_fault(len(outer.requests))
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *a):
-                pass
-
+        class Handler(_QuietHandler):
             def do_HEAD(self):
                 self._serve(body=False)
 
@@ -517,11 +527,8 @@ class S3FaultProxy(_ThreadedHTTP):
 
     def __init__(self, target_port: int, fail_every: int = 3, codes=(503, 500),
                  fail_all: bool = False):
-
-
-
         outer = self
-        self.target_port, self.fail_every, self.codes = target_port, fail_every, list(codes)
+        self.target_port, self.fail_every, self.fail_codes = target_port, fail_every, list(codes)
         self.fail_all = fail_all
         self.requests = self.errors_sent = 0
         self._lock = threading.Lock()
@@ -529,18 +536,9 @@ class S3FaultProxy(_ThreadedHTTP):
         def decide() -> Optional[int]:
             with outer._lock:
                 outer.requests += 1
-                if outer.fail_all or (outer.fail_every and outer.requests % outer.fail_every == 0):
-                    code = outer.codes[outer.errors_sent % len(outer.codes)]
-                    outer.errors_sent += 1
-                    return code
-                return None
+                return outer._periodic_fault(outer.requests)
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *a):
-                pass
-
+        class Handler(_QuietHandler):
             def _any(self):
                 n = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(n) if n else b""
@@ -581,6 +579,23 @@ class S3FaultProxy(_ThreadedHTTP):
             do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _any
 
         self._serve(Handler)
+
+
+def two_dataset_config(folder, name: str, base: str, *, seed: int, weights=(0.5, 0.5),
+                       on_error: str = "fail") -> str:
+    """``folder/NAME.yaml``: a one-epoch mixture of ``BASE/ds`` and ``BASE/ds2`` (the
+    ``remote_dataset`` layout, wherever it is served from) with shard and sample shuffling."""
+    import yaml
+    doc = {"seed": seed, "on_error": on_error,
+           "shuffle": {"shards": True, "samples": True, "block_size": 16, "window_blocks": 4},
+           "datasets": [{"name": "a", "manifest": f"{base}/{DATASET_NAME}/index.json",
+                         "weight": weights[0], "max_epochs": 1},
+                        {"name": "b", "manifest": f"{base}/{DATASET_NAME}2/index.json",
+                         "weight": weights[1], "max_epochs": 1}]}
+    path = os.path.join(str(folder), f"{name}.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(doc, f)
+    return path
 
 
 # --- pytest fixtures --------------------------------------------------------------------------

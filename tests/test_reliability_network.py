@@ -18,11 +18,10 @@ from collections import Counter
 
 import numpy as np
 import pytest
-import yaml
 
 from reliability_log import record
 from servers import (BUCKET, FaultProxy, S3FaultProxy, ScriptedHTTPServer,  # noqa: F401
-                     nginx, remote_dataset, s3, s3_env)
+                     nginx, remote_dataset, s3, s3_env, two_dataset_config)
 from wds_tools import io as wio
 
 torch = pytest.importorskip("torch")
@@ -34,15 +33,8 @@ FAST = wio.IOOptions(timeout=2.0, connect_timeout=2.0, backoff=0.01, max_backoff
 
 
 def _config(tmp_path, name: str, base: str, on_error: str = "fail") -> str:
-    doc = {"seed": 11, "on_error": on_error,
-           "shuffle": {"shards": True, "samples": True, "block_size": 16, "window_blocks": 4},
-           "datasets": [{"name": "a", "manifest": f"{base}/ds/index.json", "weight": 0.6,
-                         "max_epochs": 1},
-                        {"name": "b", "manifest": f"{base}/ds2/index.json", "weight": 0.4,
-                         "max_epochs": 1}]}
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return str(path)
+    return two_dataset_config(tmp_path, name, base, seed=11, weights=(0.6, 0.4),
+                              on_error=on_error)
 
 
 def _samples(cfg_path, opts=FAST):

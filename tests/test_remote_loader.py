@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 
 import pytest
-import yaml
 
-from servers import BUCKET, FaultProxy, nginx, remote_dataset, s3, s3_env  # noqa: F401
+from servers import (BUCKET, FaultProxy, nginx, remote_dataset, s3, s3_env,  # noqa: F401
+                     two_dataset_config)
 from wds_tools import io as wio
 
 pytestmark = pytest.mark.network
@@ -18,15 +18,7 @@ FAST = wio.IOOptions(timeout=2.0, connect_timeout=2.0, backoff=0.01, max_backoff
 
 
 def _config(tmp_path, name: str, base: str) -> str:
-    doc = {"seed": 7, "on_error": "fail",
-           "shuffle": {"shards": True, "samples": True, "block_size": 16, "window_blocks": 4},
-           "datasets": [{"name": "a", "manifest": f"{base}/ds/index.json", "weight": 0.7,
-                         "max_epochs": 1},
-                        {"name": "b", "manifest": f"{base}/ds2/index.json", "weight": 0.3,
-                         "max_epochs": 1}]}
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return str(path)
+    return two_dataset_config(tmp_path, name, base, seed=7, weights=(0.7, 0.3))
 
 
 def _batches(cfg_path, num_workers=0, opts=FAST):
