@@ -55,7 +55,7 @@ def measure(sizes: List[int], total_mb: int, repeat: int) -> List[str]:
     rows = []
     with MotoS3Server(process=True) as moto:
         os.environ.update(moto.env)
-        wio._s3_clients.clear()
+        wio.reset_clients()
         opts = wio.IOOptions()
         c = moto.client()
         c.create_bucket(Bucket=BUCKET)

@@ -353,7 +353,7 @@ def _restore_environ(saved: dict) -> None:
     from wds_tools import io as wio
     os.environ.clear()
     os.environ.update(saved)
-    wio._s3_clients.clear()
+    wio.reset_clients()
 
 
 if __name__ == "__main__":

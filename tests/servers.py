@@ -442,13 +442,15 @@ class ScriptedHTTPServer(_ThreadedHTTP):
     request with them (a server that never recovers). ``honour_ranges=False`` answers every
     GET with the whole file and 200, like a server without range support. ``requests`` logs
     (method, path, Range header); ``errors_sent`` counts the error answers given. Files
-    deleted from ``root`` are 404 from then on (a shard that vanishes).
+    deleted from ``root`` are 404 from then on (a shard that vanishes). ``allow_head=False``
+    answers HEAD with 405 Method Not Allowed, like some object gateways.
     """
 
     def __init__(self, root: str, errors=(), honour_ranges: bool = True, fail_every: int = 0,
-                 fail_codes=(500, 503), fail_all: bool = False):
+                 fail_codes=(500, 503), fail_all: bool = False, allow_head: bool = True):
         outer = self
         self.root, self.errors, self.honour_ranges = root, list(errors), honour_ranges
+        self.allow_head = allow_head
         self.fail_every, self.fail_codes, self.fail_all = fail_every, list(fail_codes), fail_all
         self.errors_sent = 0
         self._count_lock = threading.Lock()
@@ -463,6 +465,13 @@ class ScriptedHTTPServer(_ThreadedHTTP):
 
         class Handler(_QuietHandler):
             def do_HEAD(self):
+                if not outer.allow_head:
+                    outer.requests.append((self.command, self.path, None))
+                    self.send_response(405)
+                    self.send_header("Allow", "GET")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 self._serve(body=False)
 
             def do_GET(self):
@@ -642,9 +651,9 @@ def s3_env(s3, monkeypatch):
     for k, v in s3.env.items():
         monkeypatch.setenv(k, v)
     from wds_tools import io as wio
-    wio._s3_clients.clear()   # clients cache the environment they were made in
+    wio.reset_clients()   # clients cache the environment they were made in
     yield s3
-    wio._s3_clients.clear()
+    wio.reset_clients()
 
 
 if __name__ == "__main__":  # manual check: python tests/servers.py

@@ -8,6 +8,7 @@ import os
 import pytest
 
 from wds_tools import io as wio
+from wds_tools import transport
 
 FAST = wio.IOOptions(backoff=0.0, max_backoff=0.0, max_retries=3)
 SECRET = "s3cr3tSIGNATURE"
@@ -142,7 +143,7 @@ def _scripted(data: bytes, plan):
 def test_resume_at_the_byte_where_it_broke():
     data = os.urandom(10_000)
     opener, opened = _scripted(data, [1000, 2500, ConnectionError("refused"), 10, None])
-    raw = wio._Resuming("http://h/x.tar", opener, 100, 9_000, FAST)
+    raw = transport._Resuming("http://h/x.tar", opener, 100, 9_000, FAST)
     with io.BufferedReader(raw, buffer_size=4096) as f:
         assert f.read() == data[100:9_000]
     assert opened == [100, 1100, 3600, 3600, 3610]
@@ -154,7 +155,7 @@ def test_truncated_body_is_resumed_not_silent():
 
     def open_at(pos, end):   # each body ends early, without an error
         return _Body(data[pos:min(end, pos + 1500)])
-    with io.BufferedReader(wio._Resuming("http://h/x", open_at, 0, 5000, FAST)) as f:
+    with io.BufferedReader(transport._Resuming("http://h/x", open_at, 0, 5000, FAST)) as f:
         assert f.read() == data
 
 
@@ -166,7 +167,7 @@ def test_gives_up_after_max_retries_without_leaking_secrets(caplog):
         raise err
     caplog.set_level(logging.DEBUG, logger="wds_tools")
     with pytest.raises(IOError, match="giving up after 3 retries") as ei:
-        io.BufferedReader(wio._Resuming(url, open_at, 0, 10, FAST)).read()
+        io.BufferedReader(transport._Resuming(url, open_at, 0, 10, FAST)).read()
     assert SECRET not in str(ei.value) and SECRET not in caplog.text
     assert "https://h/x.tar" in str(ei.value)
     assert ei.value.__suppress_context__   # the raw error (with the secret) is not chained
@@ -177,9 +178,9 @@ def test_permanent_errors_are_not_retried():
 
     def open_at(pos, end):
         calls.append(pos)
-        raise wio._NotFound("http://h/x: not found (HTTP 404)")
+        raise transport._NotFound("http://h/x: not found (HTTP 404)")
     with pytest.raises(FileNotFoundError, match="404"):
-        io.BufferedReader(wio._Resuming("http://h/x", open_at, 0, 10, FAST)).read()
+        io.BufferedReader(transport._Resuming("http://h/x", open_at, 0, 10, FAST)).read()
     assert calls == [0]
 
 
@@ -187,12 +188,12 @@ def test_progress_resets_the_failure_count():
     data = os.urandom(50_000)
     # fails 10 times in all (more than max_retries=3) but never twice without progress
     opener, _ = _scripted(data, [3000] * 10)
-    with io.BufferedReader(wio._Resuming("http://h/x", opener, 0, 50_000, FAST)) as f:
+    with io.BufferedReader(transport._Resuming("http://h/x", opener, 0, 50_000, FAST)) as f:
         assert f.read() == data
 
 
 def test_empty_range_opens_nothing():
     def open_at(pos, end):
         raise AssertionError("opened")
-    with io.BufferedReader(wio._Resuming("http://h/x", open_at, 7, 7, FAST)) as f:
+    with io.BufferedReader(transport._Resuming("http://h/x", open_at, 7, 7, FAST)) as f:
         assert f.read() == b""

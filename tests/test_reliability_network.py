@@ -84,7 +84,7 @@ def clean_batches(remote_dataset, tmp_path_factory):
 
 def _s3_through(monkeypatch, url: str) -> None:
     monkeypatch.setenv("AWS_ENDPOINT_URL", url)
-    wio._s3_clients.clear()
+    wio.reset_clients()
 
 
 # --- broken, stalled, slow connections ---------------------------------------------------------
@@ -119,7 +119,7 @@ def test_broken_connections_lose_nothing(mode, backend, nginx, s3_env, monkeypat
     assert injected == faults
     assert got == clean and lost == dup == 0
     assert retries >= injected
-    wio._s3_clients.clear()
+    wio.reset_clients()
 
 
 def test_slow_trickle_is_not_a_stall(nginx, tmp_path, clean):
@@ -185,7 +185,7 @@ def test_s3_throttling(s3_env, monkeypatch, tmp_path, clean, clean_batches):
                 f"and 2 DataLoader workers (worker retries not counted in 'detected')")
     assert injected >= 10 and in_process >= 1
     assert got == clean and got_w == clean_w
-    wio._s3_clients.clear()
+    wio.reset_clients()
 
 
 # --- a shard that vanishes ----------------------------------------------------------------------
@@ -318,5 +318,5 @@ def test_retries_exhausted_clear_error(backend, remote_dataset, s3_env, monkeypa
            note=f"max_retries=3: IOError 'giving up after 3 retries' in "
                 f"{', '.join(f'{t:.2f}s' for _, t in errors)} (in process, 2 workers); "
                 f"{attempts[0]} attempts in process")
-    wio._s3_clients.clear()
+    wio.reset_clients()
 

@@ -66,11 +66,11 @@ def test_aws_profile_is_honoured(s3, tmp_path, monkeypatch, disk_seq):
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
     monkeypatch.setenv("AWS_PROFILE", "moto")
-    wio._s3_clients.clear()
+    wio.reset_clients()
     try:
         assert _seq(f"s3://{BUCKET}/ds/index.json") == disk_seq
     finally:
-        wio._s3_clients.clear()
+        wio.reset_clients()
 
 
 # --- faults ------------------------------------------------------------------------------------
@@ -84,17 +84,17 @@ def test_cut_connections_resume_exactly(backend, nginx, s3_env, monkeypatch, dis
             source = f"{proxy.url}/ds/index.json"
         else:
             monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
-            wio._s3_clients.clear()
+            wio.reset_clients()
             source = f"s3://{BUCKET}/ds/index.json"
         before = wio.stats.retries
-        with caplog.at_level(logging.WARNING, logger="wds_tools.io"):
+        with caplog.at_level(logging.WARNING, logger="wds_tools.transport"):
             assert _seq(source) == disk_seq
         assert proxy.faults_done == 6
         assert wio.stats.retries - before >= 6
     # both resume at the exact byte where the break came (read1): never from 0 again
     resumed = [r.getMessage() for r in caplog.records if "retry" in r.getMessage()]
     assert resumed and all(" at byte 0 " not in m for m in resumed), resumed
-    wio._s3_clients.clear()
+    wio.reset_clients()
 
 
 def test_stalled_connection_times_out_and_resumes(nginx, disk_seq):
@@ -158,11 +158,11 @@ def test_no_credentials_in_errors_or_logs(nginx, s3_env, monkeypatch, caplog):
                                                   max_retries=1))
     # S3: the environment's secret key never shows, whatever fails
     monkeypatch.setenv("AWS_ENDPOINT_URL", dead.split("/ds/")[0])
-    wio._s3_clients.clear()
+    wio.reset_clients()
     with pytest.raises(IOError) as e3:
         wio.read_bytes(f"s3://{BUCKET}/ds/index.json", wio.IOOptions(connect_timeout=0.5,
                                                                        backoff=0.01, max_retries=1))
-    wio._s3_clients.clear()
+    wio.reset_clients()
     # ours at every level, anyone's at WARNING and above (urllib3's and botocore's DEBUG
     # lines print request URLs; that is their business and off by default)
     logged = "\n".join(r.getMessage() for r in caplog.records
@@ -225,3 +225,25 @@ def test_cache_refetches_a_changed_object(tmp_path):
         (www / "a.tar").write_bytes(b"y" * 1000)
         ShardCache.for_options(opts)._versions.clear()   # skip the 60 s version memo
         assert wio.read_range(f"{srv.url}/a.tar", 0, 4, opts) == b"yyyy"
+
+
+@pytest.mark.parametrize("honour_ranges", [True, False])
+def test_server_refusing_head_works_with_the_cache(remote_dataset, disk_seq, tmp_path,
+                                                   honour_ranges):
+    """HEAD answered with 405: size and version come from a one-byte ranged GET (the total of
+    Content-Range, or the Content-Length of a server that ignores ranges), so the cache stores
+    whole shards, not the one-byte answer."""
+    opts = wio.IOOptions(cache_dir=str(tmp_path / "c"), timeout=5, backoff=0.01)
+    with ScriptedHTTPServer(remote_dataset, allow_head=False, honour_ranges=honour_ranges) as srv:
+        url = f"{srv.url}/ds/shard-r00000-000000.tar"
+        size = os.path.getsize(os.path.join(remote_dataset, "ds", "shard-r00000-000000.tar"))
+        assert wio.object_size(url, opts) == size
+        assert wio.object_version(url, opts).startswith(f"{size}|")
+        for _ in range(2):   # the second pass reads the cached copies
+            assert _seq(f"{srv.url}/ds/index.json", opts) == disk_seq
+        assert ("HEAD", "/ds/shard-r00000-000000.tar", None) in srv.requests
+    cached = [f for f in os.listdir(tmp_path / "c") if f.endswith(".tar")]
+    assert len(cached) == 3
+    shards = [f for f in os.listdir(os.path.join(remote_dataset, "ds")) if f.endswith(".tar")]
+    assert sorted(os.path.getsize(tmp_path / "c" / f) for f in cached) == sorted(
+        os.path.getsize(os.path.join(remote_dataset, "ds", f)) for f in shards)

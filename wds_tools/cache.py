@@ -1,7 +1,14 @@
 """A size-limited local cache of whole remote shards, safe for several processes.
 
-Enabled through ``IOOptions(cache_dir=..., cache_max_bytes=...)``: ``io.open_range`` on a
-remote ``.tar`` then fetches the whole shard once into the cache and reads it locally.
+Enabled through ``IOOptions(cache_dir=..., cache_max_bytes=...)`` (or the data config's
+``cache: {dir, max_bytes}``, or ``--cache-dir``): :func:`wds_tools.io.open_range` on a remote
+``.tar`` then fetches the whole shard once into the cache and reads it locally. The cache sits
+between the transport (below: it downloads through :mod:`wds_tools.transport`) and the ``io``
+front (above: it decides when to use the cache); it never calls back up.
+
+- **Multi-node**: use one cache folder per node on local disk (``/tmp``, NVMe), shared by the
+  node's ranks and DataLoader workers; a folder shared across nodes over NFS works only if
+  ``fcntl`` locks do there, and gains nothing over streaming.
 
 - **Keys**: the SHA-256 of the redacted URL (scheme, host, port, full path; no credentials) and
   of the object's version (size, ETag, Last-Modified), so two datasets with equal shard names
@@ -25,10 +32,9 @@ import os
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import replace
 from typing import Dict, Iterator, Optional, Tuple
 
-from . import io as wio
+from . import transport as wio
 
 __all__ = ["ShardCache"]
 
@@ -49,7 +55,7 @@ class ShardCache:
             raise ValueError("cache max_bytes must be > 0")
         self.root, self.max_bytes = os.path.abspath(root), int(max_bytes)
         os.makedirs(os.path.join(self.root, "locks"), exist_ok=True)
-        self._versions: Dict[str, Tuple[float, str]] = {}
+        self._versions: Dict[str, Tuple[float, wio.ObjectInfo]] = {}
         self.hits = self.misses = self.evictions = 0
 
     @classmethod
@@ -68,14 +74,14 @@ class ShardCache:
         base = os.path.basename(wio.redact(url).rstrip("/"))[-80:] or "object"
         return f"{h}-{base}"
 
-    def _version(self, url: str, opts: wio.IOOptions) -> str:
+    def _info(self, url: str, opts: wio.IOOptions) -> wio.ObjectInfo:
         now = time.monotonic()
         hit = self._versions.get(url)
         if hit is not None and now - hit[0] < _VERSION_TTL_S:
             return hit[1]
-        v = wio.object_version(url, opts)
-        self._versions[url] = (now, v)
-        return v
+        info = wio.object_info(url, opts)
+        self._versions[url] = (now, info)
+        return info
 
     @contextmanager
     def _flock(self, name: str) -> Iterator[None]:
@@ -87,19 +93,18 @@ class ShardCache:
                 fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
     # -- public ----------------------------------------------------------------------------
-    def fetch(self, url: str, opts: wio.IOOptions = wio.DEFAULT) -> str:
+    def fetch(self, url: str, opts: wio.IOOptions = wio.DEFAULT) -> Optional[str]:
         """Local path of the whole object at ``url``, downloading it if needed.
 
-        Objects larger than ``max_bytes`` are not cached; their URL is returned unchanged,
-        which ``open_range`` then streams."""
-        direct = replace(opts, cache_dir=None)
-        version = self._version(url, direct)
-        size = int(version.split("|", 1)[0] or -1)
+        Objects larger than ``max_bytes`` are not cached: None is returned, and the caller
+        streams the object instead."""
+        info = self._info(url, opts)
+        size = info.size
         if size > self.max_bytes:
             log.warning("%s: %d bytes do not fit the %d-byte cache; streaming it",
                         wio.redact(url), size, self.max_bytes)
-            return url
-        name = self.entry_name(url, version)
+            return None
+        name = self.entry_name(url, info.version)
         path = os.path.join(self.root, name)
         if self._touch(path):
             self.hits += 1
@@ -109,8 +114,8 @@ class ShardCache:
                 self.hits += 1
                 return path
             self.misses += 1
-            self._make_room(max(size, 0))
-            self._download(url, path, size, direct)
+            self._make_room(size)
+            self._download(url, path, size, opts)
         return path
 
     def cached_bytes(self) -> int:
@@ -161,7 +166,7 @@ class ShardCache:
         tmp = f"{path}.{os.getpid()}.{threading.get_ident()}{_TMP}"
         try:
             got = 0
-            with wio.open_range(url, 0, size if size >= 0 else None, opts) as src, \
+            with wio.open_direct(url, 0, size, opts) as src, \
                     open(tmp, "wb") as dst:
                 while True:
                     b = src.read(opts.chunk_size)
@@ -169,7 +174,7 @@ class ShardCache:
                         break
                     dst.write(b)
                     got += len(b)
-            if size >= 0 and got != size:
+            if got != size:
                 raise IOError(f"{wio.redact(url)}: downloaded {got} of {size} bytes")
             os.replace(tmp, path)
         except BaseException:

@@ -1,16 +1,17 @@
-"""Byte access to local files, HTTP(S) and S3, with ranges and resumable retries.
+"""Transport: byte access to local files, HTTP(S) and S3, with ranges and resumable retries.
 
-Every opener returns a binary stream over ``[start, end)`` of one object. Remote streams that
-drop mid-way (reset, timeout, truncated body, 5xx, 429) are re-opened at the byte where they
-broke, after a jittered exponential backoff, so callers see one uninterrupted stream or, when
-retries run out, an ``IOError`` naming the URL. Errors that retrying cannot fix (404, 403, 416)
-fail at once; a missing object raises ``FileNotFoundError`` whatever its scheme.
+The bottom layer of ``wds_tools`` (it imports nothing of the package). Every opener returns a
+binary stream over ``[start, end)`` of one object. Remote streams that drop mid-way (reset,
+timeout, truncated body, 5xx, 429) are re-opened at the byte where they broke, after a jittered
+exponential backoff, so callers see one uninterrupted stream or, when retries run out, an
+``IOError`` naming the URL. Errors that retrying cannot fix (404, 403, 416) fail at once; a
+missing object raises ``FileNotFoundError`` whatever its scheme.
 
 ``pipe:`` URLs are refused unless ``IOOptions(allow_pipe=True)``. URLs are redacted (no user
 info, no query string such as a signature) in every message and log line.
 
-Remote reads may go through a size-limited local cache of whole shards
-(``IOOptions(cache_dir=...)``, see :mod:`wds_tools.cache`).
+Policy lives above this module: :mod:`wds_tools.cache` (whole-shard cache) and
+:mod:`wds_tools.io` (the ``open_range`` front that consults the cache, then this module).
 """
 from __future__ import annotations
 
@@ -24,13 +25,12 @@ import re
 import subprocess
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
-__all__ = ["IOOptions", "IOStats", "stats", "open_range", "read_range", "read_bytes", "read_json",
-           "object_size", "object_version", "join_url", "is_remote", "redact", "scrub",
-           "local_path"]
+__all__ = ["IOOptions", "IOStats", "ObjectInfo", "stats", "DEFAULT", "open_direct", "object_info",
+           "join_url", "is_remote", "redact", "scrub", "local_path", "reset_clients"]
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,9 @@ class IOOptions:
             ``max_backoff``, each multiplied by a random factor in [0.5, 1.5).
         allow_pipe: let ``pipe:CMD`` URLs run a shell command (off: they are refused).
         chunk_size: buffer size of the returned streams.
-        cache_dir: if set, remote ``.tar`` shards are fetched whole into this folder and read
-            from there (see :mod:`wds_tools.cache`).
+        cache_dir: if set, :func:`wds_tools.io.open_range` fetches remote ``.tar`` shards
+            whole into this folder and reads them from there (see :mod:`wds_tools.cache`; the
+            transport itself never caches).
         cache_max_bytes: size limit of ``cache_dir``; least recently used shards are evicted.
         verify_checksums: readers that honour it (the streaming loader) re-hash every shard
             when they open it and treat a sha256 mismatch with its index as a bad shard.
@@ -508,9 +509,10 @@ class _S3Body:
 
 # --- public API ------------------------------------------------------------------------------
 
-def open_range(url: str, start: int = 0, end: Optional[int] = None,
-               opts: IOOptions = DEFAULT) -> io.BufferedReader:
-    """A buffered binary stream over bytes ``[start, end)`` of ``url`` (``end=None``: to the end).
+def open_direct(url: str, start: int = 0, end: Optional[int] = None,
+                opts: IOOptions = DEFAULT) -> io.BufferedReader:
+    """A buffered binary stream over bytes ``[start, end)`` of ``url`` (``end=None``: to the end),
+    straight from its source (no cache: that is :func:`wds_tools.io.open_range`'s policy).
 
     Remote streams resume where they broke; see the module docstring. Nothing is requested
     until the first read.
@@ -527,21 +529,18 @@ def open_range(url: str, start: int = 0, end: Optional[int] = None,
         proc = subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE)  # noqa: S602 (opt-in)
         return io.BufferedReader(_PipeRaw(proc), buffer_size=opts.chunk_size)
     if url.startswith(("http://", "https://", "s3://")):
-        if opts.cache_dir and urlsplit(url).path.endswith(".tar"):
-            from .cache import ShardCache
-            path = ShardCache.for_options(opts).fetch(url, opts)
-            if path != url:
-                return _open_local(path, start, end, opts)
         opener = _http_opener if url.startswith("http") else _s3_opener
         raw = _Resuming(url, opener(url, opts), start, end, opts)
         return io.BufferedReader(raw, buffer_size=opts.chunk_size)
     if "://" in url and not url.startswith("file://"):
         raise ValueError(f"unsupported URL scheme in {redact(url)!r} (local path, file://, "
                          "http(s)://, s3:// are supported)")
-    return _open_local(local_path(url), start, end, opts)
+    return open_local(local_path(url), start, end, opts)
 
 
-def _open_local(path: str, start: int, end: Optional[int], opts: IOOptions) -> io.BufferedReader:
+def open_local(path: str, start: int = 0, end: Optional[int] = None,
+               opts: IOOptions = DEFAULT) -> io.BufferedReader:
+    """``[start, end)`` of a local file, buffered like the remote streams."""
     try:
         f = open(path, "rb", buffering=0)
     except FileNotFoundError:
@@ -565,60 +564,45 @@ class _PipeRaw(io.RawIOBase):
         super().close()
 
 
-def read_range(url: str, start: int, end: int, opts: IOOptions = DEFAULT) -> bytes:
-    """Exactly the bytes ``[start, end)``; a short object raises ``IOError``."""
-    with open_range(url, start, end, opts) as f:
-        data = f.read(end - start)
-    if len(data) != end - start:
-        raise IOError(f"{redact(url)}: got {len(data)} of {end - start} bytes at {start} "
-                      "(object truncated?)")
-    return data
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What a cache needs to know of an object without reading it.
+
+    ``version`` changes when the object changes: size plus ETag/Last-Modified (remote) or size
+    plus mtime (local).
+    """
+
+    size: int
+    version: str
 
 
-def read_bytes(url: str, opts: IOOptions = DEFAULT) -> bytes:
-    """The whole object (retried and resumed like any remote read; a body shorter than its
-    Content-Length counts as a dropped connection, not as the end)."""
-    with open_range(url, 0, None, opts) as f:
-        return f.read()
-
-
-def read_json(url: str, opts: IOOptions = DEFAULT) -> Any:
-    try:
-        return json.loads(read_bytes(url, opts))
-    except ValueError as e:
-        raise ValueError(f"{redact(url)}: not valid JSON: {e}") from None
-
-
-def _http_head(url: str, opts: IOOptions):
-    r = _http_session().head(url, timeout=(opts.connect_timeout, opts.timeout),
-                             allow_redirects=True, headers={"Accept-Encoding": "identity"})
-    if r.status_code == 405:  # HEAD not allowed: a one-byte ranged GET tells the size
-        r = _http_session().get(url, headers={"Range": "bytes=0-0",
-                                              "Accept-Encoding": "identity"},
-                                timeout=(opts.connect_timeout, opts.timeout))
+def _http_probe(url: str, opts: IOOptions) -> ObjectInfo:
+    """Size and version from a HEAD answer, or, where the server refuses HEAD (405), from a
+    one-byte ranged GET: there the size is the total of ``Content-Range`` (206) or the
+    ``Content-Length`` of a server that ignored the range (200), never the 1-byte body."""
+    s = _http_session()
+    timeout = (opts.connect_timeout, opts.timeout)
+    r = s.head(url, timeout=timeout, allow_redirects=True, headers={"Accept-Encoding": "identity"})
+    if r.status_code == 405:
+        r = s.get(url, headers={"Range": "bytes=0-0", "Accept-Encoding": "identity"},
+                  timeout=timeout, stream=True)
+        r.close()   # the body (one byte, or the whole object if Range was ignored) is not read
     if r.status_code >= 400:
         raise _http_status_error(url, r)
-    return r
-
-
-def object_size(url: str, opts: IOOptions = DEFAULT) -> int:
-    """Size in bytes of a local file or remote object."""
-    if url.startswith(("http://", "https://")):
-        r = _call_with_retries(url, lambda: _http_head(url, opts), opts)
-        cr = r.headers.get("Content-Range", "")
-        if r.status_code == 206 and "/" in cr and cr.rsplit("/", 1)[1].isdigit():
-            return int(cr.rsplit("/", 1)[1])
-        if "Content-Length" not in r.headers:
-            raise IOError(f"{redact(url)}: the server does not report a Content-Length")
-        return int(r.headers["Content-Length"])
-    if url.startswith("s3://"):
-        return int(_s3_head(url, opts)["ContentLength"])
-    if url.startswith("pipe:"):
-        raise ValueError("pipe: URLs have no size")
-    try:
-        return os.path.getsize(local_path(url))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{local_path(url)}: no such file") from None
+    size: Optional[int] = None
+    cr = r.headers.get("Content-Range", "")
+    if r.status_code == 206:
+        total = cr.rsplit("/", 1)[1] if "/" in cr else ""
+        if not total.isdigit():
+            raise IOError(f"{redact(url)}: the server does not report the object's size "
+                          f"(Content-Range {cr!r})")
+        size = int(total)
+    elif r.headers.get("Content-Length", "").isdigit():
+        size = int(r.headers["Content-Length"])
+    if size is None:
+        raise IOError(f"{redact(url)}: the server does not report a Content-Length")
+    return ObjectInfo(size, f"{size}|{r.headers.get('ETag', '')}|"
+                            f"{r.headers.get('Last-Modified', '')}")
 
 
 def _s3_head(url: str, opts: IOOptions) -> dict:
@@ -632,15 +616,24 @@ def _s3_head(url: str, opts: IOOptions) -> dict:
     return _call_with_retries(url, head, opts)
 
 
-def object_version(url: str, opts: IOOptions = DEFAULT) -> str:
-    """A string that changes when the object changes: size plus ETag/Last-Modified (remote)
-    or size plus mtime (local). Used to validate cached copies."""
+def object_info(url: str, opts: IOOptions = DEFAULT) -> ObjectInfo:
+    """Size and version of a local file or remote object (one HEAD, retried)."""
     if url.startswith(("http://", "https://")):
-        r = _call_with_retries(url, lambda: _http_head(url, opts), opts)
-        size = r.headers.get("Content-Length", "")
-        return f"{size}|{r.headers.get('ETag', '')}|{r.headers.get('Last-Modified', '')}"
+        return _call_with_retries(url, lambda: _http_probe(url, opts), opts)
     if url.startswith("s3://"):
         h = _s3_head(url, opts)
-        return f"{h['ContentLength']}|{h.get('ETag', '')}|{h.get('LastModified', '')}"
-    st = os.stat(local_path(url))
-    return f"{st.st_size}|{st.st_mtime_ns}"
+        size = int(h["ContentLength"])
+        return ObjectInfo(size, f"{size}|{h.get('ETag', '')}|{h.get('LastModified', '')}")
+    if url.startswith("pipe:"):
+        raise ValueError("pipe: URLs have no size")
+    try:
+        st = os.stat(local_path(url))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{local_path(url)}: no such file") from None
+    return ObjectInfo(st.st_size, f"{st.st_size}|{st.st_mtime_ns}")
+
+
+def reset_clients() -> None:
+    """Forget the cached S3 clients (they hold the AWS environment they were made in)."""
+    with _lock:
+        _s3_clients.clear()
