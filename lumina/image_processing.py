@@ -39,6 +39,7 @@ __all__ = [
     "crop_rng",
     "crop_size_list",
     "load_image",
+    "load_image_bytes",
     "pick_crop_size",
     "prepare_image",
     "resize_and_crop",
@@ -164,14 +165,36 @@ def load_image(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.I
     return img
 
 
+def load_image_bytes(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """:func:`load_image` of an image held in memory; ``name`` stands for the path in messages."""
+    import io
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            if img.size[0] * img.size[1] > max_pixels:
+                raise BadItem("oversize_image", f"{name}: {img.size[0]}x{img.size[1]} exceeds {max_pixels} pixels")
+            img.load()
+    except BadItem:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadItem("oversize_image", f"{name}: {e}") from None
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's ways of saying "cannot decode"
+        raise BadItem("unreadable_image", f"{name}: {type(e).__name__}: {e}") from None
+    return img
+
+
 def prepare_image(
     path: str,
     crop_sizes: list[tuple[int, int]],
     rng: Optional[random.Random],
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    data: Optional[bytes] = None,
 ) -> PreparedImage:
-    """Load, pick the crop size, resize and crop, convert to RGB."""
-    img = load_image(path, max_pixels)
+    """Load, pick the crop size, resize and crop, convert to RGB. ``data``: the file's bytes,
+    already in memory (a raw shard's member); ``path`` then only names it in messages."""
+    img = load_image(path, max_pixels) if data is None else load_image_bytes(data, path, max_pixels)
     orig_size = img.size
     try:
         cropped, box, resized = resize_and_crop(img, pick_crop_size(img.size, crop_sizes), rng,
