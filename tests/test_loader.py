@@ -55,11 +55,12 @@ def test_batches_hold_the_samples_their_keys_name(data, tmp_path):
     it = iter(loader)
     for _ in range(30):
         b = next(it)
-        assert set(b) == {"input_ids", "labels", "attention_mask", "dataset", "__key__"}
+        assert set(b) == {"input_ids", "labels", "attention_mask", "lengths", "dataset", "__key__"}
         assert b["input_ids"].dtype == torch.int64 and b["input_ids"].shape[0] == 4
         for r, key in enumerate(b["__key__"]):
             ids, labels = truth[key]
             n = min(len(ids), 40)
+            assert int(b["lengths"][r]) == n
             assert b["dataset"][r] == key.split("-")[0]
             assert b["attention_mask"][r].tolist() == [1] * n + [0] * (b["input_ids"].shape[1] - n)
             assert b["input_ids"][r, :n].tolist() == ids[:n].tolist()
@@ -263,7 +264,7 @@ def test_truncated_shard_policies(data, tmp_path, num_workers):
 
 def test_a_huge_manifest_is_planned_lazily(data, tmp_path, monkeypatch):
     """10,000 shards / 4 million samples: no shard index is read up front."""
-    from wds_tools import loader as L
+    from wds_tools import stream as L
     big = json.load(open(data[1]["big"]))
     one = dict(big["shards"][0])
     one["path"] = os.path.join(os.path.dirname(data[1]["big"]), one["path"])

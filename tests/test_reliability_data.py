@@ -15,7 +15,7 @@ from reliability_log import record
 
 from wds_tools.config import parse_data_config
 from wds_tools.format import FormatError
-from wds_tools.loader import iter_samples as loader_samples
+from wds_tools.loader import iter_mixed as loader_samples
 from wds_tools.merge import MergeError, merge
 from wds_tools.reader import ReadStats, Shard, iter_samples
 from wds_tools.verify import verify

@@ -16,7 +16,7 @@ from reliability_log import record
 from wds_tools import io as wio
 from wds_tools.config import config_summary, load_data_config, parse_data_config
 from wds_tools.format import FormatError, _member, tar_header
-from wds_tools.loader import iter_samples as loader_samples
+from wds_tools.loader import iter_mixed as loader_samples
 from wds_tools.merge import merge
 from wds_tools.reader import Shard, iter_samples, iter_tar, load_manifest, open_shards
 from wds_tools.verify import verify

@@ -22,7 +22,7 @@ import numpy as np
 
 from .format import IGNORE_INDEX
 
-__all__ = ["pad_batch", "pack_batch", "PAD_FIELDS", "PACK_FIELDS", "to_torch", "rows_for_packing",
+__all__ = ["pad_batch", "pack_batch", "PAD_FIELDS", "PACK_FIELDS", "rows_for_packing",
            "pad_compact", "pack_compact", "compact_layout", "expand"]
 
 PAD_FIELDS = ("input_ids", "labels", "attention_mask")
@@ -198,11 +198,3 @@ def expand(arrays: Dict[str, np.ndarray], pad_id: int, out: Optional[np.ndarray]
     lab[...] = inp
     np.copyto(lab, IGNORE_INDEX, where=ign)
     return out
-
-
-def to_torch(arr: np.ndarray, fields: Sequence[str]) -> Dict[str, "object"]:
-    """Name the planes of a ``[k, B, T]`` array as torch tensors sharing its memory."""
-    import torch
-
-    t = torch.from_numpy(arr) if isinstance(arr, np.ndarray) else arr
-    return {f: t[k] for k, f in enumerate(fields)}

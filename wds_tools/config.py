@@ -34,16 +34,17 @@ from __future__ import annotations
 import os
 import posixpath
 import re
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from dataclasses import dataclass, field, replace
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 from urllib.parse import urlsplit
 
 import yaml
 
-from .io import redact
+from .io import IOOptions, redact
 
-__all__ = ["DatasetConfig", "ShuffleConfig", "DataConfig", "load_data_config",
-           "parse_data_config", "config_summary", "WEIGHT_BY", "ON_ERROR"]
+__all__ = ["DatasetConfig", "ShuffleConfig", "CacheConfig", "DataConfig", "load_data_config",
+           "parse_data_config", "resolve_data_config", "parse_bytes", "config_summary",
+           "WEIGHT_BY", "ON_ERROR"]
 
 WEIGHT_BY = ("samples", "tokens")
 ON_ERROR = ("skip", "fail")
@@ -80,6 +81,15 @@ class ShuffleConfig:
 
 
 @dataclass(frozen=True)
+class CacheConfig:
+    """The local whole-shard cache for remote datasets (``cache: {dir, max_bytes}``): one folder
+    per node on local disk, shared by the node's ranks and workers (see ``wds_tools.cache``)."""
+
+    dir: str
+    max_bytes: int = 64 << 30
+
+
+@dataclass(frozen=True)
 class DataConfig:
     datasets: Tuple[DatasetConfig, ...]
     seed: int = 0
@@ -90,6 +100,19 @@ class DataConfig:
     allow_pipe: bool = False          # pipe: manifests accepted (also needs IOOptions(allow_pipe))
     allowed_roots: Tuple[str, ...] = ()   # where manifests may live; () = anywhere
     verify_checksums: bool = False    # re-hash every shard on open (sha256 vs its index)
+    cache: Optional[CacheConfig] = None   # cache remote shards whole in a local folder
+
+    def io_options(self, base: IOOptions) -> IOOptions:
+        """``base`` with what this config switches on: ``allow_pipe``, ``verify_checksums`` and
+        the cache (a cache already set in ``base``, e.g. by a command-line flag, wins)."""
+        kw: Dict[str, Any] = {}
+        if self.allow_pipe and not base.allow_pipe:
+            kw["allow_pipe"] = True
+        if self.verify_checksums and not base.verify_checksums:
+            kw["verify_checksums"] = True
+        if self.cache is not None and not base.cache_dir:
+            kw["cache_dir"], kw["cache_max_bytes"] = self.cache.dir, self.cache.max_bytes
+        return replace(base, **kw) if kw else base
 
     @property
     def bounded(self) -> bool:
@@ -132,7 +155,7 @@ def parse_data_config(doc: Any, where: str = "<dict>", base_dir: Optional[str] =
     if "META" in doc and "datasets" in doc:
         raise ValueError(f"{where}: give either 'datasets' or 'META', not both")
     known = {"datasets", "META", "seed", "weight_by", "on_error", "shuffle", "allow_pipe",
-             "allowed_roots", "verify_checksums"}
+             "allowed_roots", "verify_checksums", "cache"}
     _no_unknown(doc, known, where)
     pipe_ok = _bool(doc.get("allow_pipe", False), f"{where}: allow_pipe") or bool(allow_pipe)
     cfg_roots = _roots(doc.get("allowed_roots"), f"{where}: allowed_roots", base_dir)
@@ -155,7 +178,78 @@ def parse_data_config(doc: Any, where: str = "<dict>", base_dir: Optional[str] =
                       on_error=on_error, shuffle=shuffle, source=where, allow_pipe=pipe_ok,
                       allowed_roots=tuple(cfg_roots or ()) + tuple(caller_roots or ()),
                       verify_checksums=_bool(doc.get("verify_checksums", False),
-                                             f"{where}: verify_checksums"))
+                                             f"{where}: verify_checksums"),
+                      cache=_cache(doc.get("cache"), f"{where}: cache", base_dir))
+
+
+def resolve_data_config(source: Union["DataConfig", str], *, seed: Optional[int] = None,
+                        shuffle: Optional[bool] = None, max_epochs: Optional[int] = None,
+                        weight_by: Optional[str] = None,
+                        on_error: Optional[str] = None) -> "DataConfig":
+    """A ``DataConfig`` from what a user has at hand, with arguments overriding the config.
+
+    ``source``: a ``DataConfig``, a data config YAML (``.yaml``/``.yml``), or a dataset
+    manifest (a local path or URL of ``index.json``: one dataset, weight 1). ``shuffle=False``
+    reads in stored order; ``max_epochs`` bounds every dataset (the stream then ends)."""
+    if isinstance(source, DataConfig):
+        cfg = source
+    elif not isinstance(source, str):
+        raise TypeError(f"expected a DataConfig, a config YAML or a manifest, got {source!r}")
+    elif source.lower().endswith((".yaml", ".yml")):
+        cfg = load_data_config(source)
+    else:
+        local = "://" not in source
+        cfg = parse_data_config({"datasets": [{"manifest": source}]}, where=redact(source),
+                                base_dir=os.getcwd() if local else None)
+    kw: Dict[str, Any] = {}
+    if seed is not None:
+        kw["seed"] = _int(seed, "seed", lo=0)
+    if weight_by is not None:
+        kw["weight_by"] = _choice(weight_by, WEIGHT_BY, "weight_by")
+    if on_error is not None:
+        kw["on_error"] = _choice(on_error, ON_ERROR, "on_error")
+    if shuffle is not None:
+        kw["shuffle"] = replace(cfg.shuffle, shards=_bool(shuffle, "shuffle"), samples=shuffle)
+    if max_epochs is not None:
+        n = _int(max_epochs, "max_epochs", lo=1)
+        kw["datasets"] = tuple(replace(d, max_epochs=n) for d in cfg.datasets)
+    return replace(cfg, **kw) if kw else cfg
+
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_bytes(v: Any, at: str) -> int:
+    """A byte count: an integer, or a string like ``"500M"``, ``"64G"``, ``"1.5TB"`` (powers of
+    1024)."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        n = v
+    elif isinstance(v, str):
+        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", v)
+        if not m:
+            raise ValueError(f"{at}: not a byte count: {v!r} (use e.g. 500M, 64G, 1T or bytes)")
+        n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    else:
+        raise ValueError(f"{at}: not a byte count: {v!r} (use e.g. 500M, 64G, 1T or bytes)")
+    if n <= 0:
+        raise ValueError(f"{at}: must be > 0 bytes, got {v!r}")
+    return n
+
+
+def _cache(doc: Any, at: str, base_dir: Optional[str]) -> Optional[CacheConfig]:
+    if doc is None:
+        return None
+    if not isinstance(doc, Mapping):
+        raise ValueError(f"{at}: must be a mapping {{dir: PATH, max_bytes: SIZE}}")
+    _no_unknown(doc, {"dir", "max_bytes"}, at)
+    d = doc.get("dir")
+    if not isinstance(d, str) or not d.strip() or "://" in d or "\0" in d:
+        raise ValueError(f"{at}.dir: required, a local folder path, got {d!r}")
+    d = os.path.expanduser(os.path.expandvars(d))
+    if not os.path.isabs(d) and base_dir is not None:
+        d = os.path.join(base_dir, d)
+    size = parse_bytes(doc.get("max_bytes", 64 << 30), f"{at}.max_bytes")
+    return CacheConfig(dir=os.path.normpath(d), max_bytes=size)
 
 
 # --- entries ---------------------------------------------------------------------------------
@@ -377,4 +471,5 @@ def config_summary(cfg: DataConfig) -> Dict[str, Any]:
             "on_error": cfg.on_error, "shuffle": vars(cfg.shuffle).copy(),
             "datasets": [dict(vars(d), manifest=redact(d.manifest)) for d in cfg.datasets],
             **({"allowed_roots": [redact(r) for r in cfg.allowed_roots]} if cfg.allowed_roots
-               else {}), **({"allow_pipe": True} if cfg.allow_pipe else {})}
+               else {}), **({"allow_pipe": True} if cfg.allow_pipe else {}),
+            **({"cache": vars(cfg.cache).copy()} if cfg.cache is not None else {})}

@@ -32,12 +32,13 @@ def dry_run(config: str, samples: int, batch_size: int = 8, world_size: int = 1,
             num_workers: int = 0, max_seq_len: int = 4096,
             seed: Optional[int] = None) -> Dict[str, Any]:
     """The report ``wds-tools mix`` prints, as a dict."""
-    from .config import load_data_config
-    from .loader import Consumer, load_plans
+    from . import io as wio
+    from .config import resolve_data_config
+    from .stream import Consumer, load_plans
     from .mixing import dataset_weights
 
-    cfg = load_data_config(config)
-    plans = load_plans(cfg)
+    cfg = resolve_data_config(config)
+    plans = load_plans(cfg, cfg.io_options(wio.DEFAULT))
     slots = max(1, num_workers)
     consumers = world_size * slots
     for p in plans:

@@ -13,11 +13,15 @@ import json
 import sys
 from typing import Any, Dict, List, Optional
 
+import numpy as np
+
+from .cli_options import add_io_arguments, io_options_from_args
+
 __all__ = ["add_arguments", "run", "main", "batch_record"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="data config YAML")
+    p.add_argument("config", help="data config YAML, or a dataset manifest (index.json)")
     p.add_argument("--rank", type=int, default=0, help="data-parallel rank to replay (default 0)")
     p.add_argument("--world-size", type=int, default=1, help="data-parallel ranks (default 1)")
     p.add_argument("--num-workers", type=int, default=0,
@@ -35,22 +39,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-state", metavar="FILE", help="write the loader state at the end")
     p.add_argument("--resume-state", metavar="FILE", help="continue from a saved loader state")
     p.add_argument("--output", metavar="FILE", help="write the JSON lines here (default stdout)")
+    add_io_arguments(p)
 
 
 def batch_record(step: int, rank: int, batch: Dict[str, Any]) -> Dict[str, Any]:
     """The JSON line of one batch."""
-    mask = batch["attention_mask"]
-    rec: Dict[str, Any] = {"step": step, "rank": rank, "shape": list(batch["input_ids"].shape)}
+    mask = np.asarray(batch["attention_mask"])   # torch tensors and numpy arrays alike
+    rec: Dict[str, Any] = {"step": step, "rank": rank, "shape": list(mask.shape)}
     if "segment_ids" in batch:  # packed: token counts per sample from the segment ids
-        seg = batch["segment_ids"]
+        seg = np.asarray(batch["segment_ids"])
         counts = [int(n) for r in range(seg.shape[0])
-                  for n in seg[r].bincount()[1:].tolist() if n]
+                  for n in np.bincount(seg[r])[1:].tolist() if n]
     else:
-        counts = mask.sum(dim=1).tolist()
+        counts = mask.sum(axis=1).tolist()
     rec["samples"] = [{"dataset": d, "key": k, "tokens": int(n)}
                       for d, k, n in zip(batch["dataset"], batch["__key__"], counts)]
     rec["tokens"] = int(mask.sum())
-    rec["padding"] = int(mask.numel() - rec["tokens"])
+    rec["padding"] = int(mask.size - rec["tokens"])
     return rec
 
 
@@ -59,10 +64,13 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batches < 0 or args.from_step < 0:
         raise ValueError("--batches and --from-step must be >= 0")
+    # without workers the replay runs on numpy alone (no torch needed)
     loader = build_loader(args.config, rank=args.rank, world_size=args.world_size,
                           batch_size=args.batch_size, num_workers=args.num_workers,
                           max_seq_len=args.max_seq_len, pad_id=args.pad_id, seed=args.seed,
-                          pack=args.pack, transfer_batches=args.transfer_batches)
+                          pack=args.pack, transfer_batches=args.transfer_batches,
+                          output="torch" if args.num_workers else "numpy",
+                          io_options=io_options_from_args(args))
     if args.resume_state:
         with open(args.resume_state) as f:
             loader.load_state_dict(json.load(f))

@@ -17,6 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import io as wio
+from .cli_options import add_io_arguments, io_options_from_args
 from .format import FormatError, decode_sample
 from .reader import Shard, _read_doc, _shard_sources, iter_tar
 
@@ -104,10 +105,11 @@ def verify(path: str, progress: bool = False, opts: wio.IOOptions = wio.DEFAULT)
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="manifest (index.json), shard index or shard; local or remote")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_io_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    report = verify(args.path, progress=sys.stderr.isatty())
+    report = verify(args.path, progress=sys.stderr.isatty(), opts=io_options_from_args(args))
     if args.json:
         print(json.dumps(report))
     elif report["ok"]:
