@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "merge": ("wds_tools.concat_record", "build a dataset manifest from all shard indexes"),
     "mix": ("wds_tools.mix_cli", "dry-run a data config: target vs realized shares"),
     "stream": ("wds_tools.stream_cli", "replay exactly the batches one rank receives"),
+    "view": ("wds_tools.view", "browse datasets, samples and mixtures in a local web app"),
 }
 
 
