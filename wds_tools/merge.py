@@ -3,16 +3,22 @@
 Refuses an incomplete set, naming what is wrong: a temp shard left by an interrupted writer, a
 shard without its index or an index without its shard, a size or checksum mismatch, a rank
 that did not finish, keys that appear twice, shards that disagree on dtype or tokenizer.
+
+``root`` may be an ``s3://`` prefix (or a local folder written through a store): the listing
+gives names and sizes, indexes are read through the transport, checksums re-hash each shard as
+a stream, and the manifest is put last, in one atomic write.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import posixpath
 from typing import Any, Dict, List, Optional
 
 from tqdm import tqdm
 
+from . import io as wio
 from .format import FORMAT_NAME, FORMAT_VERSION, FormatError, check_version
 from .writer import write_json_atomic
 
@@ -38,28 +44,101 @@ def sha256_file(path: str, bufsize: int = 8 << 20) -> str:
             h.update(b)
 
 
-def _scan(root: str):
+class _LocalTree:
+    """File access of a local dataset folder (paths are OS paths)."""
+
+    def __init__(self, root: str):
+        self.root = root
+
+    def files(self):
+        for d, dirs, files in os.walk(self.root):
+            dirs.sort()
+            for fn in sorted(files):
+                yield os.path.join(d, fn)
+
+    def sibling(self, path: str, name: str) -> str:
+        return os.path.join(os.path.dirname(path), name)
+
+    def size(self, path: str) -> Optional[int]:
+        return os.path.getsize(path) if os.path.exists(path) else None
+
+    def read_json(self, path: str) -> Any:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+
+    def sha256(self, path: str) -> str:
+        return sha256_file(path)
+
+    def base(self, save_path: str) -> str:
+        return os.path.dirname(os.path.abspath(save_path))
+
+    def relpath(self, path: str, base: str) -> str:
+        return os.path.relpath(path, base)
+
+    def save(self, save_path: str, doc: Dict[str, Any]) -> None:
+        write_json_atomic(save_path, doc)
+
+
+class _StoreTree:
+    """File access of a dataset under an object-store prefix (paths are URLs); one listing."""
+
+    def __init__(self, root: str):
+        from .store import open_store
+        self.store = open_store(root)
+        self.sizes = {self.store.url_of(n): size for n, size in self.store.list("")}
+
+    def files(self):
+        return iter(sorted(self.sizes))
+
+    def sibling(self, path: str, name: str) -> str:
+        return wio.join_url(path, name)
+
+    def size(self, path: str) -> Optional[int]:
+        return self.sizes.get(path)
+
+    def read_json(self, path: str) -> Any:
+        return wio.read_json(path)
+
+    def sha256(self, path: str) -> str:
+        h = hashlib.sha256()
+        with wio.open_range(path) as f:
+            for b in iter(lambda: f.read(8 << 20), b""):
+                h.update(b)
+        return h.hexdigest()
+
+    def base(self, save_path: str) -> str:
+        return posixpath.dirname(save_path)
+
+    def relpath(self, path: str, base: str) -> str:
+        return posixpath.relpath(path.split("://", 1)[1], base.split("://", 1)[1])
+
+    def save(self, save_path: str, doc: Dict[str, Any]) -> None:
+        rel = self.relpath(save_path, self.store.url)
+        if rel.startswith(".."):
+            raise MergeError([f"{wio.redact(save_path)}: the manifest of an object-store dataset "
+                              f"goes inside its prefix {wio.redact(self.store.url)}"])
+        self.store.put_bytes(json.dumps(doc, separators=(",", ":")).encode(), rel)
+
+
+def _scan(tree):
     indexes, tars, tmps, markers = [], set(), [], []
-    for d, dirs, files in os.walk(root):
-        dirs.sort()
-        for fn in sorted(files):
-            p = os.path.join(d, fn)
-            if fn.endswith(".idx.json"):
-                indexes.append(p)
-            elif fn.endswith(".tar"):
-                tars.add(p)
-            elif fn.endswith(".tmp"):
-                tmps.append(p)
-            elif fn.endswith(".done.json"):
-                markers.append(p)
+    for p in tree.files():
+        fn = p.rsplit("/", 1)[-1]
+        if fn.endswith(".idx.json"):
+            indexes.append(p)
+        elif fn.endswith(".tar"):
+            tars.add(p)
+        elif fn.endswith(".tmp"):
+            tmps.append(p)
+        elif fn.endswith(".done.json"):
+            markers.append(p)
     return indexes, tars, tmps, markers
 
 
-def _load(path: str, problems: List[str], kind: Optional[str] = None) -> Optional[Dict[str, Any]]:
+def _load(tree, path: str, problems: List[str], kind: Optional[str] = None) -> Optional[Dict[str, Any]]:
     try:
-        with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
-        check_version(doc, path)
+        doc = tree.read_json(path)
+        check_version(doc, wio.redact(path))
         if kind == "shard_index":
             from .reader import _check_index
             _check_index(doc, path)
@@ -79,7 +158,7 @@ def _load(path: str, problems: List[str], kind: Optional[str] = None) -> Optiona
                     raise FormatError(f"{path}: done-marker lacks {k!r}")
         return doc
     except (ValueError, OSError) as e:
-        problems.append(f"{path}: unreadable ({' '.join(str(e).split())})")
+        problems.append(f"{wio.redact(path)}: unreadable ({' '.join(wio.scrub(str(e)).split())})")
         return None
 
 
@@ -90,12 +169,15 @@ def merge(root: str, save_path: Optional[str] = None, *, verify_checksums: bool 
     ``allow_incomplete`` merges what is complete and lists the rest under ``"incomplete"``
     instead of refusing.
     """
-    save_path = save_path or os.path.join(root, "index.json")
-    base = os.path.dirname(os.path.abspath(save_path))
-    indexes, tars, tmps, marker_paths = _scan(root)
-    problems = [f"{p}: incomplete shard left by an interrupted writer (rerun that rank with "
-                "resume to redo it)" for p in tmps]
-    loaded = [(p, _load(p, problems, "shard_index")) for p in indexes]
+    remote = wio.is_remote(root)
+    tree = _StoreTree(root) if remote else _LocalTree(root)
+    save_path = save_path or (wio.join_url(root.rstrip("/") + "/", "index.json") if remote
+                              else os.path.join(root, "index.json"))
+    base = tree.base(save_path)
+    indexes, tars, tmps, marker_paths = _scan(tree)
+    problems = [f"{wio.redact(p)}: incomplete shard left by an interrupted writer (rerun that rank "
+                "with resume to redo it)" for p in tmps]
+    loaded = [(p, _load(tree, p, problems, "shard_index")) for p in indexes]
     indexes = [p for p, d in loaded if d is not None]
     docs = [d for _, d in loaded if d is not None]
     if not docs and not problems:
@@ -104,17 +186,17 @@ def merge(root: str, save_path: Optional[str] = None, *, verify_checksums: bool 
     named = set()
     it = tqdm(zip(indexes, docs), total=len(docs), desc="merge", disable=not progress, unit="shard")
     for ipath, idx in it:
-        tar = os.path.join(os.path.dirname(ipath), idx["shard"])
+        tar = tree.sibling(ipath, idx["shard"])
         named.add(tar)
-        if not os.path.exists(tar):
-            problems.append(f"{tar}: shard missing (named by {ipath})")
+        size = tree.size(tar)
+        if size is None:
+            problems.append(f"{wio.redact(tar)}: shard missing (named by {wio.redact(ipath)})")
             continue
-        size = os.path.getsize(tar)
         if size != idx["bytes"]:
             problems.append(f"{tar}: {size} bytes, its index says {idx['bytes']} (truncated or "
                             "overwritten)")
             continue
-        if verify_checksums and sha256_file(tar) != idx["sha256"]:
+        if verify_checksums and tree.sha256(tar) != idx["sha256"]:
             problems.append(f"{tar}: sha256 mismatch with its index (corrupt shard)")
             continue
         this = (idx["dtype"], idx["vocab_size"], json.dumps(idx.get("tokenizer"), sort_keys=True))
@@ -129,20 +211,20 @@ def merge(root: str, save_path: Optional[str] = None, *, verify_checksums: bool 
                 problems.append(f"duplicate key {k!r} in {tar} and {seen_keys[k]}")
                 break
             seen_keys[k] = tar
-        if os.path.relpath(tar, base).startswith(".."):
+        if tree.relpath(tar, base).startswith(".."):
             problems.append(f"{tar}: outside the folder of the manifest {save_path} (readers "
                             "refuse manifest entries that leave its folder: save the manifest "
                             "in the dataset folder)")
             continue
-        shards.append({"path": os.path.relpath(tar, base),
-                       "index": os.path.relpath(ipath, base),
+        shards.append({"path": tree.relpath(tar, base),
+                       "index": tree.relpath(ipath, base),
                        "rank": idx.get("rank", 0), "shard_id": idx.get("shard_id", 0),
                        "num_samples": idx["num_samples"], "num_tokens": idx["num_tokens"],
                        "num_supervised": idx["num_supervised"], "bytes": idx["bytes"],
                        "sha256": idx["sha256"]})
     for t in sorted(tars - named):
         problems.append(f"{t}: shard without an index (the writer stopped before finishing it)")
-    ranks = _check_ranks(docs, marker_paths, problems)
+    ranks = _check_ranks(tree, docs, marker_paths, problems)
     if problems and not allow_incomplete:
         raise MergeError(problems)
     shards.sort(key=lambda s: (s["rank"], s["shard_id"], s["path"]))
@@ -160,14 +242,14 @@ def merge(root: str, save_path: Optional[str] = None, *, verify_checksums: bool 
     }
     if problems:
         manifest["incomplete"] = problems
-    write_json_atomic(save_path, manifest)
+    tree.save(save_path, manifest)  # last: readers open a dataset by its manifest
     return manifest
 
 
-def _check_ranks(docs, marker_paths, problems) -> List[Dict[str, Any]]:
+def _check_ranks(tree, docs, marker_paths, problems) -> List[Dict[str, Any]]:
     markers = {}
     for p in marker_paths:
-        m = _load(p, problems, "rank_done")
+        m = _load(tree, p, problems, "rank_done")
         if m is not None:
             markers[(m["prefix"], m["rank"])] = m
     expected = {}

@@ -7,6 +7,11 @@ per-rank done-marker, so ``merge`` can tell a finished rank from one that died.
 
 Names carry the rank (``shard-r00003-000012.tar``), so N processes write into one folder
 without coordinating.
+
+With a ``store`` (:mod:`wds_tools.store`: ``s3://`` or another folder), ``out_dir`` is local
+staging: each completed shard is uploaded, then its index (the commit point), and the local
+copies are removed; the done-marker goes up last. A resumed writer rebuilds its state from the
+store (the committed indexes carry the cursor) and deletes what an interrupted run left there.
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ import hashlib
 import json
 import os
 import re
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -32,6 +37,11 @@ def done_marker_name(prefix: str, rank: int) -> str:
 
 def _shard_name(prefix: str, rank: int, shard_id: int) -> str:
     return f"{prefix}-r{rank:05d}-{shard_id:06d}.tar"
+
+
+def _rank_object_re(prefix: str, rank: int) -> "re.Pattern[str]":
+    """Names of one rank's objects: group 1 is the shard id (absent for rank-level files)."""
+    return re.compile(rf"^{re.escape(prefix)}-r{rank:05d}(?:-(\d{{6}}))?\.")
 
 
 def rank_files(out_dir: str, prefix: str, rank: int) -> Dict[str, List[str]]:
@@ -65,14 +75,23 @@ class ShardWriter:
         resume: continue a rank that was interrupted or has finished: complete shards are
             kept, temp leftovers removed, numbering continues; ``resume_cursor`` tells where.
             Without it, an output folder that already holds files of this rank is an error.
+        increasing_keys: the caller writes keys in increasing order (by length, then
+            characters); duplicates are then caught by comparing with the previous key instead
+            of a set of all keys, so memory stays flat however many samples a rank writes.
+        store: where completed shards go (see the module docstring); ``out_dir`` is staging.
 
     ``cursor`` is a caller-defined progress marker (e.g. the next input item); its value when
     a shard completes is stored in that shard's index and comes back as ``resume_cursor``.
+    ``cursor_state`` (a small JSON-able dict, optional) is stored beside it and comes back as
+    ``resume_state``. ``before_publish(shard_name)``, if set, returns local files to upload to
+    the store before that shard (they belong to it: a resume deletes them if the shard's index
+    never went up).
     """
 
     def __init__(self, out_dir: str, *, vocab_size: int, rank: int = 0, world_size: int = 1,
                  prefix: str = "shard", max_samples: int = 10_000, max_bytes: int = 1 << 30,
-                 tokenizer: Optional[Any] = None, resume: bool = False):
+                 tokenizer: Optional[Any] = None, resume: bool = False,
+                 increasing_keys: bool = False, store: Optional[Any] = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         if max_samples < 1 or max_bytes < 4096:
@@ -84,7 +103,13 @@ class ShardWriter:
         self.max_samples, self.max_bytes, self.tokenizer = max_samples, max_bytes, tokenizer
         self.cursor: int = 0
         self.resume_cursor: int = 0
+        self.cursor_state: Optional[dict] = None
+        self.resume_state: Optional[dict] = None
+        self.store = store
+        self.before_publish: Optional[Callable[[str], List[str]]] = None
         self.num_samples = self.num_tokens = 0
+        self.increasing_keys = increasing_keys
+        self._last_key: Optional[tuple] = None
         self._keys: set = set()
         self._next_shard = 0
         self._f = None
@@ -96,6 +121,13 @@ class ShardWriter:
     def _prepare(self, resume: bool) -> None:
         files = rank_files(self.out_dir, self.prefix, self.rank)
         marker = os.path.join(self.out_dir, done_marker_name(self.prefix, self.rank))
+        if self.store is not None:
+            # staging holds nothing worth keeping: what was complete went up to the store
+            for p in files["indexes"] + files["shards"] + files["tmp"] + [marker]:
+                if os.path.exists(p):
+                    os.remove(p)
+            self._prepare_store(resume)
+            return
         if not resume:
             if files["indexes"] or files["shards"] or files["tmp"] or os.path.exists(marker):
                 raise FileExistsError(
@@ -116,17 +148,54 @@ class ShardWriter:
                 os.remove(ip)  # its shard is gone or damaged: redo from before it
                 continue
             indexed.add(shard)
-            sid = int(idx["shard_id"])
-            if sid >= self._next_shard:
-                self._next_shard = sid + 1
-                self.resume_cursor = int(idx.get("cursor", 0))
-            self._keys.update(idx["samples"]["key"])
-            self.num_samples += idx["num_samples"]
-            self.num_tokens += idx["num_tokens"]
+            self._take_index(idx)
         for sp in files["shards"]:
             if sp not in indexed:  # renamed but its index never written: redo it
                 os.remove(sp)
-        self.cursor = self.resume_cursor
+        self.cursor, self.cursor_state = self.resume_cursor, self.resume_state
+
+    def _take_index(self, idx: Dict[str, Any]) -> None:
+        """Fold one kept shard index into the resume state."""
+        sid = int(idx["shard_id"])
+        keys = idx["samples"]["key"]
+        if sid >= self._next_shard:
+            self._next_shard = sid + 1
+            self.resume_cursor = int(idx.get("cursor", 0))
+            self.resume_state = idx.get("cursor_state")
+            if self.increasing_keys and keys:
+                self._last_key = (len(keys[-1]), keys[-1])
+        if not self.increasing_keys:
+            self._keys.update(keys)
+        self.num_samples += idx["num_samples"]
+        self.num_tokens += idx["num_tokens"]
+
+    def _prepare_store(self, resume: bool) -> None:
+        """Resume state from the store: committed indexes (in order, while their shard is
+        there whole); everything else of this rank there is deleted."""
+        pattern = _rank_object_re(self.prefix, self.rank)
+        base = f"{self.prefix}-r{self.rank:05d}"
+        objects = {n: size for n, size in self.store.list(base) if pattern.match(n)}
+        if objects and not resume:
+            raise FileExistsError(f"{self.store.url} already holds objects of rank {self.rank} (prefix "
+                                  f"{self.prefix!r}); pass resume=True to continue them or use a fresh prefix")
+        self.store.abort_uploads(base)
+        sid = 0
+        while True:
+            name = _shard_name(self.prefix, self.rank, sid)
+            index_name = shard_index_name(name)
+            if index_name not in objects:
+                break
+            idx = json.loads(self.store.read_bytes(index_name))
+            check_version(idx, index_name)
+            if objects.get(name) != idx["bytes"]:
+                break  # its shard is gone or damaged: redo from here
+            self._take_index(idx)
+            sid += 1
+        for n in sorted(objects):
+            m = pattern.match(n)
+            if m.group(1) is None or int(m.group(1)) >= self._next_shard or n.endswith(".tmp"):
+                self.store.delete(n)  # uncommitted shard files, the old done-marker, temp copies
+        self.cursor, self.cursor_state = self.resume_cursor, self.resume_state
 
     # -- writing -------------------------------------------------------------------------------
     def write(self, key: str, input_ids: Sequence[int], *, labels: Optional[Sequence[int]] = None,
@@ -136,7 +205,12 @@ class ShardWriter:
         if self._closed:
             raise RuntimeError("ShardWriter is closed")
         check_key(key)
-        if key in self._keys:
+        if self.increasing_keys:
+            order = (len(key), key)
+            if self._last_key is not None and order <= self._last_key:
+                raise FormatError(f"sample key {key!r} does not come after {self._last_key[1]!r} "
+                                  "(increasing_keys: keys must increase, so none repeats)")
+        elif key in self._keys:
             raise FormatError(f"duplicate sample key {key!r} (keys must be unique in a dataset)")
         ids = self._check_ids(key, input_ids)
         if labels is not None and mask is not None:
@@ -165,7 +239,10 @@ class ShardWriter:
         self._sha.update(data)
         self._bytes += len(data)
         self._n += 1
-        self._keys.add(key)
+        if self.increasing_keys:
+            self._last_key = (len(key), key)
+        else:
+            self._keys.add(key)
         self.num_samples += 1
         self.num_tokens += int(ids.size)
 
@@ -211,8 +288,28 @@ class ShardWriter:
             "bytes": self._bytes, "sha256": self._sha.hexdigest(), "cursor": self.cursor,
             "samples": self._cols,
         }
-        write_json_atomic(os.path.join(self.out_dir, shard_index_name(self._name)), index)
+        if self.cursor_state is not None:
+            index["cursor_state"] = self.cursor_state
+        index_path = os.path.join(self.out_dir, shard_index_name(self._name))
+        write_json_atomic(index_path, index)
+        if self.store is not None:
+            self._publish(self._name, self._path, index_path)
         self._next_shard += 1
+
+    def _publish(self, name: str, shard_path: str, index_path: str) -> None:
+        """Upload the shard's companions, the shard, then its index (the commit point)."""
+        extra = self.before_publish(name) if self.before_publish is not None else []
+        for p in extra:
+            self.store.put(p, os.path.basename(p))
+        self.store.put(shard_path, name)
+        self.store.put(index_path, shard_index_name(name))
+        for p in [*extra, shard_path, index_path]:
+            os.remove(p)
+
+    def finish_shard(self) -> None:
+        """Complete the shard in progress now (if any); the next sample starts a new one."""
+        if self._f is not None:
+            self._finish_shard()
 
     # -- closing -------------------------------------------------------------------------------
     def close(self, extra: Optional[Mapping[str, Any]] = None) -> None:
@@ -225,7 +322,11 @@ class ShardWriter:
                   "prefix": self.prefix, "rank": self.rank, "world_size": self.world_size,
                   "num_shards": self._next_shard, "num_samples": self.num_samples,
                   "num_tokens": self.num_tokens, "cursor": self.cursor, "extra": dict(extra or {})}
-        write_json_atomic(os.path.join(self.out_dir, done_marker_name(self.prefix, self.rank)), marker)
+        path = os.path.join(self.out_dir, done_marker_name(self.prefix, self.rank))
+        write_json_atomic(path, marker)
+        if self.store is not None:
+            self.store.put(path, done_marker_name(self.prefix, self.rank))
+            os.remove(path)
         self._closed = True
 
     def abort(self) -> None:

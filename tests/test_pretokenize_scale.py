@@ -1,0 +1,277 @@
+"""Pre-tokenizing at scale: raw img2dataset-style shards from HTTP/S3, several JSONL files split by
+file, output to S3 (atomic objects, resume after SIGKILL), merge from S3, the SLURM launcher."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import random
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from lumina_fixtures import tiny_dirs  # noqa: F401  (fixture)
+from servers import NginxServer, find_nginx, remote_dataset, s3, s3_env  # noqa: F401  (fixtures)
+
+from lumina.pre_tokenize import PreTokenizeConfig, run_config
+
+TESTS_DIR = Path(__file__).resolve().parent
+REPO = TESTS_DIR.parent
+DEMO = REPO / "lumina" / "assets" / "demo"
+TARGET = 256
+BUCKET = "wds-test"
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /tmp/lumina-pwned",))
+
+
+def demo_captions() -> dict:
+    """Image file name -> caption, from the bundled demo (the text after the prompt line)."""
+    items = json.loads((DEMO / "captions.json").read_text())
+    out = {}
+    for it in items:
+        out.setdefault(it["image"][0], it["conversations"][0]["value"].split("prompt:\n", 1)[1])
+    return out
+
+
+def build_raw_corpus(folder: Path, repeat: int = 1) -> dict:
+    """img2dataset-style shards of the bundled photos: ``KEY.jpg`` + ``KEY.txt`` and/or
+    ``KEY.json`` (written by webdataset's TarWriter, so with pax headers), 3 shards per repeat.
+    One broken JPEG and one sample without a caption per repeat; a ``.pyd`` pickle member that
+    must never be decoded. Returns ``{"good": [(shard_no, key, caption)], "bad": [(shard_no,
+    key, reason)], "urls": [...]}``."""
+    import webdataset as wds
+
+    folder.mkdir(parents=True, exist_ok=True)
+    caps = demo_captions()
+    photos = sorted(caps)
+    jpg = {p: (DEMO / p).read_bytes() for p in photos}
+    good, bad, names = [], [], []
+    for r in range(repeat):
+        plan = [
+            [("txt", photos[0]), ("json", photos[1]), ("both+pyd", photos[2])],
+            [("txt", photos[3]), ("broken", photos[5]), ("txt", photos[4])],
+            [("txt", photos[5]), ("nocaption", photos[1])],
+        ]
+        for k, samples in enumerate(plan):
+            shard_no = 3 * r + k
+            name = f"{shard_no:05d}.tar"
+            names.append(name)
+            with wds.TarWriter(str(folder / name)) as tw:
+                for j, (how, photo) in enumerate(samples):
+                    key = f"{shard_no:05d}{j:04d}"
+                    caption = caps[photo]
+                    doc = {"__key__": key}
+                    meta = {"key": key, "url": f"http://example.com/{photo}", "status": "success"}
+                    if how == "txt":
+                        doc.update(jpg=jpg[photo], txt=caption)
+                    elif how == "json":
+                        doc.update(jpg=jpg[photo], json=json.dumps(dict(meta, caption=caption)).encode())
+                    elif how == "both+pyd":
+                        doc.update(jpg=jpg[photo], txt=caption, json=json.dumps(meta).encode(),
+                                   pyd=pickle.dumps(_Evil()))
+                    elif how == "broken":
+                        doc.update(jpg=jpg[photo][:1500], txt=caption)
+                    elif how == "nocaption":
+                        doc.update(jpg=jpg[photo], json=json.dumps(meta).encode())
+                    tw.write(doc)
+                    if how == "broken":
+                        bad.append((shard_no, key, "unreadable_image"))
+                    elif how == "nocaption":
+                        bad.append((shard_no, key, "missing_caption"))
+                    else:
+                        good.append((shard_no, key, caption))
+    return {"good": good, "bad": bad, "names": names}
+
+
+@pytest.fixture(scope="module")
+def raw_corpus(tmp_path_factory):
+    www = tmp_path_factory.mktemp("raw_www")
+    corpus = build_raw_corpus(www / "raw")
+    corpus["www"] = www
+    return corpus
+
+
+def _cfg(tiny, in_filename, out_dir, **kw):
+    base = dict(in_filename=in_filename, out_dir=str(out_dir), tokenizer=tiny[0], vq_model=tiny[1],
+                target_size=TARGET, num_workers=0, progress=False, batch_size=2, max_samples_per_shard=2)
+    base.update(kw)
+    return PreTokenizeConfig(**base)
+
+
+# ----------------------------------------------------------------------------------------------
+# Raw shard reading: grouping, members kept, resume at the byte
+
+
+def test_raw_shards_group_by_key_and_resume_at_byte(raw_corpus):
+    from lumina.raw_shards import SOURCE_STRIDE, iter_raw_items
+
+    urls = [str(raw_corpus["www"] / "raw" / n) for n in raw_corpus["names"]]
+    items = list(iter_raw_items(urls, 1, 0))
+    assert [s.key for _, s in items] == [f"{s:05d}{j:04d}" for s, n in ((0, 3), (1, 3), (2, 2)) for j in range(n)]
+    assert [i for i, _ in items][:4] == [0, 1, 2, SOURCE_STRIDE]
+    first = items[2][1]
+    assert set(first.members) == {"jpg", "txt", "json"}  # the .pyd member is skipped unread
+    assert not Path("/tmp/lumina-pwned").exists()
+    # shard 1 of 2 ranks: rank 1 owns shard 1 only
+    assert {s.shard for _, s in iter_raw_items(urls, 2, 1)} == {"00001.tar"}
+    # resume inside shard 0 after its first sample, from the byte where sample 1 starts
+    state = {"shard_no": 0, "position": 1, "byte": items[0][1].end}
+    tail = list(iter_raw_items(urls, 1, 0, start=1, state=state))
+    assert [(i, s.key, s.members) for i, s in tail] == [(i, s.key, s.members) for i, s in items[1:]]
+    with pytest.raises(ValueError, match="resume state"):
+        list(iter_raw_items(urls, 1, 0, start=1, state=None))
+
+
+def test_missing_and_corrupt_raw_shards_are_one_error_each(tmp_path, raw_corpus):
+    from lumina.raw_shards import iter_raw_items
+
+    src = raw_corpus["www"] / "raw" / "00000.tar"
+    data = src.read_bytes()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(data[: len(data) // 2])
+    items = list(iter_raw_items([str(tmp_path / "absent.tar"), str(cut)], 1, 0))
+    assert items[0][1].error[0] == "missing_shard"
+    assert items[-1][1].error[0] == "unreadable_shard" and all(s.error is None for _, s in items[1:-1])
+
+
+# ----------------------------------------------------------------------------------------------
+# Several JSONL files: split by file, a rank never opens the files of another
+
+
+def test_multi_file_jsonl_rank_opens_only_its_files(tmp_path, monkeypatch, tiny_dirs):
+    from wds_tools import io as wio
+
+    from lumina.input_items import InputSpec, iter_inputs
+
+    for f in range(4):
+        (tmp_path / f"part-{f}.jsonl").write_text("".join(
+            json.dumps({"conversations": [{"from": "human", "value": f"q {f}.{i}"},
+                                          {"from": "gpt", "value": f"a {f}.{i}"}]}) + "\n" for i in range(3)))
+    pattern = str(tmp_path / "part-{0..3}.jsonl")
+    opened: list = []
+    real = wio.open_range
+
+    def counting(url, *a, **kw):
+        opened.append(os.path.basename(url))
+        return real(url, *a, **kw)
+
+    monkeypatch.setattr(wio, "open_range", counting)
+    spec = InputSpec(pattern)
+    assert spec.kind == "jsonl" and spec.multi
+    got = {}
+    for rank in (0, 1):
+        opened.clear()
+        got[rank] = [(i, src) for i, _, src in iter_inputs(spec, 2, rank)]
+        assert sorted(opened) == [f"part-{f}.jsonl" for f in range(rank, 4, 2)]
+    assert [i for i, _ in got[1]] == [10**9, 10**9 + 1, 10**9 + 2, 3 * 10**9, 3 * 10**9 + 1, 3 * 10**9 + 2]
+    # the whole pipeline (one rank) opens only its own files too, and keys name file and line
+    opened.clear()
+    summary = run_config(_cfg(tiny_dirs, pattern, tmp_path / "out", splits=2, rank=1))
+    assert summary.num_ok == 6 and sorted(set(opened)) == ["part-1.jsonl", "part-3.jsonl"]
+    from wds_tools.reader import iter_samples
+
+    from wds_tools.merge import merge
+    merge(str(tmp_path / "out"), allow_incomplete=True)
+    keys = [s["__key__"] for s in iter_samples(str(tmp_path / "out" / "index.json"))]
+    assert keys == ["000001000000000", "000001000000001", "000001000000002",
+                    "000003000000000", "000003000000001", "000003000000002"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Raw shards served by nginx and by moto S3 -> two ranks -> S3 output -> merge -> verify
+
+
+@pytest.fixture(scope="module")
+def raw_nginx(raw_corpus):
+    if find_nginx() is None:
+        pytest.skip("nginx is not installed (apt-get install -y nginx; CI installs it)")
+    with NginxServer(str(raw_corpus["www"])) as srv:
+        yield srv
+
+
+def _s3_names(prefix_url: str) -> dict:
+    from wds_tools.store import open_store
+
+    return dict(open_store(prefix_url).list(""))
+
+
+def _s3_errors(out: str, ranks=(0, 1)) -> list:
+    from wds_tools import io as wio
+
+    lines = []
+    for r in ranks:
+        lines += [json.loads(x) for x in wio.read_bytes(f"{out}/errors-r{r:05d}.jsonl").decode().splitlines()]
+    return lines
+
+
+def _read_all(manifest_url: str) -> list:
+    from wds_tools.reader import iter_samples
+
+    return [(s["__key__"], s["input_ids"].astype(np.int64).tolist(), s["labels"].tolist(), s["meta"])
+            for s in iter_samples(manifest_url)]
+
+
+def _assert_no_partial_objects(names: dict) -> None:
+    assert not [n for n in names if n.endswith(".tmp")], names
+    tars = {n[: -len(".tar")] for n in names if n.endswith(".tar")}
+    indexes = {n[: -len(".idx.json")] for n in names if n.endswith(".idx.json")}
+    assert tars == indexes, (tars ^ indexes)
+
+
+@pytest.mark.network
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["http", "s3"])
+def test_raw_shards_two_ranks_to_s3_merge_and_verify(source, raw_corpus, raw_nginx, s3, s3_env, tiny_dirs, tmp_path):
+    from transformers import AutoTokenizer
+    from wds_tools.merge import merge
+
+    run_id = uuid.uuid4().hex[:8]
+    if source == "http":
+        base = f"{raw_nginx.url}/raw"
+    else:
+        s3.upload_folder(str(raw_corpus["www"] / "raw"), BUCKET, f"in-{run_id}/raw")
+        base = f"s3://{BUCKET}/in-{run_id}/raw"
+    out = f"s3://{BUCKET}/out-{run_id}/t2i"
+    summaries = [run_config(_cfg(tiny_dirs, base + "/{00000..00002}.tar", out, splits=2, rank=r,
+                                 staging_dir=str(tmp_path / "stage"))) for r in (0, 1)]
+    assert sum(s.num_ok for s in summaries) == len(raw_corpus["good"])
+    manifest = merge(out)
+    assert manifest["num_samples"] == len(raw_corpus["good"]) == 6
+    assert manifest["num_failed"] == len(raw_corpus["bad"]) == 2
+    names = _s3_names(out)
+    assert "index.json" in names and {"shard-r00000.done.json", "shard-r00001.done.json"} <= set(names)
+    _assert_no_partial_objects(names)
+    assert not list((tmp_path / "stage").rglob("*.tar"))  # staging emptied after upload
+
+    verify = subprocess.run([sys.executable, "-m", "wds_tools.cli", "verify", f"{out}/index.json"],
+                            capture_output=True, text=True, env=dict(os.environ), cwd=REPO)
+    assert verify.returncode == 0, verify.stdout[-2000:] + verify.stderr[-2000:]
+
+    errors = {(e["source"], e["id"], e["reason"]) for e in _s3_errors(out)}
+    assert errors == {(f"{s:05d}.tar", key, reason) for s, key, reason in raw_corpus["bad"]}
+
+    tok = AutoTokenizer.from_pretrained(tiny_dirs[0])
+    captions = {key: cap for _, key, cap in raw_corpus["good"]}
+    samples = _read_all(f"{out}/index.json")
+    assert sorted(s[3]["id"] for s in samples) == sorted(captions)
+    for key, ids, labels, meta in samples:
+        (image,) = meta["images"]
+        off, n = image["offset"], image["num_tokens"]
+        text = tok.decode(ids[:off])
+        prompt = f"Generate an image of {image['w']}x{image['h']} according to the following prompt:\n"
+        assert prompt + captions[meta["id"]] in text, text
+        assert all(lab == -100 for lab in labels[:off])  # the human turn is not trained on
+        assert labels[off:off + n] == ids[off:off + n]  # the image block is (assistant turn)
+        assert meta["source"] == f"{meta['id'][:5]}.tar" and key == f"{int(meta['id'][:5]):06d}{int(meta['id'][5:]):09d}"
