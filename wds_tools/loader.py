@@ -66,7 +66,11 @@ def build_loader(data_config: Union[DataConfig, str], *, rank: Optional[int] = N
         raise ValueError(f"prefetch_factor must be an integer >= 1, got {prefetch_factor!r}")
     backend: NumpyBackend
     if output == "torch" or num_workers:
-        from .torch_loader import TorchBackend
+        try:
+            from .torch_loader import TorchBackend
+        except ImportError as e:
+            raise ValueError(f"output='torch' and DataLoader workers need torch ({e}): install "
+                             "torch, or use output='numpy' with num_workers=0") from None
         backend = TorchBackend(prefetch_factor, pin_memory, tensors=output == "torch")
     else:
         backend = NumpyBackend()
