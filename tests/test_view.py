@@ -358,7 +358,7 @@ def test_help_lists_view_flags(capsys):
     with pytest.raises(SystemExit):
         main(["view", "--help"])
     out = capsys.readouterr().out
-    for flag in ("--host", "--port", "--tokenizer", "--renderer", "--renderer-arg"):
+    for flag in ("--host", "--port", "--tokenizer", "--renderer", "--renderer-arg", "--cache-dir"):
         assert flag in out
 
 
@@ -371,9 +371,9 @@ def test_view_core_imports_without_torch():
 
 # --- remote -----------------------------------------------------------------------------------
 
-def _remote_checks(url: str, local_manifest: str) -> None:
+def _remote_checks(url: str, local_manifest: str, **io_kw) -> None:
     from wds_tools import io as wio
-    opts = wio.IOOptions(timeout=5, connect_timeout=5, backoff=0.01, max_backoff=0.05)
+    opts = wio.IOOptions(timeout=5, connect_timeout=5, backoff=0.01, max_backoff=0.05, **io_kw)
     app = App(open_source(url, opts))
     html = get(app, "/")[1]
     assert '<div class="v">300</div><div class="k">samples</div>' in html
@@ -389,8 +389,12 @@ def _remote_checks(url: str, local_manifest: str) -> None:
 
 
 @pytest.mark.network
-def test_remote_nginx(remote_dataset, nginx):  # noqa: F811
-    _remote_checks(f"{nginx.url}/ds/index.json", os.path.join(remote_dataset, "ds", "index.json"))
+def test_remote_nginx(remote_dataset, nginx, tmp_path):  # noqa: F811
+    local = os.path.join(remote_dataset, "ds", "index.json")
+    _remote_checks(f"{nginx.url}/ds/index.json", local)
+    cache = tmp_path / "cache"           # --cache-dir: the same pages, shards kept locally
+    _remote_checks(f"{nginx.url}/ds/index.json", local, cache_dir=str(cache))
+    assert any(p.suffix == ".tar" for p in cache.rglob("*"))
 
 
 @pytest.mark.network

@@ -17,6 +17,8 @@ import argparse
 import sys
 from typing import List, Optional
 
+from ..cli_options import add_io_arguments, io_options_from_args
+
 __all__ = ["add_arguments", "run", "main", "build_app"]
 
 
@@ -42,11 +44,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8,
                    help="micro-batch size of the mixture dry run (steps = samples / this)")
     p.add_argument("--open", action="store_true", help="open the URL in a web browser")
+    add_io_arguments(p)
 
 
 def build_app(args: argparse.Namespace):
     """The :class:`~wds_tools.view.server.App` the parsed command line describes."""
-    from .. import io as wio
     from .data import open_source
     from .server import App, load_renderer
 
@@ -55,7 +57,7 @@ def build_app(args: argparse.Namespace):
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     if not 0 <= args.port <= 65535:
         raise ValueError("--port must be 0..65535")
-    opts = getattr(args, "io_options", None) or wio.DEFAULT
+    opts = io_options_from_args(args)
     source = open_source(args.path, opts, stats_shards=args.stats_shards)
     renderer = load_renderer(args.renderer, args.renderer_arg) if args.renderer else None
     if args.renderer_arg is not None and not args.renderer:
