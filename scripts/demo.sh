@@ -98,3 +98,11 @@ cat <<EOF
   training run             $OUT/run   (checkpoints, metrics; logs: $OUT/train-part*.log)
   exported HF model        $OUT/export
 EOF
+
+# Look at the data in a browser: the mixture, each dataset's figures, every sample decoded, image
+# blocks drawn by the tiny VQGAN decoder (Ctrl-C stops the server; it listens on 127.0.0.1 only).
+cat <<EOF
+Browse it (prints the URL to open):
+  wds-tools view $OUT/data.yaml --tokenizer $OUT/tiny/tokenizer \\
+      --renderer lumina.render:load_renderer --renderer-arg $OUT/tiny
+EOF
