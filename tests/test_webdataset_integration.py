@@ -85,6 +85,20 @@ def test_composes_with_shuffle_batched_with_epoch(data):
     assert len(list(ds.with_epoch(batches_per_pass + 3))) == batches_per_pass + 3
 
 
+def test_pad_collate_truncates_and_names_lengths(data):
+    _, tars, ref = data
+    samples = list(_plain(tars[:1]))[:4]
+    b = pad_collate(samples, pad_id=7, max_seq_len=10)
+    assert b["input_ids"].shape == (4, 10)
+    for row, s in enumerate(samples):
+        n = min(len(s["input_ids"]), 10)
+        assert b["lengths"][row] == n == b["attention_mask"][row].sum()
+        np.testing.assert_array_equal(b["labels"][row, :n], ref[s["__key__"]]["labels"][:n])
+        assert (b["input_ids"][row, n:] == 7).all()
+    with pytest.raises(ValueError, match="max_seq_len must be >= 1"):
+        pad_collate(samples, max_seq_len=0)
+
+
 def test_token_pipeline_reads_a_manifest_and_shuffles_repeatably(data):
     manifest, tars, ref = data
     assert shard_urls(manifest) == tars

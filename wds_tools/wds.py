@@ -118,6 +118,8 @@ def pad_collate(samples: Sequence[Mapping[str, Any]], pad_id: int = 0,
     numpy, so a ``DataLoader(batch_size=None)`` turns the arrays into tensors."""
     if not samples:
         raise ValueError("pad_collate: empty batch")
+    if max_seq_len is not None and max_seq_len < 1:
+        raise ValueError(f"pad_collate: max_seq_len must be >= 1, got {max_seq_len}")
     ids = [s["input_ids"] for s in samples]
     limit = max_seq_len if max_seq_len is not None else max(len(x) for x in ids)
     arr, _ = pad_batch(ids, [s["supervised"] for s in samples], max(limit, 1), pad_id=pad_id)
