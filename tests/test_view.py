@@ -401,3 +401,17 @@ def test_remote_nginx(remote_dataset, nginx, tmp_path):  # noqa: F811
 def test_remote_s3(remote_dataset, s3_env):  # noqa: F811
     _remote_checks(f"s3://{BUCKET}/ds/index.json",
                    os.path.join(remote_dataset, "ds", "index.json"))
+
+
+def test_token_text_marks_special_and_out_of_vocabulary_ids(data):
+    from tokenizers import Tokenizer
+
+    from wds_tools.view.pages import TokenText
+
+    tok = Tokenizer.from_file(os.path.join(data["tok"], "tokenizer.json"))
+    text = TokenText(tok)
+    ids = [tok.token_to_id("<s>")] + tok.encode("a <b> & c").ids + [60000]
+    html = text.html(ids)
+    assert html.startswith('<span class="sp" title="id 0">&lt;s&gt;</span>a &lt;b&gt; &amp; c')
+    assert html.endswith('<span class="sp oov" title="id 60000 is outside the tokenizer '
+                         f'({tok.get_vocab_size()} tokens)">#60000</span>')

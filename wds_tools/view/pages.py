@@ -56,6 +56,8 @@ th, td { padding:5px 10px; border-bottom:1px solid var(--line); text-align:left;
 th { background:#f0f2f6; font-weight:600; font-size:12.5px; }
 td.n, th.n { text-align:right; font-variant-numeric:tabular-nums; }
 td.mono, .mono { font-family:ui-monospace,SFMono-Regular,Menlo,monospace; font-size:12.5px; }
+table.rows td { white-space:nowrap; }
+.scroll { overflow-x:auto; max-width:100%; }
 form.search { display:flex; gap:6px; margin:10px 0; }
 form.search input[type=text] { width:320px; padding:5px 8px; border:1px solid #c5cad3;
                                border-radius:6px; }
@@ -71,6 +73,7 @@ form.search select, form.search button { padding:5px 8px; border-radius:6px;
       border:1px solid #b7c3e0; background:#eaf0ff; color:#2848a0; border-radius:4px;
       padding:0 4px; margin:0 1px; line-height:1.5; white-space:nowrap; }
 .t.train .sp { border-color:var(--train-line); }
+.sp.oov { border-color:#f5a25d; background:#fff1e6; color:#9a3412; }
 .ids { font-family:ui-monospace,monospace; font-size:12px; color:#475467; }
 figure.img { display:block; margin:10px 0; padding:10px; background:#fff;
              border:1px solid var(--line); border-radius:8px; width:fit-content; max-width:100%;
@@ -209,10 +212,10 @@ def _rows_table(k: int, rows: List[Dict[str, Any]]) -> str:
             f'<td class="mono"><a href="/d/{k}/s/{r["g"]}">{e(r["key"])}</a></td>'
             f'<td class="n">{_n(r["tokens"])}</td><td class="n">{_n(r["supervised"])}</td>'
             f'<td class="mono">{e(", ".join(ims)) if ims else ("-" if ims is not None else "")}'
-            f'</td><td class="mono">{e(_short(r.get("id")))}</td>'
-            f'<td class="mono">{e(_short(r.get("source")))}</td>'
+            f'</td><td class="mono">{e(_short(r.get("id"), 32))}</td>'
+            f'<td class="mono">{e(_short(r.get("source"), 32))}</td>'
             f'<td class="mono">{e(r["shard"])}</td></tr>')
-    return f"<table>{head}{''.join(out)}</table>"
+    return f'<div class="scroll"><table class="rows">{head}{"".join(out)}</table></div>'
 
 
 def _short(v: Any, n: int = 48) -> str:
@@ -274,6 +277,7 @@ class TokenText:
 
     def __init__(self, tokenizer: Any):
         self.tok = tokenizer
+        self.vocab_size = int(tokenizer.get_vocab_size(with_added_tokens=True))
         try:
             added = tokenizer.get_added_tokens_decoder()
             self.special = {int(i) for i, t in added.items() if getattr(t, "special", True)}
@@ -290,7 +294,11 @@ class TokenText:
                 run.clear()
 
         for t in ids:
-            if t in self.special:
+            if t >= self.vocab_size:   # the wrong tokenizer, or a corrupt id: make it visible
+                flush()
+                out.append(f'<span class="sp oov" title="id {t} is outside the tokenizer '
+                           f'({self.vocab_size} tokens)">#{t}</span>')
+            elif t in self.special:
                 flush()
                 name = self.tok.id_to_token(t)
                 out.append(f'<span class="sp" title="id {t}">{e(name)}</span>')
@@ -367,7 +375,9 @@ def sample_page(source: Source, k: int, s: Dict[str, Any], text: Optional[TokenT
             f"(offset {off}, length {ln}; shard {s['__shard_no__']}, sample "
             f"{s['__index__']} of that shard)</p>"
             f"<h2>Conversation</h2>{legend}<div class=\"conv\">{''.join(conv)}</div>"
-            f"<h2>Metadata</h2><table>{meta_rows}{img_rows}</table>{raw}")
+            f"<h2>Metadata</h2>"
+            + (f"<table>{meta_rows}{img_rows}</table>" if meta_rows or img_rows
+               else '<p class="note">none</p>') + raw)
     return layout(f"{key} - {d.name}", body, source, k)
 
 
