@@ -275,3 +275,125 @@ def test_raw_shards_two_ranks_to_s3_merge_and_verify(source, raw_corpus, raw_ngi
         assert all(lab == -100 for lab in labels[:off])  # the human turn is not trained on
         assert labels[off:off + n] == ids[off:off + n]  # the image block is (assistant turn)
         assert meta["source"] == f"{meta['id'][:5]}.tar" and key == f"{int(meta['id'][:5]):06d}{int(meta['id'][5:]):09d}"
+
+
+# ----------------------------------------------------------------------------------------------
+# SIGKILL a rank mid-shard with S3 output; the rerun resumes from what was uploaded
+
+
+def _pretok_cli(pattern, out, stage, tiny, rank):
+    return [sys.executable, "-m", "lumina.pre_tokenize", "--in_filename", pattern, "--out_dir", out,
+            "--staging_dir", str(stage), "--splits", "2", "--rank", str(rank), "--tokenizer", tiny[0],
+            "--vq_model", tiny[1], "--target_size", str(TARGET), "--num_workers", "1", "--batch_size", "2",
+            "--max_samples_per_shard", "2", "--no_progress", "--adapter", "lumina_fixtures:slow_adapter"]
+
+
+@pytest.mark.network
+@pytest.mark.slow
+@pytest.mark.reliability
+def test_sigkill_rank_with_s3_output_then_rerun_equals_clean(s3, s3_env, tiny_dirs, tmp_path):
+    from wds_tools.merge import merge
+
+    corpus = build_raw_corpus(tmp_path / "raw", repeat=2)
+    pattern = str(tmp_path / "raw" / "{00000..00005}.tar")
+    run_id = uuid.uuid4().hex[:8]
+    clean, killed = f"s3://{BUCKET}/clean-{run_id}", f"s3://{BUCKET}/killed-{run_id}"
+    for rank in (0, 1):
+        run_config(_cfg(tiny_dirs, pattern, clean, splits=2, rank=rank, staging_dir=str(tmp_path / "s0")))
+    run_config(_cfg(tiny_dirs, pattern, killed, splits=2, rank=0, staging_dir=str(tmp_path / "s1")))
+
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(TESTS_DIR), str(REPO), os.environ.get("PYTHONPATH", "")]))
+    cli = _pretok_cli(pattern, killed, tmp_path / "s2", tiny_dirs, rank=1)
+    proc = subprocess.Popen(cli, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    rng = random.Random(int(os.environ.get("CRASH_SEED", "20261128")))
+    deadline = time.time() + 180
+    while (sum(n.startswith("shard-r00001-") and n.endswith(".idx.json") for n in _s3_names(killed)) < 1
+           and proc.poll() is None and time.time() < deadline):
+        time.sleep(0.05)
+    time.sleep(rng.uniform(0.05, 0.4))  # into the next shard (2 items of ~0.15 s each)
+    assert proc.poll() is None, "rank 1 finished before it could be killed: " + proc.stderr.read().decode()[-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    names = _s3_names(killed)
+    assert "shard-r00001.done.json" not in names and "errors-r00001.jsonl" not in names
+    done_before = {n for n in names if n.startswith("shard-r00001-") and n.endswith(".idx.json")}
+
+    rerun = subprocess.run(cli, env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resuming at input index" in rerun.stderr
+    m_clean, m_killed = merge(clean), merge(killed)
+    assert _read_all(f"{killed}/index.json") == _read_all(f"{clean}/index.json")
+    assert m_killed["num_samples"] == m_clean["num_samples"] == 12
+    assert m_killed["num_failed"] == m_clean["num_failed"] == 4
+    assert sorted(map(json.dumps, _s3_errors(killed))) == sorted(map(json.dumps, _s3_errors(clean)))
+    names = _s3_names(killed)
+    _assert_no_partial_objects(names)
+    assert done_before <= set(names)  # committed shards were kept, not redone
+    from wds_tools.store import open_store
+    assert open_store(killed).abort_uploads("") == 0  # no unfinished multipart upload either
+
+
+# ----------------------------------------------------------------------------------------------
+# The SLURM launcher, with srun replaced by a stub that starts the tasks here
+
+SRUN_STUB = """#!/usr/bin/env bash
+# stand-in for srun: drop its options, start SLURM_NTASKS copies of the command with the
+# variables a real srun sets per task
+echo "$@" >> "$STUB_LOG"
+while [[ $# -gt 0 && "$1" == -* ]]; do shift; done
+pids=()
+for ((i = 0; i < SLURM_NTASKS; i++)); do
+  SLURM_PROCID=$i SLURM_LOCALID=$i SLURM_NODEID=0 "$@" > "$STUB_LOGS/task-$i.log" 2>&1 &
+  pids+=($!)
+done
+rc=0
+for p in "${pids[@]}"; do wait "$p" || rc=1; done
+exit $rc
+"""
+
+
+def test_srun_script_passes_bash_n():
+    assert subprocess.run(["bash", "-n", str(REPO / "scripts" / "srun_pre_tokenize.sh")]).returncode == 0
+
+
+@pytest.mark.slow
+def test_srun_script_with_stub_runs_tasks_merges_and_requeues(tiny_dirs, tmp_path):
+    from wds_tools.reader import iter_samples
+
+    for f in range(4):
+        (tmp_path / f"part-{f}.jsonl").write_text("".join(
+            json.dumps({"conversations": [{"from": "human", "value": f"q {f}.{i}"},
+                                          {"from": "gpt", "value": f"a {f}.{i}"}]}) + "\n" for i in range(2)))
+    bin_dir, logs = tmp_path / "bin", tmp_path / "logs"
+    bin_dir.mkdir()
+    logs.mkdir()
+    (bin_dir / "srun").write_text(SRUN_STUB)
+    (bin_dir / "srun").chmod(stat.S_IRWXU)
+    out = tmp_path / "out"
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", SLURM_NTASKS="2",
+               SLURM_JOB_ID="42", SLURM_SUBMIT_DIR=str(REPO), PYTHON=sys.executable, PRETOK_DEVICE="cpu",
+               STUB_LOG=str(tmp_path / "srun.log"), STUB_LOGS=str(logs), OMP_NUM_THREADS="1",
+               STAGING_DIR=str(tmp_path / "stage"))
+    cmd = ["bash", str(REPO / "scripts" / "srun_pre_tokenize.sh"), "--in_filename",
+           str(tmp_path / "part-{0..3}.jsonl"), "--out_dir", str(out), "--tokenizer", tiny_dirs[0],
+           "--vq_model", tiny_dirs[1], "--target_size", str(TARGET), "--num_workers", "0"]
+    first = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-3000:] + "".join(p.read_text()[-1500:] for p in logs.iterdir())
+    manifest = json.loads((out / "index.json").read_text())
+    assert manifest["num_samples"] == 8 and [r["rank"] for r in manifest["ranks"]] == [0, 1]
+    keys = sorted(s["__key__"] for s in iter_samples(str(out / "index.json")))
+    assert keys == sorted(f"{f:06d}{i:09d}" for f in range(4) for i in range(2))
+    assert "--kill-on-bad-exit=0" in (tmp_path / "srun.log").read_text()
+    for r in (0, 1):  # each task got its rank from SLURM_PROCID and the split from SLURM_NTASKS
+        summary = json.loads((out / f"summary-r{r:05d}.json").read_text())
+        assert (summary["rank"], summary["splits"], summary["num_ok"]) == (r, 2, 4)
+    # requeue: the same command again resumes every task (nothing redone) and merges again
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((out / "summary-r00001.json").read_text())["num_items"] == 0
+    assert json.loads((out / "index.json").read_text())["shards"] == manifest["shards"]
+    # no SLURM allocation: a clear refusal
+    bad = subprocess.run(cmd, env={k: v for k, v in env.items() if k != "SLURM_NTASKS"}, capture_output=True, text=True)
+    assert bad.returncode == 2 and "sbatch" in bad.stderr
