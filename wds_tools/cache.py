@@ -61,6 +61,8 @@ class ShardCache:
     @classmethod
     def for_options(cls, opts: wio.IOOptions) -> "ShardCache":
         """The process-wide cache object for ``opts.cache_dir`` and ``opts.cache_max_bytes``."""
+        if not opts.cache_dir:
+            raise ValueError("IOOptions.cache_dir is not set")
         key = (os.path.abspath(opts.cache_dir), opts.cache_max_bytes)
         with cls._instances_lock:
             c = cls._instances.get(key)

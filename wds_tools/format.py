@@ -283,7 +283,7 @@ def _descr(dtype: np.dtype) -> bytes:
 
 
 _json_raw_decode = json.JSONDecoder().raw_decode  # no trailing-whitespace scan of json.loads
-_json_scan = json.scanner.make_scanner(json.JSONDecoder())  # (obj, end) of the value at an index
+_json_scan = json.scanner.make_scanner(json.JSONDecoder())  # type: ignore[arg-type]  # (obj, end)
 
 
 # --- many samples of one buffer at once ----------------------------------------------------
@@ -411,7 +411,7 @@ def decode_block(buf, offsets, lengths, keys: Sequence[str], num_tokens, dtype: 
     if len(sel) < n:
         slow.extend(i for i in range(n) if not ok[i])
     if slow and isinstance(buf, np.ndarray):
-        buf = memoryview(buf)  # what decode_ids_spans slices and compares like bytes
+        buf = memoryview(buf)  # type: ignore[arg-type]  # sliced and compared like bytes
     for i in slow:  # the exact path: a sample that decodes there is used, else its error
         try:
             ids_out[i], spans_out[i], meta_out[i] = decode_ids_spans(

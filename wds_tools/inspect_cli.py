@@ -120,8 +120,9 @@ def run(args: argparse.Namespace) -> int:
             if out is not sys.stdout:
                 out.close()
         return 0
-    rows, totals = [], {"shards": len(shards), "samples": 0, "tokens": 0, "supervised": 0,
-                        "images": 0}
+    rows: List[Dict[str, Any]] = []
+    totals: Dict[str, Any] = {"shards": len(shards), "samples": 0, "tokens": 0,
+                              "supervised": 0, "images": 0}
     for r in sample_rows(shards):
         totals["samples"] += 1
         totals["tokens"] += r["tokens"]

@@ -137,7 +137,7 @@ class EpochSlice:
 
     def samples(self) -> List[tuple]:
         """Every (shard, index) of the slice in stream order (for tests and dry runs)."""
-        out = []
+        out: List[tuple] = []
         for w in range(self.num_windows):
             blocks, order = self.window(w)
             flat = [(s, a + i) for s, a, n in blocks for i in range(n)]
@@ -150,14 +150,14 @@ def dataset_weights(cfg: DataConfig, plans: Sequence[DatasetPlan]) -> np.ndarray
 
     A dataset with a ``ratio`` (the reference's ``META`` form) weighs ``ratio`` times its size
     (samples, or tokens when weighting by tokens)."""
-    w = []
+    raw: List[float] = []
     for p in plans:
         if p.config.ratio is not None:
             size = p.num_tokens if cfg.weight_by == "tokens" else p.num_samples
-            w.append(p.config.ratio * size)
+            raw.append(p.config.ratio * size)
         else:
-            w.append(p.config.weight)
-    w = np.asarray(w, dtype=np.float64)
+            raw.append(p.config.weight)
+    w = np.asarray(raw, dtype=np.float64)
     if not w.sum() > 0:
         raise ValueError(f"{cfg.source}: all dataset weights are zero (empty datasets?)")
     return w / w.sum()
@@ -194,9 +194,10 @@ class Mixer:
         """Samples left in group ``g`` (None: unbounded)."""
         left = 0
         for d in self.members[g]:
-            if self.caps[d] is None:
+            cap = self.caps[d]
+            if cap is None:
                 return None
-            left += self.caps[d] - self.samples[d]
+            left += cap - self.samples[d]
         return left
 
     def group_active(self, g: int) -> bool:

@@ -273,6 +273,8 @@ class Shard:
         """A sample holding a token id >= vocab_size becomes an error (it would index past the
         embedding table); only runs when the dtype can hold such ids."""
         limit = self.vocab_limit
+        if limit is None:
+            return
         for k, x in enumerate(ids):
             if x is not None and len(x) and int(x.max()) >= limit:
                 p = int(np.argmax(x >= limit))

@@ -86,8 +86,10 @@ class DatasetReader:
         self.read_data = read_data
         self.fail = cfg.on_error == "fail"
         self._shards: "OrderedDict[int, Shard]" = OrderedDict()
-        epoch, pos, self.skipped_shards, self.skipped_samples, bad = (
+        epoch, pos, skipped_shards, skipped_samples, bad = (
             state if state is not None else (0, 0, 0, 0, []))
+        self.skipped_shards: int = skipped_shards
+        self.skipped_samples: int = skipped_samples
         self.bad = set(bad)
         self._read_in_epoch = self._skipped_in_epoch = 0
         self._peeked: Optional[tuple] = None
@@ -153,8 +155,14 @@ class DatasetReader:
         # decoded as soon as it is read (format.decode_block: ids views + spans); a sample that
         # does not decode keeps its error, raised (or skipped) when the sample is taken.
         blocks, self.order = self.slice.window(w)
-        self.w_shard, self.w_buf = [], []
-        keys, toks, ids, spans, blk, errs = [], [], [], [], [], {}
+        self.w_shard: List[int] = []
+        self.w_buf: List[Any] = []
+        keys: List[Optional[str]] = []
+        toks: List[int] = []
+        ids: List[Optional[np.ndarray]] = []
+        spans: List[Any] = []
+        blk: List[int] = []
+        errs: Dict[int, Exception] = {}
         for bi, (s, a, n) in enumerate(blocks):
             sh, buf = self._load_block(s, a, n)
             self.w_shard.append(s)
@@ -206,7 +214,7 @@ class DatasetReader:
         self.skipped_shards += 1
 
     # -- samples ----------------------------------------------------------------------------
-    def take(self) -> Tuple[str, Optional[np.ndarray], Any, int]:
+    def take(self) -> Tuple[Optional[str], Optional[np.ndarray], Any, int]:
         """The next readable sample: (key, input_ids view, spans, num_tokens)."""
         if self._peeked is not None:
             out, self._peeked = self._peeked[0], None
@@ -239,7 +247,7 @@ class DatasetReader:
             self._read_in_epoch += 1
             return key, ids, self.w_spans[j], ntok
 
-    def peek(self) -> Tuple[str, Optional[np.ndarray], Any, int]:
+    def peek(self) -> Tuple[Optional[str], Optional[np.ndarray], Any, int]:
         """The sample ``take()`` will return next, without consuming it (``state()`` still
         points before it)."""
         if self._peeked is None:
@@ -262,8 +270,9 @@ class Consumer:
         groups = cfg.groups
         caps = [None if p.config.max_epochs is None
                 else p.config.max_epochs * p.samples_per_epoch(num_consumers) for p in plans]
-        self.mixer = Mixer(dataset_weights(cfg, plans), [groups.index(p.config.group) for p in plans],
-                           caps, min_left=1 if pack else batch_size)
+        self.mixer = Mixer(list(dataset_weights(cfg, plans)),
+                           [groups.index(p.config.group) for p in plans], caps,
+                           min_left=1 if pack else batch_size)
         self.by_tokens = cfg.weight_by == "tokens"
         st = state or {}
         rs = st.get("readers") or [None] * len(plans)
@@ -403,15 +412,17 @@ class _SlotStream:
         self.first_slot, self.chunk_pos = loader._next_slot, loader._chunk_pos
         self.num_consumers = loader.world_size * loader.num_slots
         self.transfer = loader.transfer_batches if loader.num_slots > 1 else 1
-        self.kw = dict(batch_size=loader.batch_size, max_seq_len=loader.max_seq_len,
-                       pad_id=loader.pad_id, pack=loader.pack, opts=loader.opts)
+        self.batch_size, self.max_seq_len = loader.batch_size, loader.max_seq_len
+        self.pad_id, self.pack, self.opts = loader.pad_id, loader.pack, loader.opts
         self.slot_states = list(loader._slots)
         self.fields = PACK_FIELDS if loader.pack else PAD_FIELDS
 
     def consumer(self, slot: int, state: Optional[Dict[str, Any]] = None) -> Consumer:
         return Consumer(self.plans, self.cfg, seed=self.seed,
                         consumer=self.rank * self.num_slots + slot,
-                        num_consumers=self.num_consumers, state=state, **self.kw)
+                        num_consumers=self.num_consumers, state=state,
+                        batch_size=self.batch_size, max_seq_len=self.max_seq_len,
+                        pad_id=self.pad_id, pack=self.pack, opts=self.opts)
 
     def chunks(self, worker: int, shared_buffer: Optional[Any] = None) -> Iterator[Dict[str, Any]]:
         """Chunks of up to ``transfer`` batches of worker ``worker``'s slot (the first chunk of
@@ -425,7 +436,7 @@ class _SlotStream:
         slot = (worker + self.first_slot) % self.num_slots
         c = self.consumer(slot, self.slot_states[slot])
         names = c.names
-        pack = self.kw["pack"]
+        pack = self.pack
         compact = shared_buffer is not None
         n = self.transfer - (self.chunk_pos if worker == 0 else 0)
         while True:
@@ -437,7 +448,7 @@ class _SlotStream:
                 plans.append(plan)
                 states.append(c.state())
             if plans:
-                if compact:
+                if shared_buffer is not None:
                     layouts = [compact_layout(p["ids"], p["shape"], pack) for p in plans]
                     nbytes = sum(_align(int(np.prod(sh)) * dt.itemsize)
                                  for lay in layouts for _, sh, dt in lay)
@@ -446,6 +457,7 @@ class _SlotStream:
                     arena = _Arena(sum(int(np.prod(p["shape"])) * 8 for p in plans))
                 metas = []
                 for bi, (plan, state) in enumerate(zip(plans, states)):
+                    piece: Tuple[Any, Any]
                     if compact:
                         where, arrays = [], {}
                         for name, sh, dt in layouts[bi]:
@@ -469,7 +481,7 @@ class _SlotStream:
         """(slot, batch dict, state after it, last of its chunk) in the consuming process, as
         the backend's arrays (int64 numpy arrays, or tensors: views of the arena, or freshly
         expanded into the backend's memory, pinned if it says so)."""
-        fields, pad_id = self.fields, self.kw["pad_id"]
+        fields, pad_id = self.fields, self.pad_id
         to_tensor, empty = backend.as_output, backend.empty_int64
         for ch in chunks:
             buf = ch["arena"]
@@ -590,7 +602,7 @@ class StreamingLoader:
         c = self.world_size * self.num_slots
         total = 0
         for g in self.cfg.groups:
-            left = sum(p.config.max_epochs * p.samples_per_epoch(c) for p in self.plans
+            left = sum((p.config.max_epochs or 0) * p.samples_per_epoch(c) for p in self.plans
                        if p.config.group == g)
             total += left // self.batch_size
         return total * self.num_slots

@@ -72,7 +72,7 @@ class TorchBackend(NumpyBackend):
     def _empty(self, shape: Tuple[int, ...]) -> torch.Tensor:
         return torch.empty(shape, dtype=torch.int64, pin_memory=self.pin)
 
-    def as_output(self, x: np.ndarray) -> Any:
+    def as_output(self, x: np.ndarray) -> Any:  # type: ignore[override]  # needs self.tensors
         return torch.from_numpy(x) if self.tensors else x
 
     def chunks(self, stream: _SlotStream, num_workers: int) -> Iterator[Dict[str, Any]]:

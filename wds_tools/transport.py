@@ -282,10 +282,11 @@ class _Resuming(io.RawIOBase):
             return 0
         while True:
             try:
-                if self._body is None:
-                    self._body = self._opener(self._pos, self._end)
+                body = self._body
+                if body is None:
+                    body = self._body = self._opener(self._pos, self._end)
                     stats.opens += 1
-                data = self._body.read(want)
+                data = body.read(want)
                 if not data and self._end is not None:
                     raise IOError(f"connection closed at byte {self._pos}, expected "
                                   f"{self._end - self._pos} more")
