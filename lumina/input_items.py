@@ -99,8 +99,8 @@ def _kind(url: str) -> str:
     raise ValueError(f"--in_filename {path!r}: expected .json, .jsonl or .tar (raw image-text shards) inputs")
 
 
-def iter_inputs(spec: InputSpec, splits: int, rank: int, start: int = 0, state: Optional[dict] = None,
-                caption_key: Optional[str] = None) -> Iterator[tuple[int, Any, str]]:
+def iter_inputs(spec: InputSpec, splits: int, rank: int, start: int = 0,
+                state: Optional[dict] = None) -> Iterator[tuple[int, Any, str]]:
     """``(index, raw_item, source)`` of this rank, from input index ``start`` on."""
     if spec.kind == "raw":
         for index, sample in iter_raw_items(spec.urls(), splits, rank, start, state):

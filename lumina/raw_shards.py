@@ -33,6 +33,7 @@ __all__ = [
     "iter_raw_items",
     "iter_tar_members",
     "group_by_key",
+    "shard_name",
 ]
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")

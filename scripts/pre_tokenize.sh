@@ -6,8 +6,10 @@
 #
 # One rank per GPU (CUDA_VISIBLE_DEVICES, or all that torch sees). Without GPUs: NPROC ranks
 # on CPU (env NPROC, default 1). Rank 0 shows its progress bar; every rank logs to
-# OUT/logs/rank-R.log. Rerunning the same command resumes every rank (finished ranks are
-# skipped quickly) and merges into OUT/index.json. Env: PYTHON (default python), NPROC.
+# OUT/logs/rank-R.log (LOG_DIR, default ./pretok-logs, when OUT is s3://...). Rerunning the same
+# command resumes every rank (finished ranks are skipped quickly) and merges into
+# OUT/index.json. Several nodes: scripts/srun_pre_tokenize.sh. Env: PYTHON (default python),
+# NPROC, LOG_DIR.
 set -euo pipefail
 
 PYTHON=${PYTHON:-python}
@@ -39,11 +41,12 @@ else
   N=${NPROC:-1}
 fi
 
-mkdir -p "$OUT/logs"
-echo "pre_tokenize.sh: $N rank(s) on $( ((${#GPUS[@]} > 0)) && echo "GPUs ${GPUS[*]}" || echo CPU ); logs in $OUT/logs" >&2
+if [[ "$OUT" == s3://* ]]; then LOGS=${LOG_DIR:-pretok-logs}; else LOGS=${LOG_DIR:-$OUT/logs}; fi
+mkdir -p "$LOGS"
+echo "pre_tokenize.sh: $N rank(s) on $( ((${#GPUS[@]} > 0)) && echo "GPUs ${GPUS[*]}" || echo CPU ); logs in $LOGS" >&2
 pids=()
 for ((r = 0; r < N; r++)); do
-  log="$OUT/logs/rank-$r.log"
+  log="$LOGS/rank-$r.log"
   if ((${#GPUS[@]} > 0)); then
     env_gpu=(env "CUDA_VISIBLE_DEVICES=${GPUS[$r]}")
     dev=(--device cuda)
@@ -64,8 +67,8 @@ for ((r = 0; r < N; r++)); do
   if ! wait "${pids[$r]}"; then failed+=("$r"); fi
 done
 if ((${#failed[@]} > 0)); then
-  echo "pre_tokenize.sh: rank(s) ${failed[*]} failed (see $OUT/logs); rerun the same command to resume" >&2
+  echo "pre_tokenize.sh: rank(s) ${failed[*]} failed (see $LOGS); rerun the same command to resume" >&2
   exit 1
 fi
-for ((r = 1; r < N; r++)); do grep -h "^rank .* items in" "$OUT/logs/rank-$r.log" >&2 || true; done
-"$PYTHON" -m wds_tools.concat_record --sub_record_dir "$OUT" --save_path "$OUT/index.json"
+for ((r = 1; r < N; r++)); do grep -h "^rank .* items in" "$LOGS/rank-$r.log" >&2 || true; done
+"$PYTHON" -m wds_tools.concat_record --sub_record_dir "$OUT" --save_path "${OUT%/}/index.json"

@@ -3,12 +3,10 @@ file, output to S3 (atomic objects, resume after SIGKILL), merge from S3, the SL
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import pickle
 import random
-import shutil
 import signal
 import stat
 import subprocess
@@ -325,8 +323,8 @@ def test_sigkill_rank_with_s3_output_then_rerun_equals_clean(s3, s3_env, tiny_di
     assert "resuming at input index" in rerun.stderr
     m_clean, m_killed = merge(clean), merge(killed)
     assert _read_all(f"{killed}/index.json") == _read_all(f"{clean}/index.json")
-    assert m_killed["num_samples"] == m_clean["num_samples"] == 12
-    assert m_killed["num_failed"] == m_clean["num_failed"] == 4
+    assert m_killed["num_samples"] == m_clean["num_samples"] == len(corpus["good"]) == 12
+    assert m_killed["num_failed"] == m_clean["num_failed"] == len(corpus["bad"]) == 4
     assert sorted(map(json.dumps, _s3_errors(killed))) == sorted(map(json.dumps, _s3_errors(clean)))
     names = _s3_names(killed)
     _assert_no_partial_objects(names)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import posixpath
 import shutil
 from typing import Iterator, Optional, Tuple
 
@@ -200,8 +199,3 @@ def open_store(url: str, opts: wio.IOOptions = wio.DEFAULT) -> Store:
         raise ValueError(f"{wio.redact(url)}: cannot write there (output goes to a local folder or s3://)")
     return LocalStore(url)
 
-
-def relative_name(root_url: str, url: str) -> str:
-    """``url`` as a name relative to ``root_url`` (both of one store)."""
-    rel = posixpath.relpath(url.split("://", 1)[-1], root_url.split("://", 1)[-1])
-    return rel.replace(os.sep, "/")
