@@ -24,7 +24,7 @@ import sys
 class _NoTorch:
     def find_spec(self, name, path=None, target=None):
         if name == "torch" or name.startswith("torch."):
-            raise ImportError(f"torch is blocked in this test (import of {name})")
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked in this test)")
 sys.meta_path.insert(0, _NoTorch())
 """
 

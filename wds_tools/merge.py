@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Optional
 from tqdm import tqdm
 
 from . import io as wio
+from .contract import check_index, is_count
 from .format import FORMAT_NAME, FORMAT_VERSION, FormatError, check_version
 from .writer import write_json_atomic
 
@@ -140,18 +141,15 @@ def _load(tree, path: str, problems: List[str], kind: Optional[str] = None) -> O
         doc = tree.read_json(path)
         check_version(doc, wio.redact(path))
         if kind == "shard_index":
-            from .reader import _check_index
-            _check_index(doc, path)
+            check_index(doc, path, checksums=True)
             shard = doc.get("shard")
             if (not isinstance(shard, str) or not shard.endswith(".tar") or "/" in shard
                     or "\\" in shard or shard.startswith(".")):
                 raise FormatError(f"{path}: 'shard' must be the file name of a .tar beside the "
                                   f"index, got {str(shard)[:80]!r}")
-            for k in ("bytes", "num_tokens", "num_supervised"):
-                if type(doc.get(k)) is not int or doc[k] < 0:
+            for k in ("num_tokens", "num_supervised"):
+                if not is_count(doc.get(k)):
                     raise FormatError(f"{path}: {k!r} must be a non-negative integer")
-            if not isinstance(doc.get("sha256"), str):
-                raise FormatError(f"{path}: 'sha256' must be a hex digest string")
         elif kind == "rank_done":
             for k in ("prefix", "rank", "world_size", "num_shards", "num_samples"):
                 if k not in doc:

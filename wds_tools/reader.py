@@ -18,6 +18,7 @@ import braceexpand
 import numpy as np
 
 from . import io as wio
+from .contract import check_index, is_count, sha256_url, short_repr
 from .format import (_KEY_RE, BLOCK, IDS_SUFFIX, FormatError, check_version, decode_block, decode_sample,
                      key_table, num_in_spans, token_dtype, padded, parse_tar_header, shard_index_name,
                      spans_to_labels)
@@ -61,15 +62,15 @@ def load_manifest(url: str, opts: wio.IOOptions = wio.DEFAULT, *,
         if not isinstance(s, dict):
             raise FormatError(f"{at}: must be an object with 'path' and 'index'")
         for k in ("num_samples", "num_tokens", "bytes"):
-            if k in s and not _is_count(s[k]):
-                raise FormatError(f"{at}.{k}: must be a non-negative integer, got {_short(s[k])}")
+            if k in s and not is_count(s[k]):
+                raise FormatError(f"{at}.{k}: must be a non-negative integer, got {short_repr(s[k])}")
         s["url"] = _join_entry(url, s.get("path"), f"{at}.path", allow_outside_root, warned)
         s["index_url"] = _join_entry(url, s.get("index"), f"{at}.index", allow_outside_root,
                                      warned)
     for k in ("num_samples", "num_tokens"):
-        if k in doc and not _is_count(doc[k]):
+        if k in doc and not is_count(doc[k]):
             raise FormatError(f"{where}: manifest {k!r} must be a non-negative integer, "
-                              f"got {_short(doc[k])}")
+                              f"got {short_repr(doc[k])}")
     return doc
 
 
@@ -84,21 +85,12 @@ def _read_doc(url: str, opts: wio.IOOptions) -> Any:
                           f"{' '.join(wio.scrub(str(e)).split())}") from None
 
 
-def _is_count(v: Any) -> bool:
-    return type(v) is int and v >= 0
-
-
-def _short(v: Any) -> str:
-    r = repr(v)
-    return wio.scrub(r if len(r) <= 60 else r[:57] + "...")
-
-
 def _join_entry(base: str, rel: Any, at: str, allow_outside_root: Optional[bool],
                 warned: Optional[list] = None) -> str:
     """``rel`` (a manifest or index entry) resolved against ``base``; refuses an entry that
     leaves ``base``'s folder (see :func:`load_manifest` for ``allow_outside_root``)."""
     if not isinstance(rel, str) or not rel or "\0" in rel:
-        raise FormatError(f"{at}: must be a non-empty relative path, got {_short(rel)}")
+        raise FormatError(f"{at}: must be a non-empty relative path, got {short_repr(rel)}")
     if not allow_outside_root:
         import posixpath
         norm = posixpath.normpath(rel.replace("\\", "/"))
@@ -112,56 +104,13 @@ def _join_entry(base: str, rel: Any, at: str, allow_outside_root: Optional[bool]
         elif ("://" in rel or rel.startswith(("pipe:", "/", "~")) or os.path.isabs(rel)
                 or re.match(r"^[A-Za-z]:", rel) or norm == ".." or norm.startswith("../")):
             raise FormatError(
-                f"{at}: {_short(rel)} leaves the dataset folder (absolute path, URL, pipe: or "
+                f"{at}: {short_repr(rel)} leaves the dataset folder (absolute path, URL, pipe: or "
                 "'..'); entries must be relative paths inside the folder of the file naming them "
                 "(pass allow_outside_root=True to accept it)")
     try:
         return wio.join_url(base, rel)
     except ValueError as e:
         raise FormatError(f"{at}: {e}") from None
-
-
-def _check_index(index: Any, where: str) -> None:
-    """Refuse a shard index whose structure the reader cannot trust (a FormatError naming the
-    field), so a damaged or hostile index never raises KeyError/TypeError deep in a read."""
-    if not isinstance(index, dict):
-        raise FormatError(f"{where}: shard index must be a JSON object")
-    try:
-        dt = np.dtype(index.get("dtype")) if isinstance(index.get("dtype"), str) else None
-    except Exception:  # noqa: BLE001 - numpy raises TypeError, ValueError, SyntaxError...
-        dt = None
-    if dt is None or dt.kind != "u" or dt.itemsize not in (1, 2, 4, 8) or index.get("dtype") is None:
-        raise FormatError(f"{where}: index dtype {_short(index.get('dtype'))} is not an unsigned "
-                          "integer type")
-    if dt.byteorder == ">":
-        raise FormatError(f"{where}: index dtype {_short(index.get('dtype'))} is big-endian")
-    for k in ("num_samples",):
-        if not _is_count(index.get(k)):
-            raise FormatError(f"{where}: index {k!r} must be a non-negative integer, "
-                              f"got {_short(index.get(k))}")
-    vs = index.get("vocab_size")
-    if vs is not None and (type(vs) is not int or vs < 1):
-        raise FormatError(f"{where}: index vocab_size must be a positive integer, got {_short(vs)}")
-    if vs is not None and token_dtype(vs) != dt:
-        raise FormatError(f"{where}: index dtype {dt} is not the dtype of a {vs}-token vocabulary "
-                          f"({token_dtype(vs)})")
-    cols = index.get("samples")
-    if not isinstance(cols, dict):
-        raise FormatError(f"{where}: index 'samples' must be an object of columns")
-    for k in ("key", "offset", "length", "num_tokens", "num_supervised"):
-        col = cols.get(k)
-        if not isinstance(col, list):
-            raise FormatError(f"{where}: index column samples.{k} must be a list")
-        if k == "key":
-            bad = [v for v in col if type(v) is not str or not _KEY_RE.match(v)][:1]
-            if bad:
-                raise FormatError(f"{where}: index key {_short(bad[0])} is not a valid sample key")
-        else:
-            bad = [v for v in col if type(v) is not int or v < 0][:1]
-            if bad:
-                bad = bad[0]
-                raise FormatError(f"{where}: index column samples.{k} holds {_short(bad)}, not a "
-                                  "non-negative integer")
 
 
 @dataclass
@@ -174,7 +123,7 @@ class Shard:
 
     def __post_init__(self) -> None:
         self.where = wio.redact(self.url)
-        _check_index(self.index, self.where)
+        check_index(self.index, self.where)
         cols = self.index["samples"]
         self.keys: List[str] = cols["key"]
         self.offsets: List[int] = cols["offset"]
@@ -214,20 +163,11 @@ class Shard:
         a mismatch. The fast read path checks structure, not content: a flipped byte inside
         token ids or inside a JSON number decodes cleanly and is only caught here (or by
         ``wds-tools verify``)."""
-        import hashlib
-
-        h, n = hashlib.sha256(), 0
-        with wio.open_range(self.url, 0, None, self.opts) as f:
-            while True:
-                b = f.read(CHUNK_BYTES * 4)
-                if not b:
-                    break
-                h.update(b)
-                n += len(b)
+        digest, n = sha256_url(self.url, self.opts)
         if n != self.index.get("bytes"):
             raise FormatError(f"{self.where}: {n} bytes, its index says {self.index.get('bytes')} "
                               "(truncated or overwritten shard)")
-        if h.hexdigest() != self.index.get("sha256"):
+        if digest != self.index.get("sha256"):
             raise FormatError(f"{self.where}: sha256 mismatch with its index (corrupt shard)")
 
     def __len__(self) -> int:

@@ -8,7 +8,6 @@ with the list of problems, 0 when everything holds.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from typing import Any, Dict, List
@@ -17,6 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import io as wio
+from .contract import sha256_bytes
 from .cli_options import add_io_arguments, io_options_from_args
 from .format import FormatError, decode_sample
 from .reader import Shard, _read_doc, _shard_sources, iter_tar
@@ -34,7 +34,7 @@ def verify_shard(sh: Shard, vocab_size: int) -> List[str]:
     problems = []
     if len(data) != sh.index["bytes"]:
         problems.append(f"{where}: {len(data)} bytes, index says {sh.index['bytes']}")
-    if hashlib.sha256(data).hexdigest() != sh.index["sha256"]:
+    if sha256_bytes(data) != sh.index["sha256"]:
         problems.append(f"{where}: sha256 mismatch (corrupt or modified shard)")
     try:
         walked = list(iter_tar(sh.url, sh.opts, data=data))

@@ -1,0 +1,148 @@
+"""The on-disk contract around the byte layout: file names, index validation, checksums and
+atomic JSON writes, each defined once.
+
+:mod:`wds_tools.format` owns the bytes inside a shard (tar members, ``.npy``, sample JSON);
+this module owns what sits around them: how shards, indexes and rank markers are named, what
+a shard index must hold to be trusted, how a shard's sha256 is computed, and how a JSON file
+is replaced atomically. The writer, merge, reader, verify and the trainer's checkpoints all
+use these, so the contract has one home (see ``docs/format.md``).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from typing import Any, BinaryIO, Optional, Tuple
+
+import numpy as np
+
+from . import io as wio
+from .format import _KEY_RE, FormatError, shard_index_name, token_dtype
+
+__all__ = ["shard_name", "done_marker_name", "rank_object_re", "shard_index_name",
+           "check_index", "sha256_stream", "sha256_bytes", "sha256_file", "sha256_url", "write_json_atomic",
+           "is_count", "short_repr"]
+
+HASH_CHUNK = 4 << 20
+
+
+# --- names -----------------------------------------------------------------------------------
+
+def shard_name(prefix: str, rank: int, shard_id: int) -> str:
+    """``PREFIX-rRRRRR-SSSSSS.tar``: shard ``shard_id`` of writer rank ``rank``."""
+    return f"{prefix}-r{rank:05d}-{shard_id:06d}.tar"
+
+
+def done_marker_name(prefix: str, rank: int) -> str:
+    """``PREFIX-rRRRRR.done.json``: rank ``rank`` finished writing."""
+    return f"{prefix}-r{rank:05d}.done.json"
+
+
+def rank_object_re(prefix: str, rank: int) -> "re.Pattern[str]":
+    """Names of one rank's objects: group 1 is the shard id (absent for rank-level files)."""
+    return re.compile(rf"^{re.escape(prefix)}-r{rank:05d}(?:-(\d{{6}}))?\.")
+
+
+# --- index validation ------------------------------------------------------------------------
+
+def is_count(v: Any) -> bool:
+    return type(v) is int and v >= 0
+
+
+def short_repr(v: Any) -> str:
+    """``repr(v)`` cut to 60 characters and scrubbed of credentials (for error lines)."""
+    r = repr(v)
+    return wio.scrub(r if len(r) <= 60 else r[:57] + "...")
+
+
+def check_index(index: Any, where: str, *, checksums: bool = False) -> None:
+    """Refuse a shard index that cannot be trusted, with a FormatError naming the field, so a
+    damaged or hostile index never raises KeyError/TypeError deep in a read. ``checksums``:
+    also require the shard's ``bytes`` and ``sha256`` (what merge copies into the manifest)."""
+    if not isinstance(index, dict):
+        raise FormatError(f"{where}: shard index must be a JSON object")
+    try:
+        dt = np.dtype(index.get("dtype")) if isinstance(index.get("dtype"), str) else None
+    except Exception:  # noqa: BLE001 - numpy raises TypeError, ValueError, SyntaxError...
+        dt = None
+    if dt is None or dt.kind != "u" or dt.itemsize not in (1, 2, 4, 8):
+        raise FormatError(f"{where}: index dtype {short_repr(index.get('dtype'))} is not an "
+                          "unsigned integer type")
+    if dt.byteorder == ">":
+        raise FormatError(f"{where}: index dtype {short_repr(index.get('dtype'))} is big-endian")
+    if not is_count(index.get("num_samples")):
+        raise FormatError(f"{where}: index 'num_samples' must be a non-negative integer, "
+                          f"got {short_repr(index.get('num_samples'))}")
+    vs = index.get("vocab_size")
+    if vs is not None and (type(vs) is not int or vs < 1):
+        raise FormatError(f"{where}: index vocab_size must be a positive integer, "
+                          f"got {short_repr(vs)}")
+    if vs is not None and token_dtype(vs) != dt:
+        raise FormatError(f"{where}: index dtype {dt} is not the dtype of a {vs}-token "
+                          f"vocabulary ({token_dtype(vs)})")
+    cols = index.get("samples")
+    if not isinstance(cols, dict):
+        raise FormatError(f"{where}: index 'samples' must be an object of columns")
+    for k in ("key", "offset", "length", "num_tokens", "num_supervised"):
+        col = cols.get(k)
+        if not isinstance(col, list):
+            raise FormatError(f"{where}: index column samples.{k} must be a list")
+        if k == "key":
+            bad = [v for v in col if type(v) is not str or not _KEY_RE.match(v)][:1]
+            if bad:
+                raise FormatError(f"{where}: index key {short_repr(bad[0])} is not a valid "
+                                  "sample key")
+        else:
+            bad = [v for v in col if type(v) is not int or v < 0][:1]
+            if bad:
+                raise FormatError(f"{where}: index column samples.{k} holds "
+                                  f"{short_repr(bad[0])}, not a non-negative integer")
+    if checksums:
+        if not is_count(index.get("bytes")):
+            raise FormatError(f"{where}: index 'bytes' must be a non-negative integer")
+        if not isinstance(index.get("sha256"), str):
+            raise FormatError(f"{where}: index 'sha256' must be a hex digest string")
+
+
+# --- checksums -------------------------------------------------------------------------------
+
+def sha256_stream(f: BinaryIO, chunk: int = HASH_CHUNK) -> Tuple[str, int]:
+    """(sha256 hex digest, byte count) of everything left in ``f``."""
+    h, n = hashlib.sha256(), 0
+    while True:
+        b = f.read(chunk)
+        if not b:
+            return h.hexdigest(), n
+        h.update(b)
+        n += len(b)
+
+
+def sha256_bytes(data: Any) -> str:
+    """sha256 hex digest of bytes already in memory."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str, chunk: int = HASH_CHUNK) -> str:
+    """sha256 hex digest of a local file (the value a shard index records)."""
+    with open(path, "rb") as f:
+        return sha256_stream(f, chunk)[0]
+
+
+def sha256_url(url: str, opts: wio.IOOptions = wio.DEFAULT) -> Tuple[str, int]:
+    """(sha256 hex digest, byte count) of a local or remote object, read once, streaming."""
+    with wio.open_range(url, 0, None, opts) as f:
+        return sha256_stream(f)
+
+
+# --- atomic JSON -----------------------------------------------------------------------------
+
+def write_json_atomic(path: str, doc: Any, *, indent: Optional[int] = None) -> None:
+    """Write ``doc`` to ``path`` through a temp file, fsync'ed and renamed over it: a reader
+    (or a resume after a crash) sees the old file or the new one, never half of one."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=indent, separators=None if indent else (",", ":"))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
