@@ -415,3 +415,60 @@ def test_token_text_marks_special_and_out_of_vocabulary_ids(data):
     assert html.startswith('<span class="sp" title="id 0">&lt;s&gt;</span>a &lt;b&gt; &amp; c')
     assert html.endswith('<span class="sp oov" title="id 60000 is outside the tokenizer '
                          f'({tok.get_vocab_size()} tokens)">#60000</span>')
+
+
+# --- lumina view: the real tiny renderer --------------------------------------------------------
+
+@pytest.mark.slow
+def test_lumina_view_draws_the_tiny_vqgan_pictures():
+    """``lumina view --vq TINY``: make-tiny's VQGAN decodes the blocks back to the photos."""
+    import argparse
+
+    from PIL import Image
+    from view_fixtures import tiny_lumina_dataset
+
+    from lumina import tiny
+    from lumina import view as lumina_view
+    from wds_tools.view import build_app
+
+    manifest, root = tiny_lumina_dataset()
+    p = argparse.ArgumentParser()
+    lumina_view.add_arguments(p)
+    args = p.parse_args([manifest, "--vq", root, "--device", "cpu"])
+    renderer = lumina_view.renderer_from_args(args)
+    assert args.tokenizer == os.path.join(root, "vq", "text_tokenizer.json")
+    app = build_app(args, renderer)
+    html = get(app, "/d/0/s/1")[1]                       # photo-chelsea (keys sorted)
+    assert "A tabby cat looking to the side." in html and '<img src="/d/0/img/1/0.png"' in html
+    assert '<span class="sp" title="id 0">&lt;s&gt;</span>Describe the photo.' in html
+    status, png, _ = get(app, "/d/0/img/1/0.png")
+    assert status == 200
+    got = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), np.float64)
+    names = sorted(n[:-4] for n in os.listdir(tiny.DEMO_PHOTOS) if n.endswith(".jpg"))
+    want = np.asarray(tiny.demo_photo_crops(256)[names.index("chelsea")], np.float64)
+    assert got.shape == want.shape == (192, 288, 3)
+    psnr = 10 * np.log10(255.0 ** 2 / np.mean((got - want) ** 2))
+    assert psnr > 15, psnr          # the photo, at 16x less detail (make-tiny says ~20 dB)
+
+
+def test_lumina_view_refuses_vq_and_renderer_together(tmp_path):
+    import argparse
+
+    from lumina import view as lumina_view
+
+    p = argparse.ArgumentParser()
+    lumina_view.add_arguments(p)
+    args = p.parse_args(["x", "--vq", str(tmp_path), "--renderer", "a:b"])
+    with pytest.raises(ValueError, match="not both"):
+        lumina_view.renderer_from_args(args)
+    args = p.parse_args(["x", "--vq", str(tmp_path)])
+    with pytest.raises(ValueError, match="no vqgan.yaml"):
+        lumina_view.renderer_from_args(args)
+
+
+def test_lumina_cli_has_view(capsys):
+    from lumina.cli import main
+    with pytest.raises(SystemExit):
+        main(["view", "--help"])
+    out = capsys.readouterr().out
+    assert "--vq" in out and "--renderer" in out and "--tokenizer" in out

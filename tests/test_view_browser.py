@@ -2,7 +2,7 @@
 
 Skipped with a reason where the browser is absent (CI installs ``chromium chromium-driver``).
 Screenshots land in the test's temp folder; with ``WDS_VIEW_SCREENSHOT_DIR=DIR`` they are also
-copied there (that is how ``docs/img/viewer.png`` is made).
+copied there (that is how ``docs/img/viewer.png`` is made: the tiny VQGAN's pictures).
 """
 from __future__ import annotations
 
@@ -124,7 +124,7 @@ def test_overview_counts_then_sample_by_key(browser, viewer, tmp_path):
         time.sleep(0.05)
     assert (img.get_property("naturalWidth"), img.get_property("naturalHeight")) == (96, 96)
     assert "grid 6x6" in browser.find_element(By.CSS_SELECTOR, "figure.img figcaption").text
-    _save(browser, tmp_path, "viewer.png")
+    _save(browser, tmp_path, "viewer-gray-renderer.png")
 
     browser.find_element(By.PARTIAL_LINK_TEXT, "next").click()
     assert browser.current_url.endswith("/d/0/s/3")
@@ -142,3 +142,36 @@ def test_script_in_data_does_not_run(browser, viewer, tmp_path):
     browser.get(viewer.url + "d/0/s/7")
     assert HOSTILE in browser.find_element(By.CLASS_NAME, "conv").text
     assert browser.find_elements(By.CSS_SELECTOR, "main script") == []
+
+
+def _wait_loaded(img) -> None:
+    deadline = time.monotonic() + 30
+    while not img.get_property("complete") and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def test_tiny_vqgan_pictures_in_the_browser(browser, tmp_path):
+    """``lumina view --vq TINY``: the bundled photos, decoded from their tokens, on the page."""
+    import argparse
+
+    from selenium.webdriver.common.by import By
+    from view_fixtures import tiny_lumina_dataset
+
+    from lumina import view as lumina_view
+    from wds_tools.view import build_app
+    from wds_tools.view.server import Viewer
+
+    manifest, root = tiny_lumina_dataset()
+    p = argparse.ArgumentParser()
+    lumina_view.add_arguments(p)
+    args = p.parse_args([manifest, "--vq", root, "--device", "cpu"])
+    app = build_app(args, lumina_view.renderer_from_args(args))
+    with Viewer(app) as v:
+        browser.get(v.url + "d/0/key/photo-chelsea")
+        assert browser.current_url.endswith("/d/0/s/1")
+        assert "A tabby cat looking to the side." in browser.find_element(By.CLASS_NAME, "conv").text
+        img = browser.find_element(By.CSS_SELECTOR, "figure.img img")
+        _wait_loaded(img)
+        assert (img.get_property("naturalWidth"), img.get_property("naturalHeight")) == (288, 192)
+        _not_pwned(browser)
+        _save(browser, tmp_path, "viewer.png")

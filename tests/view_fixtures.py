@@ -12,9 +12,13 @@
 """
 from __future__ import annotations
 
+import atexit
+import functools
 import io
 import os
-from typing import Dict, List
+import shutil
+import tempfile
+from typing import Dict, List, Tuple
 
 import numpy as np
 
@@ -139,3 +143,68 @@ class GrayRenderer:
 def load_gray_renderer(arg: str = "16") -> GrayRenderer:
     """``--renderer view_fixtures:load_gray_renderer --renderer-arg CELL_PIXELS``."""
     return GrayRenderer(int(arg))
+
+
+# --- the real tiny renderer (lumina make-tiny's VQGAN) -----------------------------------------
+
+PHOTO_CAPTIONS = {"astronaut": "An astronaut in a white suit in front of a flag.",
+                  "chelsea": "A tabby cat looking to the side.",
+                  "coffee": "A cup of coffee on a saucer."}
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_lumina_dataset() -> Tuple[str, str]:
+    """``(manifest, tiny_root)``: ``lumina make-tiny`` in a temp folder (removed at exit), then
+    one caption sample per photo of ``PHOTO_CAPTIONS``: the photo (as the demo crops it,
+    256 px) encoded by the tiny VQGAN into Lumina's block layout, the caption trained. Built
+    once per test process. Skips the calling test when ``lumina.render`` or make-tiny's
+    ``vq/`` is not there."""
+    import pytest
+    from tokenizers import Tokenizer
+
+    render = pytest.importorskip("lumina.render", reason="lumina.render is not there")
+    import torch
+
+    from lumina import tiny
+    from lumina.vqgan import load_vqgan
+    from wds_tools.merge import merge
+    from wds_tools.writer import ShardWriter
+
+    root = tempfile.mkdtemp(prefix="view_tiny_")
+    atexit.register(shutil.rmtree, root, True)
+    tiny.main(["--out", root])
+    vq = os.path.join(root, "vq")
+    if not os.path.isfile(os.path.join(vq, "vqgan.yaml")):
+        pytest.skip("lumina make-tiny wrote no vq/ decoder")
+    model = load_vqgan(os.path.join(vq, "vqgan.yaml"), os.path.join(vq, "vqgan.ckpt"))
+    vocab = render.read_vocabulary(vq)
+    tok = Tokenizer.from_file(os.path.join(root, "tokenizer", "tokenizer.json"))
+    names = sorted(n[:-4] for n in os.listdir(tiny.DEMO_PHOTOS) if n.endswith(".jpg"))
+    crops = dict(zip(names, tiny.demo_photo_crops(256)))
+    out = os.path.join(root, "photos")
+    with ShardWriter(out, vocab_size=tok.get_vocab_size(), max_samples=2,
+                     tokenizer="lumina-tiny") as w:
+        for k, (name, caption) in enumerate(sorted(PHOTO_CAPTIONS.items())):
+            crop = crops[name]
+            pixels = torch.from_numpy(crop).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+            with torch.inference_mode():
+                codes = model.encode(pixels)[0].numpy()
+            rows, cols = codes.shape
+            grid = [[vocab[tiny.image_code_token(int(c))] for c in row] + [vocab["<reserved08799>"]]
+                    for row in codes]
+            block = ([vocab["<racm3:break>"], vocab[f"<reserved{8800 + rows // 2:05d}>"],
+                      vocab[f"<reserved{8800 + cols // 2:05d}>"]]
+                     + [t for row in grid for t in row] + [vocab["<eoss>"]])
+            prompt = [vocab["<s>"]] + tok.encode("Describe the photo.",
+                                                 add_special_tokens=False).ids
+            answer = tok.encode(caption, add_special_tokens=False).ids + [vocab["</s>"]]
+            ids = np.array(prompt + block + answer, np.int64)
+            labels = np.where(np.arange(len(ids)) >= len(prompt) + len(block), ids, -100)
+            h, w_px = crop.shape[:2]
+            meta = {"source": "captions.json", "index": k, "id": f"cap-{name}",
+                    "images": [{"offset": len(prompt), "num_tokens": len(block), "h": h,
+                                "w": w_px, "grid": [rows, cols], "crop": [0, 0, w_px, h],
+                                "orig_size": [w_px, h]}]}
+            w.write(f"photo-{name}", ids, labels=labels, meta=meta)
+    merge(out)
+    return os.path.join(out, "index.json"), root

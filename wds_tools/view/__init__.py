@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from ..cli_options import add_io_arguments, io_options_from_args
 
@@ -47,8 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_io_arguments(p)
 
 
-def build_app(args: argparse.Namespace):
-    """The :class:`~wds_tools.view.server.App` the parsed command line describes."""
+def build_app(args: argparse.Namespace, renderer: Any = None):
+    """The :class:`~wds_tools.view.server.App` the parsed command line describes (``renderer``:
+    an already built renderer object, used instead of ``--renderer``)."""
     from .data import open_source
     from .server import App, load_renderer
 
@@ -59,18 +60,20 @@ def build_app(args: argparse.Namespace):
         raise ValueError("--port must be 0..65535")
     opts = io_options_from_args(args)
     source = open_source(args.path, opts, stats_shards=args.stats_shards)
-    renderer = load_renderer(args.renderer, args.renderer_arg) if args.renderer else None
     if args.renderer_arg is not None and not args.renderer:
         raise ValueError("--renderer-arg needs --renderer")
+    if renderer is None and args.renderer:
+        renderer = load_renderer(args.renderer, args.renderer_arg)
     return App(source, tokenizer=args.tokenizer, renderer=renderer, page_size=args.page_size,
                mix_samples=args.mix_samples, batch_size=args.batch_size)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, renderer: Any = None) -> int:
+    """Serve until Ctrl-C (``renderer``: see :func:`build_app`)."""
     from .. import io as wio
     from .server import make_server
 
-    app = build_app(args)
+    app = build_app(args, renderer)
     try:
         server = make_server(app, args.host, args.port)
     except OSError as e:
