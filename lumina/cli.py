@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("lumina.train", "train a Chameleon with DeepSpeed ZeRO-3 on a streamed mixture "
               "(launch with deepspeed/torchrun)"),
     "export": ("lumina.export", "export a training checkpoint to a Hugging Face folder"),
+    "view": ("lumina.view", "browse datasets in a local web app, image tokens drawn by the VQGAN"),
 }
 
 
