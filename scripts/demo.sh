@@ -103,6 +103,7 @@ EOF
 # blocks drawn by the tiny VQGAN decoder (Ctrl-C stops the server; it listens on 127.0.0.1 only).
 cat <<EOF
 Browse it (prints the URL to open):
-  wds-tools view $OUT/data.yaml --tokenizer $OUT/tiny/tokenizer \\
-      --renderer lumina.render:load_renderer --renderer-arg $OUT/tiny
+  lumina view $OUT/data.yaml --vq $OUT/tiny
+  (the same with the generic flags: wds-tools view $OUT/data.yaml --tokenizer $OUT/tiny/tokenizer
+   --renderer lumina.render:load_renderer --renderer-arg $OUT/tiny)
 EOF
