@@ -74,6 +74,7 @@ def rank_stream(loader, num_batches):
     return [next(it) for _ in range(num_batches)]
 
 
+@pytest.mark.slow  # DataLoader workers
 def test_every_prefix_tracks_sample_weights_over_very_different_sizes(data, tmp_path):
     w = np.array([0.7, 0.2, 0.1])
     loader = build_loader(mix_config(data, tmp_path), rank=0, world_size=1, batch_size=8,
@@ -94,6 +95,7 @@ def test_every_prefix_tracks_sample_weights_over_very_different_sizes(data, tmp_
     assert st["datasets"][0]["epoch"] == 0   # ...while the big one continues its first epoch
 
 
+@pytest.mark.slow  # DataLoader workers
 def test_token_weighting_tracks_token_shares(data, tmp_path):
     w = np.array([0.5, 0.3, 0.2])
     cfg = mix_config(data, tmp_path, weights=(0.5, 0.3, 0.2), weight_by="tokens")
@@ -109,6 +111,7 @@ def test_token_weighting_tracks_token_shares(data, tmp_path):
     assert np.abs(tok / tok.sum() - w).max() < 0.01
 
 
+@pytest.mark.slow  # DataLoader workers
 def test_one_bounded_epoch_reads_every_sample_once(data, tmp_path):
     root, m = data
     cfg = load_data_config(write_config(str(tmp_path / "b.yaml"), [
@@ -122,6 +125,7 @@ def test_one_bounded_epoch_reads_every_sample_once(data, tmp_path):
     assert len({k for k in keys if k.startswith("tiny")}) == 40
 
 
+@pytest.mark.slow  # DataLoader workers
 def test_epochs_reshuffle_and_seeds_change_the_order(data, tmp_path):
     root, m = data
     cfg = load_data_config(write_config(str(tmp_path / "e.yaml"), [
@@ -176,9 +180,13 @@ def test_two_ranks_two_workers_equal_batches_disjoint_complete(data, tmp_path):
         assert got <= set(range(n)) and len(got) == n - n % 4  # only the documented remainder
 
 
+_WORKERS = pytest.mark.slow  # DataLoader workers
+
+
 @pytest.mark.parametrize("num_workers, pack, weight_by, stop", [
-    (0, False, "samples", 7), (2, False, "samples", 5), (2, False, "tokens", 6),
-    (3, True, "samples", 7)])
+    (0, False, "samples", 7), pytest.param(2, False, "samples", 5, marks=_WORKERS),
+    pytest.param(2, False, "tokens", 6, marks=_WORKERS),
+    pytest.param(3, True, "samples", 7, marks=_WORKERS)])
 def test_resume_yields_exactly_the_uninterrupted_batches(data, tmp_path, num_workers, pack,
                                                          weight_by, stop):
     cfg = mix_config(data, tmp_path, weight_by=weight_by)
@@ -231,7 +239,7 @@ def _truncate_shard(src_manifest, dst_root):
     return os.path.join(dst, "index.json"), set(idx["samples"]["key"])
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("num_workers", [0, pytest.param(2, marks=_WORKERS)])
 def test_truncated_shard_policies(data, tmp_path, num_workers):
     root, m = data
     broken, broken_keys = _truncate_shard(m["mid"], str(tmp_path))
@@ -284,6 +292,7 @@ def test_a_huge_manifest_is_planned_lazily(data, tmp_path, monkeypatch):
     assert b["input_ids"].shape[0] == 16 and len(opened) <= cfg.shuffle.window_blocks
 
 
+@pytest.mark.slow  # DataLoader workers
 @pytest.mark.parametrize("shards,batch_size", [(20, 4), (20, 7), (3, 5), (7, 16)])
 def test_bounded_two_workers_deliver_every_batch_in_turn(tmp_path, shards, batch_size):
     """The reported AssertionError (1, 0) (2 workers, max_epochs 1, 20 shards): every batch of a
@@ -311,6 +320,7 @@ def test_bounded_two_workers_deliver_every_batch_in_turn(tmp_path, shards, batch
         assert got + [b["__key__"] for b in second] == full
 
 
+@pytest.mark.slow  # DataLoader workers
 def test_an_older_iterator_cannot_continue_after_a_newer_one(data, tmp_path):
     loader = build_loader(mix_config(data, tmp_path), batch_size=4, num_workers=2, max_seq_len=40)
     old = iter(loader)

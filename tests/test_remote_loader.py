@@ -55,6 +55,7 @@ def test_loader_through_cut_connections(nginx, tmp_path, disk_batches):
         assert proxy.faults_done == 5
 
 
+@pytest.mark.slow  # DataLoader workers
 def test_s3_in_worker_processes(s3_env, tmp_path, remote_dataset):
     """The parent opens S3 first (manifests); forked workers must make their own clients."""
     cfg_s3 = _config(tmp_path, "s3", f"s3://{BUCKET}")
