@@ -167,11 +167,12 @@ def test_tiny_vqgan_pictures_in_the_browser(browser, tmp_path):
     args = p.parse_args([manifest, "--vq", root, "--device", "cpu"])
     app = build_app(args, lumina_view.renderer_from_args(args))
     with Viewer(app) as v:
-        browser.get(v.url + "d/0/key/photo-chelsea")
-        assert browser.current_url.endswith("/d/0/s/1")
-        assert "A tabby cat looking to the side." in browser.find_element(By.CLASS_NAME, "conv").text
+        browser.get(v.url + "d/0/key/photo-astronaut")
+        assert browser.current_url.endswith("/d/0/s/0")
+        conv = browser.find_element(By.CLASS_NAME, "conv").text
+        assert "An astronaut in an orange suit in front of a flag." in conv
         img = browser.find_element(By.CSS_SELECTOR, "figure.img img")
         _wait_loaded(img)
-        assert (img.get_property("naturalWidth"), img.get_property("naturalHeight")) == (288, 192)
+        assert (img.get_property("naturalWidth"), img.get_property("naturalHeight")) == (256, 256)
         _not_pwned(browser)
         _save(browser, tmp_path, "viewer.png")

@@ -147,7 +147,7 @@ def load_gray_renderer(arg: str = "16") -> GrayRenderer:
 
 # --- the real tiny renderer (lumina make-tiny's VQGAN) -----------------------------------------
 
-PHOTO_CAPTIONS = {"astronaut": "An astronaut in a white suit in front of a flag.",
+PHOTO_CAPTIONS = {"astronaut": "An astronaut in an orange suit in front of a flag.",
                   "chelsea": "A tabby cat looking to the side.",
                   "coffee": "A cup of coffee on a saucer."}
 
