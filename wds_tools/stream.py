@@ -700,28 +700,8 @@ def build_stream(data_config: Union[DataConfig, str], *, rank: Optional[int] = N
                  max_epochs: Optional[int] = None, backend: Optional["NumpyBackend"] = None,
                  io_options: wio.IOOptions = wio.DEFAULT) -> StreamingLoader:
     """The loader of one data-parallel rank, with the given backend (default: numpy, in
-    process). Most callers want :func:`wds_tools.loader.build_loader`, which picks the backend.
-
-    Args:
-        data_config: a ``DataConfig``, the path of its YAML, or a dataset manifest (local path
-            or URL of ``index.json``: one dataset).
-        rank, world_size: default from ``torch.distributed`` when initialized, else the
-            ``RANK``/``WORLD_SIZE`` environment (set by ``deepspeed`` and ``torchrun``), else 0/1.
-        batch_size: samples per batch (rows per batch when packing).
-        num_workers: DataLoader worker processes (0: read in this process). Part of the data
-            layout: every rank must use the same value, and a resumed run too.
-        max_seq_len: samples are truncated on the right to this many tokens.
-        pad_id: input id of padding (labels are -100 there, attention mask 0).
-        seed: overrides the config's seed.
-        pack: put several samples in each row, with ``position_ids`` and ``segment_ids``.
-        transfer_batches: a worker sends this many consecutive batches at once (one shared
-            memory buffer: far less per-batch overhead in the training process). Part of the
-            data layout with ``num_workers`` > 1: a worker's turn is this many batches.
-        shuffle, max_epochs: override the config (``shuffle=False``: stored order;
-            ``max_epochs``: every dataset ends after that many epochs).
-        backend: how batches leave the rank (see the module docstring).
-        io_options: transport and cache settings; the config's ``cache``, ``allow_pipe`` and
-            ``verify_checksums`` are added to them.
+    process; see the module docstring). The arguments are :func:`wds_tools.loader.build_loader`'s
+    (documented there), which most callers want: it picks the backend.
     """
     cfg = resolve_data_config(data_config, shuffle=shuffle, max_epochs=max_epochs)
     if rank is None or world_size is None:
