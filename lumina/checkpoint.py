@@ -26,9 +26,8 @@ with their sizes are candidates (:func:`is_complete`); ``latest`` is ignored the
 before markers (no ``lumina_markers.json`` and no marker in any tag) keep the old rule:
 ``latest``, else the highest non-empty step folder.
 
-Test-only hook: ``LUMINA_TEST_KILL_IN_SAVE=STEP:RANK`` makes rank RANK SIGKILL itself inside the
-save of step STEP, leaving its optimizer-states file half-written (:func:`kill_hook_for_tests`,
-used by ``tests/test_reliability_crash.py``; a no-op when unset).
+Crash drills (``tests/test_reliability_crash.py``) inject their faults from outside: they wrap
+the trainer's save step in a test-only entry point; nothing here knows about them.
 """
 
 from __future__ import annotations
@@ -41,7 +40,9 @@ from typing import Any, Optional
 
 __all__ = [
     "CLIENT_STATE_VERSION",
+    "check_client_state",
     "checkpoint_root",
+    "client_state",
     "find_latest",
     "is_complete",
     "list_checkpoints",
@@ -231,6 +232,8 @@ def copy_tokenizer(candidates: list[Optional[str]], dest: str) -> Optional[str]:
 
 
 def client_state(step: int, loader_states: list[Any], data_counts: dict, world_size: int) -> dict:
+    """What the trainer adds to a DeepSpeed checkpoint (rank 0 writes it): the step, every rank's
+    loader state (rank order), the cumulative per-dataset counts and the world size."""
     return {
         "version": CLIENT_STATE_VERSION,
         "step": step,
@@ -240,34 +243,16 @@ def client_state(step: int, loader_states: list[Any], data_counts: dict, world_s
     }
 
 
-def kill_hook_for_tests(engine: Any, root: str, tag: str, step: int, rank: int) -> None:
-    """``LUMINA_TEST_KILL_IN_SAVE=STEP:RANK`` (tests only): in the save of step STEP, rank RANK
-    writes its optimizer-states file half (a torn ``torch.save``), waits until rank 0 has written
-    ``latest`` for this tag (at most 1 s), then SIGKILLs itself. A no-op when unset."""
-    spec = os.environ.get("LUMINA_TEST_KILL_IN_SAVE")
-    if not spec or [int(x) for x in spec.split(":")] != [step, rank]:
-        return
-    import signal
-    import time
+def check_client_state(state: Any, where: str, world_size: int) -> dict:
+    """``state`` (a loaded client state) if this trainer can continue from it, else a one-line
+    ConfigError naming the checkpoint ``where`` and both versions (or both world sizes)."""
+    from lumina.train_config import ConfigError
 
-    ce = engine.checkpoint_engine
-    save = ce.save
-
-    def save_then_die(state_dict, path):
-        save(state_dict, path)
-        if "optim_states" not in os.path.basename(path):
-            return
-        with open(path, "r+b") as fh:
-            fh.truncate(os.path.getsize(path) // 2)
-        deadline = time.time() + 1
-        while time.time() < deadline:
-            try:
-                with open(os.path.join(root, "latest")) as fh:
-                    if fh.read().strip() == tag:
-                        break
-            except OSError:
-                pass
-            time.sleep(0.05)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    ce.save = save_then_die
+    version = state.get("version") if isinstance(state, dict) else None
+    if version != CLIENT_STATE_VERSION:
+        raise ConfigError(f"the checkpoint {where} holds trainer state version {version!r}; this "
+                          f"trainer reads version {CLIENT_STATE_VERSION}")
+    if state.get("world_size") != world_size:
+        raise ConfigError(f"the checkpoint {where} was written by {state.get('world_size')} ranks, "
+                          f"this run has {world_size}: the loader positions are per rank")
+    return state

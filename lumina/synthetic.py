@@ -57,7 +57,23 @@ class SyntheticLoader:
     def state_dict(self) -> dict:
         return {"version": 1, "next_index": self.next_index}
 
+    def gather_state_dicts(self) -> dict:
+        """Every rank's state (``{"ranks": [...]}``), as ``wds_tools``' loader gathers it; a
+        collective when a process group of more than one rank is up."""
+        sd = self.state_dict()
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return {"ranks": [sd]}
+        out: list = [None] * dist.get_world_size()
+        dist.all_gather_object(out, sd)
+        return {"ranks": out}
+
     def load_state_dict(self, state: dict) -> None:
+        """Continue from this rank's ``state_dict()`` or a gathered ``{"ranks": [...]}``."""
+        if "ranks" in state:
+            state = state["ranks"][self.rank]
         if state.get("version") != 1:
             raise ValueError(f"unknown SyntheticLoader state version {state.get('version')}")
         self.next_index = int(state["next_index"])
+

@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import os
-import socket
 import sys
 import time
 from collections import Counter
@@ -36,75 +35,18 @@ if __package__ in (None, ""):  # run as a file (`deepspeed lumina/train.py`): im
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from lumina import checkpoint as ckpt_lib
+from lumina.distributed import DistInfo, gather_objects, init_distributed, shutdown_distributed
 from lumina.train_config import ConfigError, TrainConfig, build_parser, config_from_namespace, \
     load_deepspeed_json, resolve_deepspeed_config
 
-__all__ = ["DistInfo", "add_arguments", "run", "LoaderFactory", "build_engine", "init_distributed", "lr_lambda", "main", "shutdown_distributed",
+__all__ = ["LoaderFactory", "Trainer", "add_arguments", "build_engine", "lr_lambda", "main", "run",
            "train", "wds_loader_factory"]
 
 log = logging.getLogger("lumina.train")
 
-# (config, rank, world_size, micro_batch_size) -> an iterable of batches with
-# state_dict()/load_state_dict(), following the wds_tools.loader contract.
+# (config, rank, world_size, micro_batch_size) -> an iterable of batches with state_dict(),
+# load_state_dict() and gather_state_dicts(), following the wds_tools.loader contract.
 LoaderFactory = Callable[[TrainConfig, int, int, int], Iterable[dict]]
-
-
-class DistInfo:
-    def __init__(self, rank: int, world_size: int, local_rank: int, device: torch.device) -> None:
-        self.rank, self.world_size, self.local_rank, self.device = rank, world_size, local_rank, device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_distributed() -> DistInfo:
-    """Join (or, alone, create) the process group; the backend follows the accelerator."""
-    import torch
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
-    env = os.environ
-    if "RANK" not in env and "SLURM_PROCID" in env:  # srun without a launcher
-        env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
-        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
-    if "RANK" not in env:  # a single plain process
-        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        env.setdefault("MASTER_ADDR", "127.0.0.1")
-        env.setdefault("MASTER_PORT", str(_free_port()))
-    local_rank = int(env.get("LOCAL_RANK", "0"))
-    acc = get_accelerator()
-    if acc.device_name() != "cpu":
-        acc.set_device(local_rank)
-    deepspeed.init_distributed(dist_backend=acc.communication_backend_name())
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    device = torch.device(acc.device_name(local_rank) if acc.device_name() != "cpu" else "cpu")
-    return DistInfo(rank, world, local_rank, device)
-
-
-def shutdown_distributed(exit_code: Optional[int] = None) -> None:
-    """Barrier, destroy the process group and, given ``exit_code``, end the process at once.
-
-    Ending with ``os._exit`` skips the C++ static destructors: with torch 2.13 + DeepSpeed 0.19 on
-    gloo, a normal interpreter exit aborted now and then ("terminate called without an active
-    exception", SIGABRT, exit -6) after all work was done and saved, failing the whole launch.
-    """
-    import torch
-
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    if exit_code is not None:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        logging.shutdown()
-        os._exit(exit_code)
 
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
@@ -209,15 +151,6 @@ class _Meter:
         self.host["supervised_tokens"] += out.num_tokens
 
 
-def _gather_host(obj: Any, world: int) -> list:
-    import torch
-    if world == 1:
-        return [obj]
-    out: list = [None] * world
-    torch.distributed.all_gather_object(out, obj)
-    return out
-
-
 def _logger_sinks(cfg: TrainConfig, dist: DistInfo, initial: int):
     """Rank 0's TensorBoard writer and progress bar (either may be None)."""
     if not dist.is_main:
@@ -255,6 +188,221 @@ def _write_run_files(cfg: TrainConfig, engine: Any) -> None:
         log.warning("no tokenizer found (set --tokenizer); exports will not hold one")
 
 
+class Trainer:
+    """One training run, in named steps: :meth:`resume_or_start`, then :meth:`fit`, which runs
+    :meth:`train_step` (one optimizer step of ``grad_accum`` micro-batches) until ``--max_steps``,
+    ``--stop_after`` or the end of a bounded mixture, with :meth:`log_window` and
+    :meth:`maybe_save` after each step.
+
+    The run's position is ``step`` plus the loader's state plus the per-dataset ``counts``;
+    :meth:`save` writes all three, :meth:`resume_or_start` reads them back.
+    """
+
+    def __init__(self, cfg: TrainConfig, dist: DistInfo,
+                 loader_factory: Optional[LoaderFactory] = None, sync_timing: bool = False) -> None:
+        self.cfg, self.dist = cfg, dist
+        self.resume = ckpt_lib.resolve_resume(cfg.ckpt.resume, cfg.ckpt.output_dir)
+        self.engine, ds = build_engine(cfg, dist, fresh_start=self.resume is None)
+        self.grad_accum = ds["gradient_accumulation_steps"]
+        self.loader = (loader_factory or wds_loader_factory)(
+            cfg, dist.rank, dist.world_size, ds["train_micro_batch_size_per_gpu"])
+        self.root = ckpt_lib.checkpoint_root(cfg.ckpt.output_dir)
+        self.step, self.last_saved = 0, -1
+        self.counts: dict = {"samples": Counter(), "tokens": Counter()}
+        self.stop_at = min(cfg.ckpt.max_steps, cfg.ckpt.stop_after or cfg.ckpt.max_steps)
+        self.meter = _Meter(dist.device)
+        self.phase: Counter = Counter()
+        self.records: list[dict] = []
+        if sync_timing:
+            from deepspeed.accelerator import get_accelerator
+
+            self._sync: Callable[[], Any] = get_accelerator().synchronize
+        else:
+            self._sync = lambda: None
+        self.image_ids = (self.engine.module.image_ids.cpu() if cfg.loss.mask_image_logits
+                          else None)
+
+    # -- the run's position ---------------------------------------------------------------------
+    def resume_or_start(self) -> None:
+        """Continue from the checkpoint ``--resume`` resolved to, or write a fresh run's files."""
+        if self.resume is None:
+            if self.dist.is_main:
+                _write_run_files(self.cfg, self.engine)
+                ckpt_lib.use_markers(self.root)
+            return
+        where = os.path.join(*self.resume)
+        path, state = self.engine.load_checkpoint(self.resume[0], tag=self.resume[1])
+        if path is None:
+            raise ConfigError(f"--resume: could not load the checkpoint {where}")
+        state = ckpt_lib.check_client_state(state, where, self.dist.world_size)
+        self.step = self.last_saved = int(state["step"])
+        self.loader.load_state_dict({"ranks": state["loader_states"]})
+        self.counts = {k: Counter(v) for k, v in state.get("data_counts", self.counts).items()}
+        if self.dist.is_main:
+            print(f"resumed from {where} at step {self.step}", flush=True)
+
+    # -- the loop -------------------------------------------------------------------------------
+    def fit(self) -> list[dict]:
+        """Train until the stop step or the end of the data; returns rank 0's metric records."""
+        import torch
+
+        writer, bar = _logger_sinks(self.cfg, self.dist, self.step)
+        batches: Iterator[dict] = iter(self.loader)
+        self.engine.train()
+        ended = False
+        while self.step < self.stop_at:
+            # Dropout masks depend on (seed, step, rank) only: a resumed run draws the same ones.
+            torch.manual_seed(self.cfg.data.seed * 1_000_003 + self.step * self.dist.world_size
+                              + self.dist.rank)
+            if not self.train_step(batches):
+                ended = True
+                break
+            self.step += 1
+            if bar is not None:
+                bar.update(1)
+            self.log_window(writer, bar)
+            self.maybe_save()
+        self.finish(ended)
+        for sink in (bar, writer):
+            if sink is not None:
+                sink.close()
+        return self.records
+
+    def train_step(self, batches: Iterator[dict]) -> bool:
+        """One optimizer step over ``grad_accum`` micro-batches; False when the data ended first
+        (every rank yields the same number of batches, so all ranks see the end together; the
+        partial accumulation is dropped)."""
+        for _ in range(self.grad_accum):
+            t0 = time.perf_counter()
+            batch = next(batches, None)
+            if batch is None:
+                return False
+            wait = time.perf_counter() - t0
+            self.meter.add_batch(batch, wait)
+            self.phase["data_wait_s"] += wait
+            self.micro_step(batch)
+        return True
+
+    def micro_step(self, batch: dict) -> None:
+        """Forward, backward and (on the last micro-batch of a step, inside DeepSpeed) the
+        optimizer, timed by phase."""
+        import torch
+
+        from lumina.loss import supervised_positions
+
+        labels = batch["labels"]
+        if self.image_ids is not None and torch.isin(labels, self.image_ids).any():
+            raise ConfigError("--mask_image_logits is set but a batch has image-token targets "
+                              "(their loss would be infinite); unset it to train generation")
+        positions = supervised_positions(labels)  # on the CPU copy: no device sync
+        t1 = time.perf_counter()
+        out = self.engine(**_device_inputs(batch, positions, self.dist.device))
+        self.engine.backward(out.loss)
+        self._sync()
+        t2 = time.perf_counter()
+        self.engine.step()  # DeepSpeed steps the optimizer on the last micro-batch only
+        self._sync()
+        self.phase["fwd_bwd_s"] += t2 - t1
+        self.phase["optimizer_s"] += time.perf_counter() - t2
+        self.meter.add_loss(out)
+
+    def finish(self, ended: bool) -> None:
+        """The end of the loop: a checkpoint if the data ran out, a note if ``--stop_after``."""
+        main = self.dist.is_main
+        if ended:
+            if main:
+                print(f"the data ended after step {self.step}; stopping", flush=True)
+            if self.step != self.last_saved and self.step > 0:
+                self.save()
+        stop_after = self.cfg.ckpt.stop_after
+        if main and stop_after is not None and self.step == stop_after < self.cfg.ckpt.max_steps:
+            print(f"stopped at step {self.step} (--stop_after), as if killed; rerun to resume",
+                  flush=True)
+
+    # -- metrics --------------------------------------------------------------------------------
+    def log_window(self, writer: Any, bar: Any) -> None:
+        """Every ``--log_every`` steps (and at the stop step): reduce the window, log it."""
+        if self.step % self.cfg.log.log_every and self.step != self.stop_at:
+            return
+        record = self.reduce_window()
+        if self.dist.is_main:
+            self.records.append(record)
+            _emit(self.cfg, record, writer, bar)
+        self.meter.reset()
+        self.phase = Counter()
+
+    def reduce_window(self) -> dict:
+        """One all-reduce of the device sums, one gather of the host stats (log steps only)."""
+        import torch
+
+        meter, dist = self.meter, self.dist
+        sums = meter.dev.clone()
+        if dist.world_size > 1:
+            torch.distributed.all_reduce(sums)
+        host = gather_objects({"h": dict(meter.host), "s": dict(meter.samples),
+                               "t": dict(meter.tokens)}, dist.world_size)
+        loss_sum, ce_sum, z_sum = sums.tolist()
+        tot: Counter = Counter()
+        for h in host:
+            tot.update(h["h"])
+            self.counts["samples"].update(h["s"])
+            self.counts["tokens"].update(h["t"])
+        elapsed = time.perf_counter() - meter.t0
+        n_sup = max(tot["supervised_tokens"], 1)
+        grad_norm = self.engine.get_global_grad_norm()
+        return {
+            "step": self.step,
+            "loss": loss_sum / max(tot["micro_batches"], 1),
+            "ce": ce_sum / n_sup,
+            "z_loss": z_sum / n_sup,
+            "lr": float(self.engine.get_lr()[0]),
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "tokens_per_s": tot["real_tokens"] / elapsed if elapsed > 0 else 0.0,
+            "padding_share": 1.0 - tot["real_tokens"] / max(tot["slot_tokens"], 1),
+            "data_wait_share": tot["data_wait_s"] / dist.world_size / elapsed if elapsed > 0 else 0.0,
+            "supervised_tokens": tot["supervised_tokens"],
+            "time_s": elapsed,
+            "phase_s": dict(self.phase),
+            "dataset_samples": dict(self.counts["samples"]),
+            "dataset_tokens": dict(self.counts["tokens"]),
+        }
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def maybe_save(self) -> None:
+        """The save policy: every ``--save_every`` steps and at ``--max_steps``, once per step."""
+        every, max_steps = self.cfg.ckpt.save_every, self.cfg.ckpt.max_steps
+        due = (every and self.step % every == 0) or self.step == max_steps
+        if due and self.step != self.last_saved:
+            self.save()
+
+    def save(self) -> None:
+        """A checkpoint of the run's position (all ranks), marked complete once every rank's
+        files are written, then pruned to ``--keep_last``."""
+        import torch
+
+        dist, root, tag = self.dist, self.root, ckpt_lib.tag_for_step(self.step)
+        loader_states = self.loader.gather_state_dicts()["ranks"]  # a collective: every rank
+        state = ckpt_lib.client_state(self.step, loader_states,
+                                      {k: dict(v) for k, v in self.counts.items()},
+                                      dist.world_size)
+        if dist.is_main:  # saving over a tag (after a resume from an older one): unmarked until done
+            ckpt_lib.unmark(root, tag)
+        self.write_checkpoint(tag, state)
+        if dist.world_size > 1:
+            torch.distributed.barrier()  # every rank's files are written
+        if dist.is_main:
+            ckpt_lib.mark_complete(root, tag, self.step, dist.world_size)
+            deleted = ckpt_lib.prune_checkpoints(root, self.cfg.ckpt.keep_last)
+            print(f"saved checkpoint {os.path.join(root, tag)}"
+                  + (f" (deleted {', '.join(deleted)})" if deleted else ""), flush=True)
+        self.last_saved = self.step
+
+    def write_checkpoint(self, tag: str, client_state: dict) -> None:
+        """DeepSpeed's sharded save of ``tag`` (every rank; DeepSpeed barriers before writing and
+        rank 0 writes ``latest`` after its own files only)."""
+        self.engine.save_checkpoint(self.root, tag=tag, client_state=client_state)
+
+
 def train(cfg: TrainConfig, loader_factory: Optional[LoaderFactory] = None,
           sync_timing: bool = False) -> list[dict]:
     """Run (or continue) training; returns the metric records rank 0 logged (others: ``[]``).
@@ -262,142 +410,9 @@ def train(cfg: TrainConfig, loader_factory: Optional[LoaderFactory] = None,
     ``loader_factory`` defaults to :func:`wds_loader_factory`; ``sync_timing`` synchronises the
     device around each phase so the recorded times split exactly (benchmarks only).
     """
-    import torch
-    from deepspeed.accelerator import get_accelerator
-
-    from lumina.loss import supervised_positions
-
-    dist = init_distributed()
-    loader_factory = loader_factory or wds_loader_factory
-    resume = ckpt_lib.resolve_resume(cfg.ckpt.resume, cfg.ckpt.output_dir)
-    engine, ds = build_engine(cfg, dist, fresh_start=resume is None)
-    micro, accum = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
-    loader = loader_factory(cfg, dist.rank, dist.world_size, micro)
-
-    step, counts = 0, {"samples": Counter(), "tokens": Counter()}
-    if resume is not None:
-        path, state = engine.load_checkpoint(resume[0], tag=resume[1])
-        if path is None:
-            raise ConfigError(f"--resume: could not load the checkpoint {os.path.join(*resume)}")
-        if state.get("world_size") != dist.world_size:
-            raise ConfigError(f"the checkpoint {path} was written by {state.get('world_size')} ranks, "
-                              f"this run has {dist.world_size}: the loader positions are per rank")
-        step = int(state["step"])
-        loader.load_state_dict(state["loader_states"][dist.rank])
-        counts = {k: Counter(v) for k, v in state.get("data_counts", counts).items()}
-        if dist.is_main:
-            print(f"resumed from {os.path.join(*resume)} at step {step}", flush=True)
-    elif dist.is_main:
-        _write_run_files(cfg, engine)
-        ckpt_lib.use_markers(ckpt_lib.checkpoint_root(cfg.ckpt.output_dir))
-
-    acc = get_accelerator()
-    sync = acc.synchronize if sync_timing else (lambda: None)
-    mask_image = cfg.loss.mask_image_logits
-    image_ids = engine.module.image_ids.cpu() if mask_image else None
-    meter = _Meter(dist.device)
-    phase = Counter()
-    writer, bar = _logger_sinks(cfg, dist, step)
-    records: list[dict] = []
-    root = ckpt_lib.checkpoint_root(cfg.ckpt.output_dir)
-    last_saved = step if resume is not None else -1
-    batches: Iterator[dict] = iter(loader)
-    engine.train()
-    stop_at = min(cfg.ckpt.max_steps, cfg.ckpt.stop_after or cfg.ckpt.max_steps)
-    exhausted = False
-    while step < stop_at:
-        # Dropout masks depend on (seed, step, rank) only, so a resumed run draws the same ones.
-        torch.manual_seed(cfg.data.seed * 1_000_003 + step * dist.world_size + dist.rank)
-        for _ in range(accum):
-            t0 = time.perf_counter()
-            batch = next(batches, None)  # every rank yields the same number of batches
-            if batch is None:
-                exhausted = True
-                break
-            wait = time.perf_counter() - t0
-            meter.add_batch(batch, wait)
-            labels = batch["labels"]
-            if mask_image and torch.isin(labels, image_ids).any():
-                raise ConfigError("--mask_image_logits is set but a batch has image-token targets "
-                                  "(their loss would be infinite); unset it to train generation")
-            positions = supervised_positions(labels)  # on the CPU copy: no device sync
-            t1 = time.perf_counter()
-            out = engine(**_device_inputs(batch, positions, dist.device))
-            engine.backward(out.loss)
-            sync()
-            t2 = time.perf_counter()
-            engine.step()  # DeepSpeed steps the optimizer on the last micro-batch only
-            sync()
-            t3 = time.perf_counter()
-            meter.add_loss(out)
-            phase["data_wait_s"] += wait
-            phase["fwd_bwd_s"] += t2 - t1
-            phase["optimizer_s"] += t3 - t2
-        if exhausted:  # a bounded mixture ended; a partial accumulation is dropped
-            if dist.is_main:
-                print(f"the data ended after step {step}; stopping", flush=True)
-            break
-        step += 1
-        if bar is not None:
-            bar.update(1)
-        if step % cfg.log.log_every == 0 or step == stop_at:
-            record = _reduce_and_log(cfg, dist, engine, meter, counts, step, phase)
-            if dist.is_main:
-                records.append(record)
-                _emit(cfg, record, writer, bar)
-            meter.reset()
-            phase = Counter()
-        if (cfg.ckpt.save_every and step % cfg.ckpt.save_every == 0) or step == cfg.ckpt.max_steps:
-            if step != last_saved:
-                _save(cfg, dist, engine, loader, counts, step, root)
-                last_saved = step
-    if exhausted and step != last_saved and step > 0:
-        _save(cfg, dist, engine, loader, counts, step, root)
-    if cfg.ckpt.stop_after is not None and step == cfg.ckpt.stop_after < cfg.ckpt.max_steps \
-            and dist.is_main:
-        print(f"stopped at step {step} (--stop_after), as if killed; rerun to resume", flush=True)
-    if bar is not None:
-        bar.close()
-    if writer is not None:
-        writer.close()
-    return records
-
-
-def _reduce_and_log(cfg: TrainConfig, dist: DistInfo, engine: Any, meter: _Meter, counts: dict,
-                    step: int, phase: Counter) -> dict:
-    """One all-reduce of the device sums, one gather of the host stats (log steps only)."""
-    import torch
-    sums = meter.dev.clone()
-    if dist.world_size > 1:
-        torch.distributed.all_reduce(sums)
-    host = _gather_host({"h": dict(meter.host), "s": dict(meter.samples), "t": dict(meter.tokens)},
-                        dist.world_size)
-    loss_sum, ce_sum, z_sum = sums.tolist()
-    tot = Counter()
-    for h in host:
-        tot.update(h["h"])
-        counts["samples"].update(h["s"])
-        counts["tokens"].update(h["t"])
-    elapsed = time.perf_counter() - meter.t0
-    n_sup = max(tot["supervised_tokens"], 1)
-    grad_norm = engine.get_global_grad_norm()
-    record = {
-        "step": step,
-        "loss": loss_sum / max(tot["micro_batches"], 1),
-        "ce": ce_sum / n_sup,
-        "z_loss": z_sum / n_sup,
-        "lr": float(engine.get_lr()[0]),
-        "grad_norm": float(grad_norm) if grad_norm is not None else None,
-        "tokens_per_s": tot["real_tokens"] / elapsed if elapsed > 0 else 0.0,
-        "padding_share": 1.0 - tot["real_tokens"] / max(tot["slot_tokens"], 1),
-        "data_wait_share": tot["data_wait_s"] / dist.world_size / elapsed if elapsed > 0 else 0.0,
-        "supervised_tokens": tot["supervised_tokens"],
-        "time_s": elapsed,
-        "phase_s": dict(phase),
-        "dataset_samples": dict(counts["samples"]),
-        "dataset_tokens": dict(counts["tokens"]),
-    }
-    return record
+    trainer = Trainer(cfg, init_distributed(), loader_factory, sync_timing)
+    trainer.resume_or_start()
+    return trainer.fit()
 
 
 def _emit(cfg: TrainConfig, record: dict, writer: Any, bar: Any) -> None:
@@ -422,27 +437,6 @@ def _emit(cfg: TrainConfig, record: dict, writer: Any, bar: Any) -> None:
         for name, n in record["dataset_samples"].items():
             writer.add_scalar(f"data/samples/{name}", n, record["step"])
             writer.add_scalar(f"data/tokens/{name}", record["dataset_tokens"][name], record["step"])
-
-
-def _save(cfg: TrainConfig, dist: DistInfo, engine: Any, loader: Any, counts: dict, step: int,
-          root: str) -> None:
-    import torch
-    states = _gather_host(loader.state_dict(), dist.world_size)
-    state = ckpt_lib.client_state(step, states, {k: dict(v) for k, v in counts.items()},
-                                  dist.world_size)
-    tag = ckpt_lib.tag_for_step(step)
-    if dist.is_main:  # saving over a tag (after a resume from an older one): unmarked until done
-        ckpt_lib.unmark(root, tag)
-    ckpt_lib.kill_hook_for_tests(engine, root, tag, step, dist.rank)
-    # DeepSpeed barriers before writing; rank 0 writes `latest` after its own files only.
-    engine.save_checkpoint(root, tag=tag, client_state=state)
-    if dist.world_size > 1:
-        torch.distributed.barrier()  # every rank's files are written
-    if dist.is_main:
-        ckpt_lib.mark_complete(root, tag, step, dist.world_size)
-        deleted = ckpt_lib.prune_checkpoints(root, cfg.ckpt.keep_last)
-        print(f"saved checkpoint {os.path.join(root, ckpt_lib.tag_for_step(step))}"
-              + (f" (deleted {', '.join(deleted)})" if deleted else ""), flush=True)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

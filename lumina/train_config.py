@@ -34,7 +34,14 @@ __all__ = [
     "config_from_namespace",
     "load_deepspeed_json",
     "resolve_deepspeed_config",
+    "SHIPPED_DEEPSPEED_CONFIGS",
+    "deepspeed_config_path",
 ]
+
+# DeepSpeed JSONs shipped inside the package (``lumina/ds_configs/``; the repository's top-level
+# ``ds_configs/`` links to them), so the default works from any folder after ``pip install``.
+SHIPPED_DEEPSPEED_CONFIGS = ("zero3", "zero3_offload")
+DEFAULT_DEEPSPEED_CONFIG = "zero3"
 
 
 class ConfigError(ValueError):
@@ -197,7 +204,7 @@ class TrainConfig:
     """The whole trainer configuration."""
 
     model: ModelConfig
-    deepspeed_config: str = "ds_configs/zero3.json"
+    deepspeed_config: str = DEFAULT_DEEPSPEED_CONFIG
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataSettings = field(default_factory=DataSettings)
@@ -249,9 +256,12 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
         description="Train a Chameleon (Lumina-mGPT) model with DeepSpeed ZeRO-3 on a streamed "
         "WebDataset token mixture.",
     )
-    parser.add_argument("--deepspeed_config", "--deepspeed-config", default="ds_configs/zero3.json",
-                        help="DeepSpeed JSON (ZeRO stage, precision, offload); batch and clipping "
-                        "entries may be 'auto' and are filled from the flags below")
+    parser.add_argument("--deepspeed_config", "--deepspeed-config",
+                        default=DEFAULT_DEEPSPEED_CONFIG,
+                        help="DeepSpeed JSON (ZeRO stage, precision, offload): a file, or a config "
+                        f"shipped with the package ({', '.join(SHIPPED_DEEPSPEED_CONFIGS)}); batch "
+                        "and clipping entries may be 'auto' and are filled from the flags below "
+                        "(default: %(default)s)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help="set by the deepspeed launcher; ignored (LOCAL_RANK is read instead)")
     for section, cls in _SECTIONS.items():
@@ -289,10 +299,26 @@ def config_from_namespace(args: argparse.Namespace) -> TrainConfig:
     )
 
 
+def deepspeed_config_path(value: str) -> str:
+    """The JSON file ``--deepspeed_config`` names: ``value`` itself when it is a file, else the
+    shipped config it names (``zero3``, ``zero3.json`` or ``ds_configs/zero3.json``, from any
+    working directory)."""
+    if os.path.isfile(value):
+        return value
+    head, name = os.path.split(os.path.normpath(value))
+    stem = name.removesuffix(".json")
+    if head in ("", "ds_configs") and stem in SHIPPED_DEEPSPEED_CONFIGS:
+        from importlib.resources import files
+
+        return str(files("lumina") / "ds_configs" / f"{stem}.json")
+    raise ConfigError(f"--deepspeed_config: no such file {value!r} (shipped configs: "
+                      f"{', '.join(SHIPPED_DEEPSPEED_CONFIGS)})")
+
+
 def load_deepspeed_json(path: str) -> dict:
-    """Read a DeepSpeed JSON config; refuses sections the trainer owns."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"--deepspeed_config: no such file {path!r}")
+    """Read a DeepSpeed JSON config (a file or a shipped name); refuses sections the trainer
+    owns."""
+    path = deepspeed_config_path(path)
     with open(path) as fh:
         try:
             ds = json.load(fh)

@@ -4,8 +4,9 @@
   resumes the previous killed one), then finished; the merged dataset (keys, tokens, labels,
   meta) and the errors file must equal an uninterrupted run's, with no entry twice.
 * train: 2-process gloo ZeRO-3 (``torchrun -m lumina.train``, as in ``test_train_zero3.py``).
-  A rank is SIGKILLed mid-step, and (``LUMINA_TEST_KILL_IN_SAVE``, see ``lumina/checkpoint.py``)
-  mid-save after rank 0 has written DeepSpeed's ``latest`` for the half-written tag; the rerun
+  A rank is SIGKILLed mid-step, and (through a test-only entry point, ``CRASH_ENTRY`` below, that
+  wraps ``Trainer.write_checkpoint``) mid-save after rank 0 has written DeepSpeed's ``latest`` for
+  the half-written tag; the rerun
   must resume from the last *complete* checkpoint and reproduce the uninterrupted run's losses
   bit for bit (same data, same order) and its per-dataset sample counts.
 * checkpoint discovery on crafted folders: shards without ``latest``, ``latest`` naming a folder
@@ -204,6 +205,57 @@ def test_pretokenize_sigkill_at_random_points_equals_clean_run(tiny_dirs, tmp_pa
 # Trainer: SIGKILL a rank mid-step and mid-save
 
 
+CRASH_ENTRY = textwrap.dedent('''
+    """Test-only trainer: ``crash_train.py STEP:RANK FLAGS...`` trains like ``python -m lumina.train
+    FLAGS...``, except that in the save of step STEP rank RANK writes its optimizer-states file
+    half (a torn ``torch.save``), waits until rank 0 has written ``latest`` for this tag (at most
+    1 s), then SIGKILLs itself. The production save path knows nothing of it."""
+    import os
+    import signal
+    import sys
+    import time
+
+    from lumina.train import Trainer, main
+
+    KILL_STEP, KILL_RANK = (int(x) for x in sys.argv[1].split(":"))
+    write_checkpoint = Trainer.write_checkpoint
+
+
+    def arm(engine, root, tag):
+        ce = engine.checkpoint_engine
+        save = ce.save
+
+        def save_then_die(state_dict, path):
+            save(state_dict, path)
+            if "optim_states" not in os.path.basename(path):
+                return
+            with open(path, "r+b") as fh:
+                fh.truncate(os.path.getsize(path) // 2)
+            deadline = time.time() + 1
+            while time.time() < deadline:
+                try:
+                    with open(os.path.join(root, "latest")) as fh:
+                        if fh.read().strip() == tag:
+                            break
+                except OSError:
+                    pass
+                time.sleep(0.05)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        ce.save = save_then_die
+
+
+    def write_then_die(self, tag, client_state):
+        if (self.step, self.dist.rank) == (KILL_STEP, KILL_RANK):
+            arm(self.engine, self.root, tag)
+        write_checkpoint(self, tag, client_state)
+
+
+    Trainer.write_checkpoint = write_then_die
+    raise SystemExit(main(sys.argv[2:]))
+''')
+
+
 def _write_dataset(root, name, vocab, num_samples, seed):
     from wds_tools.merge import merge
     from wds_tools.writer import ShardWriter
@@ -234,6 +286,7 @@ def tiny_train(tmp_path_factory):
     data = base / "data"
     _write_dataset(str(data), "a", vocab, 12, seed=1)
     _write_dataset(str(data), "b", vocab, 12, seed=2)
+    (base / "crash_train.py").write_text(CRASH_ENTRY)
     (data / "mix.yaml").write_text(textwrap.dedent("""\
         seed: 0
         weight_by: samples
@@ -241,12 +294,15 @@ def tiny_train(tmp_path_factory):
           - {name: a, manifest: a/index.json, weight: 0.5}
           - {name: b, manifest: b/index.json, weight: 0.5}
         """))
-    return {"model": model, "base": base, "data_config": str(data / "mix.yaml")}
+    return {"model": model, "base": base, "data_config": str(data / "mix.yaml"),
+            "crash_entry": str(base / "crash_train.py")}
 
 
-def _train_cmd(tiny, out_dir, max_steps=6):
+def _train_cmd(tiny, out_dir, max_steps=6, kill_in_save=None):
+    """``torchrun -m lumina.train``, or with ``kill_in_save="STEP:RANK"`` the crash entry."""
+    entry = ["-m", "lumina.train"] if kill_in_save is None else [tiny["crash_entry"], kill_in_save]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-            "-m", "lumina.train", "--data_config", tiny["data_config"],
+            *entry, "--data_config", tiny["data_config"],
             "--deepspeed_config", str(ROOT / "ds_configs" / "zero3.json"),
             "--init_from", tiny["model"], "--output_dir", str(out_dir), "--micro_batch_size", "2",
             "--max_seq_len", str(SEQ_LEN), "--lr", "3e-3", "--warmup_steps", "1",
@@ -261,9 +317,9 @@ def _env(**extra):
     return env
 
 
-def _run_train(tiny, out_dir, **env):
-    proc = subprocess.run(_train_cmd(tiny, out_dir), cwd=ROOT, env=_env(**env), capture_output=True,
-                          text=True, timeout=300)
+def _run_train(tiny, out_dir, kill_in_save=None):
+    proc = subprocess.run(_train_cmd(tiny, out_dir, kill_in_save=kill_in_save), cwd=ROOT,
+                          env=_env(), capture_output=True, text=True, timeout=300)
     return proc
 
 
@@ -341,7 +397,7 @@ def test_train_sigkill_mid_save_and_mid_step_resume_exactly(tiny_train, clean_ru
     t0 = time.perf_counter()
     save_kills, rejected, save_notes = 0, 0, []
     for kill_step in (2, 4):
-        proc = _run_train(tiny_train, out, LUMINA_TEST_KILL_IN_SAVE=f"{kill_step}:1")
+        proc = _run_train(tiny_train, out, kill_in_save=f"{kill_step}:1")
         assert proc.returncode != 0, proc.stdout[-2000:]
         save_kills += 1
         # The first run starts fresh; so does the second: nothing complete to resume from.

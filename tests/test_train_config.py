@@ -148,3 +148,47 @@ def test_resume_resolution(tmp_path):
         resolve_resume(str(tmp_path / "nope"), str(tmp_path))
     assert prune_checkpoints(str(root), 1) == ["step_00000002", "step_00000004"]
     assert sorted(os.listdir(root)) == ["latest", "step_00000006"]
+
+
+def test_default_deepspeed_config_resolves_from_any_folder(tmp_path):
+    """The default (and ``ds_configs/NAME.json``) name the configs shipped inside the package, so
+    a run started from another folder (or after ``pip install``) finds them."""
+    code = ("from lumina.train_config import load_deepspeed_json, parse_args; "
+            "cfg = parse_args(['--init_from', 'm']); "
+            "a = load_deepspeed_json(cfg.deepspeed_config); "
+            "b = load_deepspeed_json('ds_configs/zero3_offload.json'); "
+            "print(cfg.deepspeed_config, a['zero_optimization']['stage'], "
+            "b['zero_optimization']['offload_optimizer']['device'])")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=tmp_path, env=env, check=True).stdout
+    assert out.split() == ["zero3", "3", "cpu"]
+    with pytest.raises(ConfigError, match=r"no such file 'nope\.json' \(shipped configs: zero3, "):
+        load_deepspeed_json("nope.json")
+
+
+def test_shipped_deepspeed_configs_have_one_copy():
+    """``lumina/ds_configs/`` holds the JSONs (package data); the top-level folder links to them."""
+    from lumina.train_config import SHIPPED_DEEPSPEED_CONFIGS
+
+    for name in SHIPPED_DEEPSPEED_CONFIGS:
+        top = os.path.join(DS_DIR, f"{name}.json")
+        shipped = os.path.join(ROOT, "lumina", "ds_configs", f"{name}.json")
+        assert os.path.isfile(shipped) and not os.path.islink(shipped)
+        assert os.path.islink(top) and os.path.samefile(top, shipped)
+
+
+def test_checkpoint_of_another_trainer_version_is_a_one_line_error():
+    from lumina.checkpoint import CLIENT_STATE_VERSION, check_client_state, client_state
+
+    state = client_state(4, [{}, {}], {}, world_size=2)
+    assert check_client_state(state, "run/checkpoints/step_00000004", 2) is state
+    state["version"] = CLIENT_STATE_VERSION + 1
+    with pytest.raises(ConfigError) as err:
+        check_client_state(state, "run/checkpoints/step_00000004", 2)
+    msg = str(err.value)
+    assert "\n" not in msg and "run/checkpoints/step_00000004" in msg
+    assert f"version {CLIENT_STATE_VERSION + 1}" in msg and f"version {CLIENT_STATE_VERSION}" in msg
+    state["version"] = CLIENT_STATE_VERSION
+    with pytest.raises(ConfigError, match="written by 2 ranks, this run has 4"):
+        check_client_state(state, "run/checkpoints/step_00000004", 4)

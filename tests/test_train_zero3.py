@@ -26,7 +26,8 @@ WORKER = textwrap.dedent('''
     import torch
 
     from lumina.synthetic import SyntheticLoader
-    from lumina.train import build_engine, init_distributed, shutdown_distributed
+    from lumina.distributed import init_distributed, shutdown_distributed
+    from lumina.train import build_engine
     from lumina.train_config import parse_args
 
     root, tag, out, vocab, seq_len, argv = (sys.argv[1], sys.argv[2], sys.argv[3],
