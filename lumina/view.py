@@ -6,7 +6,7 @@ or a ``lumina make-tiny`` output folder. ``--tokenizer`` defaults to that folder
 ``text_tokenizer.json`` (or ``tokenizer.json``). Every other flag is ``wds-tools view``'s (see
 ``docs/inspect.md``); the same thing spelled with the generic flags is::
 
-    wds-tools view SOURCE --tokenizer DIR \
+    wds-tools view SOURCE --tokenizer DIR \\
         --renderer lumina.render:load_renderer --renderer-arg FOLDER
 """
 
