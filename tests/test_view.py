@@ -472,3 +472,27 @@ def test_lumina_cli_has_view(capsys):
         main(["view", "--help"])
     out = capsys.readouterr().out
     assert "--vq" in out and "--renderer" in out and "--tokenizer" in out
+
+
+def test_odd_metadata_still_renders(tmp_path):
+    """Metadata the tools do not expect (wrong types, blocks out of range) shows as data."""
+    from wds_tools.merge import merge
+    from wds_tools.writer import ShardWriter
+
+    out = str(tmp_path / "odd")
+    with ShardWriter(out, vocab_size=1000) as w:
+        w.write("odd-0", np.arange(20), labels=np.arange(20),
+                meta={"images": [{"offset": "x"}, 5, {"offset": 0, "num_tokens": 10 ** 9},
+                                 {"offset": 2, "num_tokens": 4, "grid": "2x2"}],
+                      "id": {"a": [1]}, "source": 7})
+        w.write("odd-1", np.arange(5), meta={"images": "none"})
+    merge(out)
+    app = App(open_source(out), renderer=GrayRenderer())
+    for target in ("/", "/d/0/samples", "/d/0/s/0", "/d/0/s/1", "/d/0/samples?q=a&field=id",
+                   "/d/0/samples?q=7&field=source", "/d/0/samples?q=x&field=meta"):
+        assert get(app, target)[0] == 200, target
+    html = get(app, "/d/0/s/0")[1]
+    assert '<img src="/d/0/img/0/3.png"' in html and "images[3]" in html   # the block that fits
+    status, body, r = get(app, "/d/0/img/0/3.png")   # grid "2x2" is not [rows, cols]
+    assert status == 500 and r.content_type == "image/svg+xml"
+    assert get(app, "/d/0/img/0/1.png")[0] == 404    # 5 is not a block

@@ -320,11 +320,12 @@ def sample_page(source: Source, k: int, s: Dict[str, Any], text: Optional[TokenT
     labels = np.asarray(s["labels"])
     n = int(ids.size)
     n_sup = int(np.count_nonzero(labels[:n] != -100))
-    images = [im for im in (meta.get("images") or []) if isinstance(im, dict)] \
-        if isinstance(meta, dict) and isinstance(meta.get("images"), list) else []
+    # meta["images"] as stored: j is an entry's position there (the image route's number too)
+    images = meta["images"] if isinstance(meta, dict) and isinstance(meta.get("images"), list) \
+        else []
     blocks = sorted(((int(im["offset"]), int(im["offset"]) + int(im["num_tokens"]), j, im)
-                     for j, im in enumerate(images)
-                     if isinstance(im.get("offset"), int) and isinstance(im.get("num_tokens"), int)
+                     for j, im in enumerate(images) if isinstance(im, dict)
+                     and isinstance(im.get("offset"), int) and isinstance(im.get("num_tokens"), int)
                      and 0 <= im["offset"] < im["offset"] + im["num_tokens"] <= n),
                     key=lambda b: b[0])
     conv, pos = [], 0
@@ -354,7 +355,7 @@ def sample_page(source: Source, k: int, s: Dict[str, Any], text: Optional[TokenT
            f'<a href="/d/{k}/raw/{g}" download="{e(key)}.tar">raw bytes ({_n(ln)} B)</a>',
            "</div>"]
     cards = [_card("tokens", _n(n)), _card("supervised", f"{_n(n_sup)} ({n_sup / max(n, 1):.0%})"),
-             _card("images", _n(len(images)))]
+             _card("images", _n(sum(1 for im in images if isinstance(im, dict))))]
     legend = ('<p class="legend note"><span class="t train">&nbsp;trained&nbsp;</span>'
               '<span class="t ctx">&nbsp;masked (context)&nbsp;</span>'
               '<span class="sp">special</span>'

@@ -130,6 +130,9 @@ class App:
         except (FormatError, ValueError, OSError) as e:
             log.warning("request %s: %s", target[:200], e)
             return self._error(500, wio.scrub(str(e)))
+        except Exception as e:  # noqa: BLE001 - odd data must not take the server down
+            log.exception("request %s failed", target[:200])
+            return self._error(500, f"internal error: {type(e).__name__}: {wio.scrub(str(e))}")
 
     def _error(self, status: int, message: str) -> Response:
         return Response(status, "text/html; charset=utf-8",
