@@ -236,6 +236,8 @@ def test_single_shard_and_shard_index_sources(data):
         assert '<div class="v">1</div><div class="k">shards</div>' in html
         assert '<div class="v">5</div><div class="k">samples</div>' in html
         assert ">pics-0005<" in get(app, "/d/0/s/0")[1]
+        # the other shards of the folder are not part of this source
+        assert get(app, "/d/0/s/5")[0] == 404 and get(app, "/d/0/raw/5")[0] == 404
     folder = App(open_source(os.path.dirname(data["manifest"])))   # a folder: its index.json
     assert '<div class="v">12</div><div class="k">samples</div>' in get(folder, "/")[1]
 
