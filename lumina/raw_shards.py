@@ -40,6 +40,7 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 KEPT_EXTENSIONS = IMAGE_EXTENSIONS + ("txt", "json")
 SOURCE_STRIDE = 10**9  # input index = source number * SOURCE_STRIDE + position in the source
 MAX_KEPT_MEMBER = 256 << 20  # a kept member larger than this is a bad sample, not a memory spike
+MAX_EXTENDED_HEADER = 1 << 20  # pax / long-name headers are small; a huge one is corruption
 
 
 @dataclass
@@ -118,6 +119,8 @@ def iter_tar_members(f, where: str, start: int = 0) -> Iterator[tuple[str, int, 
         kind = block[156:157]
         first = pos if first is None else first
         if kind in (b"x", b"g", b"L"):
+            if size > MAX_EXTENDED_HEADER:
+                raise FormatError(f"{where}: extended tar header of {size} bytes at byte {pos} (corrupt shard)")
             payload = _read_exact(f, padded(size), where, pos)[:size]
             pos += BLOCK + padded(size)
             if kind == b"x":

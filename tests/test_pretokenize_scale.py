@@ -144,6 +144,26 @@ def test_missing_and_corrupt_raw_shards_are_one_error_each(tmp_path, raw_corpus)
     assert items[-1][1].error[0] == "unreadable_shard" and all(s.error is None for _, s in items[1:-1])
 
 
+@pytest.mark.reliability
+def test_damaged_raw_shards_never_crash_the_reader(tmp_path, raw_corpus):
+    """Random byte flips and cuts: every outcome is samples and at most one error per shard."""
+    from lumina.raw_shards import iter_raw_items
+
+    data = (raw_corpus["www"] / "raw" / "00000.tar").read_bytes()
+    rng = random.Random(7)
+    for trial in range(60):
+        buf = bytearray(data[: rng.randrange(len(data) + 1)] if trial % 3 == 0 else data)
+        for _ in range(rng.randrange(1, 8)):
+            if buf:
+                at = rng.randrange(min(len(buf), 4096) if trial % 2 else len(buf))
+                buf[at] = rng.randrange(256)
+        path = tmp_path / f"t{trial}.tar"
+        path.write_bytes(bytes(buf))
+        items = list(iter_raw_items([str(path)], 1, 0))
+        assert sum(s.error is not None for _, s in items) <= 1
+        assert all(s.error is None for _, s in items[:-1])
+
+
 # ----------------------------------------------------------------------------------------------
 # Several JSONL files: split by file, a rank never opens the files of another
 
