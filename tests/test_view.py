@@ -261,6 +261,10 @@ def test_overview_reads_a_bounded_sample_of_shards(tmp_path):
     assert ">s0000000</a>" in get(app, "/d/0/samples?start=31000")[1]     # entry 3100 = shard 0
     assert d.index_reads == 13                                           # cached
     assert "s0000039" in get(app, "/d/0/s/49999")[1]
+    small = open_dataset(big, cache_samples=25)          # the LRU is bounded by samples too
+    for g in (0, 10, 20, 30, 40):
+        small.sample(g)
+    assert small.index_reads == 5 and len(small._cache) == 2
 
 
 # --- renderer plumbing ------------------------------------------------------------------------

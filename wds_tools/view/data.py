@@ -95,7 +95,7 @@ class Dataset:
 
     def __init__(self, name: str, source: str, entries: List[ShardEntry], doc: Dict[str, Any],
                  opts: wio.IOOptions = wio.DEFAULT, *, cache_shards: int = 16,
-                 stats_shards: int = 16, meta_bytes_per_shard: int = 1 << 20,
+                 cache_samples: int = 200_000, stats_shards: int = 16, meta_bytes_per_shard: int = 1 << 20,
                  stats_budget_s: float = 0.6, first: Optional[Shard] = None):
         self.name, self.source, self.entries, self.doc, self.opts = name, source, entries, doc, opts
         counts = np.fromiter((e.num_samples for e in entries), np.int64, len(entries))
@@ -105,7 +105,10 @@ class Dataset:
         self.num_supervised = int(doc.get("num_supervised",
                                           sum(e.num_supervised for e in entries)))
         self.bytes = int(doc.get("bytes", sum(e.bytes for e in entries)))
-        self.cache_shards, self.stats_shards = max(1, cache_shards), max(1, stats_shards)
+        # the LRU of shard indexes is bounded by shards and by samples (an index costs ~200
+        # bytes of Python objects per sample: 16 indexes of 10,000 samples ~ 30 MB)
+        self.cache_shards, self.cache_samples = max(1, cache_shards), cache_samples
+        self.stats_shards = max(1, stats_shards)
         self.meta_bytes_per_shard, self.stats_budget_s = meta_bytes_per_shard, stats_budget_s
         self.index_reads = 0    # shard indexes fetched (tests check laziness with it)
         self._cache: "collections.OrderedDict[int, Shard]" = collections.OrderedDict()
@@ -132,7 +135,9 @@ class Dataset:
             self.index_reads += 1
             if keep:
                 self._cache[j] = sh
-                while len(self._cache) > self.cache_shards:
+                while len(self._cache) > 1 and (
+                        len(self._cache) > self.cache_shards
+                        or sum(len(c) for c in self._cache.values()) > self.cache_samples):
                     self._cache.popitem(last=False)
         return sh
 
@@ -213,7 +218,7 @@ class Dataset:
             if read and time.perf_counter() - t0 > self.stats_budget_s:
                 break
             try:
-                sh = self.shard(j)
+                sh = self.shard(j, keep=False)   # only its columns are kept, as arrays
                 nt = np.asarray(sh.num_tokens, np.int64)
                 lengths.append(nt)
                 sup.append(np.asarray(sh.num_supervised, np.int64) / np.maximum(nt, 1))
