@@ -12,10 +12,11 @@ Chameleon's ``_whiten_transparency``):
 - then RGB (the processor's ``blend_rgba``): unchanged if already RGB; else if nothing is transparent
   ``convert("RGB")``; else blend onto white in float64 and truncate to uint8.
 
-Pixel scaling is the reference's ``ChameleonImageProcessor(do_resize=False, do_center_crop=False)``:
-``float32(x * 0.0078) - 1`` (note: 0.0078, not 1/127.5, so 255 maps to 0.989), then a cast to the
-encoder dtype. It is a 256-entry lookup done on the encoder's device (:func:`lumina.vq_encoder.pixel_lut`),
-so workers ship uint8 pixels (4x less inter-process traffic than float32).
+Pixel scaling is Lumina-mGPT's own (Meta's ``chameleon_vae_ori``): ``x / 255 * 2 - 1`` in float64,
+exactly [-1, 1], then a cast to the encoder dtype (transformers' ``ChameleonImageProcessor``
+scaling, ``float32(x * 0.0078) - 1`` with white at 0.989, is an option). It is a 256-entry lookup
+done on the encoder's device (:func:`lumina.vq_encoder.pixel_lut`), so workers ship uint8 pixels
+(4x less inter-process traffic than float32).
 This module imports no torch: it runs in the background worker processes.
 """
 
@@ -66,7 +67,9 @@ class PreparedImage:
         return right - left, bottom - top
 
 
-def crop_size_list(target_size: int, patch_size: int = PATCH_SIZE, max_ratio: float = 4.0) -> list[tuple[int, int]]:
+def crop_size_list(
+    target_size: int, patch_size: int = PATCH_SIZE, max_ratio: float = 4.0
+) -> list[tuple[int, int]]:
     """Candidate ``(w, h)`` crop sizes for target size ``T``: the reference's enumeration."""
     num_patches = (target_size // patch_size) ** 2
     sizes = []
@@ -98,7 +101,9 @@ def crop_rng(seed: int, index: int, image_number: int) -> random.Random:
 
 
 def resize_and_crop(
-    img: Image.Image, crop_size: tuple[int, int], rng: Optional[random.Random],
+    img: Image.Image,
+    crop_size: tuple[int, int],
+    rng: Optional[random.Random],
     max_pixels: Optional[int] = None,
 ) -> tuple[Image.Image, tuple[int, int, int, int], tuple[int, int]]:
     """Halve (BOX), resize to cover (BICUBIC), crop. ``rng=None`` crops at the centre.
@@ -109,14 +114,17 @@ def resize_and_crop(
     """
     cw, ch = crop_size
     while img.size[0] >= 2 * cw and img.size[1] >= 2 * ch:
-        img = img.resize((img.size[0] // 2, img.size[1] // 2), resample=Image.BOX)
+        img = img.resize((img.size[0] // 2, img.size[1] // 2), resample=Image.Resampling.BOX)
     scale = max(cw / img.size[0], ch / img.size[1])
     new_size = (round(img.size[0] * scale), round(img.size[1] * scale))
     if max_pixels is not None and new_size[0] * new_size[1] > max(max_pixels, cw * ch):
-        raise BadItem("oversize_image", f"{img.size[0]}x{img.size[1]} would be resized to "
-                      f"{new_size[0]}x{new_size[1]} to cover a {cw}x{ch} crop (aspect ratio too "
-                      f"extreme; over {max_pixels} pixels)")
-    img = img.resize(new_size, resample=Image.BICUBIC)
+        raise BadItem(
+            "oversize_image",
+            f"{img.size[0]}x{img.size[1]} would be resized to "
+            f"{new_size[0]}x{new_size[1]} to cover a {cw}x{ch} crop (aspect ratio too "
+            f"extreme; over {max_pixels} pixels)",
+        )
+    img = img.resize(new_size, resample=Image.Resampling.BICUBIC)
     if rng is None:
         left, top = (img.size[0] - cw) // 2, (img.size[1] - ch) // 2
     else:
@@ -152,7 +160,9 @@ def load_image(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.I
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(path)
             if img.size[0] * img.size[1] > max_pixels:
-                raise BadItem("oversize_image", f"{path}: {img.size[0]}x{img.size[1]} exceeds {max_pixels} pixels")
+                raise BadItem(
+                    "oversize_image", f"{path}: {img.size[0]}x{img.size[1]} exceeds {max_pixels} pixels"
+                )
             img.load()
     except BadItem:
         raise
@@ -174,7 +184,9 @@ def load_image_bytes(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_IMAGE
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             if img.size[0] * img.size[1] > max_pixels:
-                raise BadItem("oversize_image", f"{name}: {img.size[0]}x{img.size[1]} exceeds {max_pixels} pixels")
+                raise BadItem(
+                    "oversize_image", f"{name}: {img.size[0]}x{img.size[1]} exceeds {max_pixels} pixels"
+                )
             img.load()
     except BadItem:
         raise
@@ -197,8 +209,7 @@ def prepare_image(
     img = load_image(path, max_pixels) if data is None else load_image_bytes(data, path, max_pixels)
     orig_size = img.size
     try:
-        cropped, box, resized = resize_and_crop(img, pick_crop_size(img.size, crop_sizes), rng,
-                                                max_pixels)
+        cropped, box, resized = resize_and_crop(img, pick_crop_size(img.size, crop_sizes), rng, max_pixels)
         pixels = whiten_to_rgb(cropped)
     except BadItem as e:
         raise BadItem(e.reason, f"{path}: {e.message}") from None

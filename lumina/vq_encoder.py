@@ -12,6 +12,10 @@ Block layout (``LUMINA_TOKENS.md``)::
 
 Codes map to vocabulary ids by their Chameleon names (``IMGIMG`` + digits spelled A-J + ``Z``),
 looked up in the text tokenizer's vocabulary; a checkpoint's own ``vocabulary_map`` must agree.
+
+Pixels are scaled as Lumina-mGPT's own image tokenizer does, ``x / 255 * 2 - 1`` (exactly
+[-1, 1]); transformers' ``ChameleonImageProcessor`` scaling (``x * 0.0078 - 1``) is an option
+(:func:`pixel_values`).
 """
 
 from __future__ import annotations
@@ -24,7 +28,17 @@ import numpy as np
 from lumina.text_tokens import lookup_token_id
 from lumina.tiny import image_code_token
 
-__all__ = ["REFERENCE_RESCALE_FACTOR", "ImageVocab", "VQEncoder", "image_block", "load_vq_model", "pixel_lut"]
+__all__ = [
+    "PIXEL_SCALINGS",
+    "REFERENCE_RESCALE_FACTOR",
+    "TRANSFORMERS_RESCALE_FACTOR",
+    "ImageVocab",
+    "VQEncoder",
+    "image_block",
+    "load_vq_model",
+    "pixel_lut",
+    "pixel_values",
+]
 
 DOWNSAMPLE = 16
 GRID = 32
@@ -45,11 +59,13 @@ class ImageVocab:
     @classmethod
     def from_tokenizer(cls, tokenizer: Any) -> "ImageVocab":
         vocab = tokenizer.get_vocab()
-        code_ids = []
+        code_ids: list[int] = []
         while image_code_token(len(code_ids)) in vocab:
             code_ids.append(vocab[image_code_token(len(code_ids))])
         if not code_ids:
-            raise ValueError("the text tokenizer has no IMGIMG image-code tokens (not a Chameleon vocabulary)")
+            raise ValueError(
+                "the text tokenizer has no IMGIMG image-code tokens (not a Chameleon vocabulary)"
+            )
         return cls(
             image_start=lookup_token_id(tokenizer, "<racm3:break>"),
             image_end=lookup_token_id(tokenizer, "<eoss>"),
@@ -83,7 +99,9 @@ def image_block(code_ids: np.ndarray, vocab: ImageVocab) -> np.ndarray:
     h, w = rows * DOWNSAMPLE, cols * DOWNSAMPLE
     grid = np.concatenate([code_ids, np.full((rows, 1), vocab.row_end, dtype=np.int64)], axis=1)
     head = [vocab.image_start, vocab.grid_id(h // GRID), vocab.grid_id(w // GRID)]
-    return np.concatenate([np.array(head, dtype=np.int64), grid.reshape(-1), [vocab.image_end]]).astype(np.int64)
+    return np.concatenate([np.array(head, dtype=np.int64), grid.reshape(-1), [vocab.image_end]]).astype(
+        np.int64
+    )
 
 
 def load_vq_model(name_or_path: str, dtype: Any = None) -> tuple[Any, Optional[dict]]:
@@ -102,9 +120,10 @@ def load_vq_model(name_or_path: str, dtype: Any = None) -> tuple[Any, Optional[d
     transformers.logging.set_verbosity_error()  # the language-model weights are skipped on purpose
     transformers.logging.disable_progress_bar()
     try:
-        model, info = ChameleonVQVAE.from_pretrained(
+        loaded: Any = ChameleonVQVAE.from_pretrained(
             name_or_path, config=vq_config, key_mapping=_VQ_KEY_MAPPING, dtype=dtype, output_loading_info=True
         )
+        model, info = loaded
     finally:
         transformers.logging.set_verbosity(verbosity)
         transformers.logging.enable_progress_bar()
@@ -114,20 +133,42 @@ def load_vq_model(name_or_path: str, dtype: Any = None) -> tuple[Any, Optional[d
     return model.eval(), vocabulary_map
 
 
-REFERENCE_RESCALE_FACTOR = 0.0078  # ChameleonImageProcessor's default, used by the reference
+PIXEL_SCALINGS = ("lumina", "transformers")
+TRANSFORMERS_RESCALE_FACTOR = 0.0078  # ChameleonImageProcessor's default rescale_factor
+REFERENCE_RESCALE_FACTOR = TRANSFORMERS_RESCALE_FACTOR  # earlier name, kept for imports
 
 
-def pixel_lut(dtype: Any, device: Any = "cpu", rescale_factor: float = REFERENCE_RESCALE_FACTOR) -> Any:
-    """Pixel value -> encoder input, as a 256-entry table: the reference's image processor math.
+def pixel_values(scaling: str = "lumina", rescale_factor: Optional[float] = None) -> np.ndarray:
+    """Encoder input of pixel values 0..255, as a 256-entry table.
 
-    ``rescale`` (``uint8 -> float64 * factor -> float32``), ``normalize`` with mean 1 and std 1 in
-    float32, then the cast to the encoder dtype (``.bfloat16()`` in the reference).
+    ``lumina`` (default): ``x / 255 * 2 - 1`` in float64, exactly [-1, 1]: what Lumina-mGPT's
+    own image tokenizer (Meta's ``chameleon_vae_ori``) computes, so what its training data holds.
+    ``transformers``: ``ChameleonImageProcessor(do_resize=False, do_center_crop=False)``:
+    ``float32(x * rescale_factor) - 1`` (factor 0.0078 by default, so 255 becomes 0.989), float32.
+    """
+    if scaling not in PIXEL_SCALINGS:
+        raise ValueError(f"--pixel_scaling must be one of {', '.join(PIXEL_SCALINGS)}, not {scaling!r}")
+    x = np.arange(256, dtype=np.float64)
+    if scaling == "lumina":
+        if rescale_factor is not None:
+            raise ValueError("--rescale_factor applies to --pixel_scaling transformers only")
+        return x / 255.0 * 2 - 1
+    factor = TRANSFORMERS_RESCALE_FACTOR if rescale_factor is None else rescale_factor
+    rescaled = (x * factor).astype(np.float32)
+    return (rescaled - np.float32(1.0)) / np.float32(1.0)  # normalize: mean 1, std 1, float32
+
+
+def pixel_lut(
+    dtype: Any, device: Any = "cpu", scaling: str = "lumina", rescale_factor: Optional[float] = None
+) -> Any:
+    """:func:`pixel_values` as a tensor of the encoder's dtype on its device.
+
+    Cast straight from the table's own precision (float64 for ``lumina``: the reference casts its
+    float64 array to the encoder's weights' dtype), so each entry is what the reference feeds.
     """
     import torch
 
-    rescaled = (np.arange(256, dtype=np.float64) * rescale_factor).astype(np.float32)
-    normalized = (rescaled - np.float32(1.0)) / np.float32(1.0)
-    return torch.from_numpy(normalized).to(dtype).to(device)
+    return torch.from_numpy(pixel_values(scaling, rescale_factor)).to(dtype).to(device)
 
 
 class VQEncoder:
@@ -139,7 +180,8 @@ class VQEncoder:
         vocab: ImageVocab,
         device: str = "cpu",
         precision: str = "fp32",
-        rescale_factor: float = REFERENCE_RESCALE_FACTOR,
+        pixel_scaling: str = "lumina",
+        rescale_factor: Optional[float] = None,
     ):
         import torch
 
@@ -151,8 +193,12 @@ class VQEncoder:
         self.vocab = vocab
         num_codes = self.model.config.num_embeddings
         if num_codes > len(vocab.code_ids):
-            raise ValueError(f"the VQ codebook has {num_codes} codes, the tokenizer only {len(vocab.code_ids)} IMGIMG tokens")
-        self.lut = pixel_lut(self.dtype, self.device, rescale_factor)
+            raise ValueError(
+                f"the VQ codebook has {num_codes} codes, the tokenizer only {len(vocab.code_ids)} IMGIMG tokens"
+            )
+        if rescale_factor is not None:  # the older flag: x * factor - 1 is transformers' formula
+            pixel_scaling = "transformers"
+        self.lut = pixel_lut(self.dtype, self.device, pixel_scaling, rescale_factor)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, tokenizer: Any, **kwargs: Any) -> "VQEncoder":

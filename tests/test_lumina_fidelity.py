@@ -2,7 +2,8 @@
 
 The ``ref_*`` functions below re-derive Lumina-mGPT's behaviour from its published code as
 summarized in LUMINA_TOKENS.md (FlexARItemProcessor / MMConvItemProcessor / Conversation /
-ChameleonImageProcessor), written without calling the code under test. Image codes come from
+ChameleonImageProcessor), written without calling the code under test. Pixels are scaled as
+Lumina-mGPT's own image tokenizer does (``x / 255 * 2 - 1``), the project's default. Image codes come from
 running the tiny checkpoint's own ``get_image_tokens`` (vocabulary map included) on the
 independently preprocessed pixels, in fp32, one image at a time as the reference does.
 """
@@ -14,12 +15,20 @@ import random
 import numpy as np
 import pytest
 import torch
-from lumina_fixtures import tiny_dirs  # noqa: F401  (fixture)
 from PIL import Image
 
 from lumina.image_processing import crop_rng, crop_size_list
 from lumina.item_processing import ItemFailure, ItemPreparer, ItemSettings, assemble
 from lumina.vq_encoder import VQEncoder
+
+from lumina_fixtures import build_tiny_dirs
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs():
+    """(tokenizer_dir, model_dir) of the tiny artifacts, built once per test process."""
+    return build_tiny_dirs()
+
 
 TARGET = 256
 
@@ -55,8 +64,8 @@ def ref_var_crop(pil_image, sizes, rng):
     return pil_image.crop((left, upper, left + crop[0], upper + crop[1]))
 
 
-def ref_pixels(image):
-    """ChameleonImageProcessor(do_resize=False, do_center_crop=False): blend_rgba, rescale, normalize."""
+def ref_whiten(image):
+    """Meta's ImageTokenizer._whiten_transparency (and the processor's blend_rgba)."""
     if image.mode != "RGB":
         rgba = np.array(image.convert("RGBA"))
         if not (rgba[:, :, 3] < 255).any():
@@ -65,7 +74,20 @@ def ref_pixels(image):
             alpha = rgba[:, :, 3] / 255.0
             rgb = (1 - alpha[:, :, np.newaxis]) * 255 + alpha[:, :, np.newaxis] * rgba[:, :, :3]
             image = Image.fromarray(rgb.astype("uint8"), "RGB")
-    x = (np.array(image).astype(np.float64) * 0.0078).astype(np.float32)
+    return image
+
+
+def ref_pixels(image):
+    """Lumina-mGPT's chameleon_vae_ori ImageTokenizer.img_tokens_from_pil: whiten, then
+    ``np.array(img) / 255.0 * 2 - 1`` in float64, cast to the encoder weights' dtype (fp32)."""
+    np_img = np.array(ref_whiten(image)) / 255.0
+    np_img = np_img * 2 - 1
+    return torch.from_numpy(np_img).permute(2, 0, 1).to(torch.float32)
+
+
+def ref_transformers_pixels(image):
+    """ChameleonImageProcessor(do_resize=False, do_center_crop=False): rescale 0.0078, normalize."""
+    x = (np.array(ref_whiten(image)).astype(np.float64) * 0.0078).astype(np.float32)
     x = (x - np.array([1.0, 1.0, 1.0], dtype=np.float32)) / np.array([1.0, 1.0, 1.0], dtype=np.float32)
     return torch.from_numpy(x.transpose(2, 0, 1).copy())
 
@@ -138,7 +160,10 @@ def tok_model(tiny_dirs):
 def _smooth(h, w, seed, channels=3):
     rs = np.random.RandomState(seed)
     yy, xx = np.mgrid[0:h, 0:w]
-    planes = [127 + 120 * np.sin(xx / rs.uniform(5, 40) + yy / rs.uniform(5, 40) + rs.uniform(0, 6)) for _ in range(channels)]
+    planes = [
+        127 + 120 * np.sin(xx / rs.uniform(5, 40) + yy / rs.uniform(5, 40) + rs.uniform(0, 6))
+        for _ in range(channels)
+    ]
     return (np.stack(planes, -1) + rs.randint(-6, 7, (h, w, channels))).clip(0, 255).astype(np.uint8)
 
 
@@ -169,7 +194,10 @@ def images(tmp_path_factory):
 
 
 def _conv(*turns):
-    return [{"from": "human" if i % 2 == 0 else ("gpt" if i % 4 == 1 else "Assistant"), "value": v} for i, v in enumerate(turns)]
+    return [
+        {"from": "human" if i % 2 == 0 else ("gpt" if i % 4 == 1 else "Assistant"), "value": v}
+        for i, v in enumerate(turns)
+    ]
 
 
 def _run_ours(items, tiny_dirs, crop="center", seed=0, batch=True):
@@ -190,7 +218,9 @@ def _run_ours(items, tiny_dirs, crop="center", seed=0, batch=True):
         blocks.update({(i, k): b for (i, k, _), b in zip(group, out)})
     results = []
     for p in prepared:
-        ids, labels, meta = assemble(p, [blocks[(p.index, k)] for k in range(len(p.images))], prep.text_ids.placeholder, "t.json")
+        ids, labels, meta = assemble(
+            p, [blocks[(p.index, k)] for k in range(len(p.images))], prep.text_ids.placeholder, "t.json"
+        )
         results.append((ids.tolist(), labels.tolist(), meta))
     return results
 
@@ -211,16 +241,32 @@ def _cases(im):
     return {
         "text_only": {"conversations": _conv("Hello there!", "Hi. How can I help?")},
         "multi_turn_unicode": {
-            "conversations": _conv("Qu'est-ce que c'est ? café ☕", "Un café — “espresso” 🙂", "中文 한국어?", "是的。", "Ελληνικά")
+            "conversations": _conv(
+                "Qu'est-ce que c'est ? café ☕",
+                "Un café — “espresso” 🙂",
+                "中文 한국어?",
+                "是的。",
+                "Ελληνικά",
+            )
         },
-        "human_image_explicit": {"conversations": _conv("Describe this: <|image|>\nPlease.", "A pattern of waves."), "image": im["rgb"]},
-        "implicit_two_images": {"conversations": _conv("Compare them.", "The first is wider."), "image": [im["tall"], im["rgb"]]},
+        "human_image_explicit": {
+            "conversations": _conv("Describe this: <|image|>\nPlease.", "A pattern of waves."),
+            "image": im["rgb"],
+        },
+        "implicit_two_images": {
+            "conversations": _conv("Compare them.", "The first is wider."),
+            "image": [im["tall"], im["rgb"]],
+        },
         "assistant_image": {
-            "conversations": _conv("Generate an image of 256x256 according to the following prompt:\nwaves", "<|image|>"),
+            "conversations": _conv(
+                "Generate an image of 256x256 according to the following prompt:\nwaves", "<|image|>"
+            ),
             "image": [im["big"]],
         },
         "both_turns": {
-            "conversations": _conv("Edit <|image|> to be brighter.", "Here: <|image|>", "Thanks", "You're welcome."),
+            "conversations": _conv(
+                "Edit <|image|> to be brighter.", "Here: <|image|>", "Thanks", "You're welcome."
+            ),
             "image": [im["gray"], im["tall"]],
         },
         "rgba_palette_la": {
@@ -271,7 +317,10 @@ def test_block_layout_and_meta(tok_model, tiny_dirs, images):
     assert im["grid"] == [h // 16, w // 16] and im["num_tokens"] == 4 + (h // 16) * (w // 16 + 1)
     block = ids[im["offset"] : im["offset"] + im["num_tokens"]]
     assert block[0] == vocab["<racm3:break>"] and block[-1] == vocab["<eoss>"]
-    assert block[1] == vocab[f"<reserved{8800 + h // 32:05d}>"] and block[2] == vocab[f"<reserved{8800 + w // 32:05d}>"]
+    assert (
+        block[1] == vocab[f"<reserved{8800 + h // 32:05d}>"]
+        and block[2] == vocab[f"<reserved{8800 + w // 32:05d}>"]
+    )
     rows = np.array(block[3:-1]).reshape(h // 16, w // 16 + 1)
     assert (rows[:, -1] == vocab["<reserved08799>"]).all()
     assert labels[im["offset"] : im["offset"] + im["num_tokens"]] == block  # assistant image: trained on
@@ -294,3 +343,64 @@ def test_unseeded_reference_rng_is_not_used():
     a = crop_rng(0, 5, 1).randint(0, 1000)
     random.seed(2)
     assert crop_rng(0, 5, 1).randint(0, 1000) == a
+
+
+# ----------------------------------------------------------------------------------------------
+# Pixel scaling: Lumina-mGPT's x / 255 * 2 - 1 by default, transformers' x * 0.0078 - 1 on request
+
+PHOTO = str(__import__("pathlib").Path(__file__).parents[1] / "lumina" / "assets" / "demo" / "astronaut.jpg")
+
+
+def _photo_pixels():
+    """A real photograph, cropped as the pre-tokenizer does (uint8, 256 x 256 x 3)."""
+    from lumina.image_processing import prepare_image
+
+    pixels = prepare_image(PHOTO, crop_size_list(TARGET), None).pixels
+    assert pixels.min() == 0 and pixels.max() == 255  # black and white both occur
+    return pixels
+
+
+def _lut_pixels(lut, pixels):
+    return lut[torch.from_numpy(pixels).long()].permute(2, 0, 1)
+
+
+def test_lumina_pixel_scaling_is_exactly_minus_one_to_one():
+    from lumina.vq_encoder import pixel_lut
+
+    lut = pixel_lut(torch.float32)
+    assert lut[0].item() == -1.0 and lut[255].item() == 1.0
+    assert lut[51].item() == np.float32(51 / 255 * 2 - 1)
+    pixels = _photo_pixels()
+    assert torch.equal(_lut_pixels(lut, pixels), ref_pixels(Image.fromarray(pixels)))
+    # bf16 (the GPU default): cast straight from float64, as the reference's .to(weight)
+    lut16 = pixel_lut(torch.bfloat16)
+    ref16 = torch.from_numpy(pixels / 255.0 * 2 - 1).permute(2, 0, 1).to(torch.bfloat16)
+    assert torch.equal(_lut_pixels(lut16, pixels), ref16)
+
+
+def test_transformers_pixel_scaling_matches_the_image_processor():
+    from transformers.models.chameleon.image_processing_pil_chameleon import ChameleonImageProcessorPil
+
+    from lumina.vq_encoder import pixel_lut
+
+    lut = pixel_lut(torch.float32, scaling="transformers")
+    assert lut[0].item() == -1.0
+    assert lut[255].item() == np.float32(np.float32(255 * 0.0078) - 1) and abs(lut[255].item() - 0.989) < 1e-6
+    pixels = _photo_pixels()
+    proc = ChameleonImageProcessorPil(do_resize=False, do_center_crop=False)
+    expected = proc(Image.fromarray(pixels), return_tensors="pt")["pixel_values"][0]
+    assert torch.equal(_lut_pixels(lut, pixels), expected)
+    assert torch.equal(_lut_pixels(lut, pixels), ref_transformers_pixels(Image.fromarray(pixels)))
+    assert not torch.equal(expected, ref_pixels(Image.fromarray(pixels)))  # the two differ
+
+
+@pytest.mark.parametrize("kwargs", [{"pixel_scaling": "transformers"}, {"rescale_factor": 0.0078}, {}])
+def test_encoder_pixel_scaling_option(tok_model, tiny_dirs, kwargs):
+    """The encoder's codes equal the model's on the chosen scaling's independent pixels."""
+    tok, model = tok_model
+    pixels = _photo_pixels()
+    encoder = VQEncoder.from_pretrained(tiny_dirs[1], tok, **kwargs)
+    ref = ref_pixels if not kwargs else ref_transformers_pixels
+    with torch.no_grad():
+        expected = model.model.vqmodel.encode(ref(Image.fromarray(pixels))[None]).image_tokens
+    assert encoder.encode_codes([pixels]).reshape(-1).tolist() == expected.reshape(-1).tolist()
