@@ -1,9 +1,17 @@
 """The tiny offline tokenizer and Chameleon checkpoint load through the real from_pretrained path."""
 
+import pytest
 import torch
-from lumina_fixtures import tiny_dirs  # noqa: F401  (fixture)
 
 from lumina.tiny import SPECIAL_TOKENS, image_code_token
+
+from lumina_fixtures import build_tiny_dirs
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs():
+    """(tokenizer_dir, model_dir) of the tiny artifacts, built once per test process."""
+    return build_tiny_dirs()
 
 
 def test_tokenizer_special_tokens_are_single_ids(tiny_dirs):
