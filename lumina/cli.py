@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
               "(launch with deepspeed/torchrun)"),
     "export": ("lumina.export", "export a training checkpoint to a Hugging Face folder"),
     "view": ("lumina.view", "browse datasets in a local web app, image tokens drawn by the VQGAN"),
+    "render": ("lumina.render", "decode a sample's image tokens to PNG files (Chameleon VQGAN)"),
 }
 
 
