@@ -40,7 +40,7 @@ def _config(tmp_path, name: str, base: str, on_error: str = "fail") -> str:
 def _samples(cfg_path, opts=FAST):
     """The loader's mixed sample stream of one consumer: (key, token bytes)."""
     return [(s["__key__"], s["input_ids"].astype(np.int64).tobytes())
-            for s in loader_mod.iter_samples(cfg_path, io_options=opts)]
+            for s in loader_mod.iter_mixed(cfg_path, io_options=opts)]
 
 
 def _batch(b):
