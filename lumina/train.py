@@ -88,15 +88,14 @@ def build_engine(cfg: TrainConfig, dist: DistInfo, fresh_start: bool = True) -> 
 
 def wds_loader_factory(cfg: TrainConfig, rank: int, world_size: int, micro_batch_size: int):
     """The streamed WebDataset mixture of ``--data_config`` (wds_tools)."""
-    from wds_tools.config import load_data_config
     from wds_tools.loader import build_loader
 
     if not cfg.data.data_config:
-        raise ConfigError("--data_config is required (a data config YAML)")
-    data_config = load_data_config(cfg.data.data_config)
-    return build_loader(data_config, rank=rank, world_size=world_size, batch_size=micro_batch_size,
-                        num_workers=cfg.data.num_workers, max_seq_len=cfg.data.max_seq_len,
-                        pad_id=cfg.data.pad_id, seed=cfg.data.seed)
+        raise ConfigError("--data_config is required (a data config YAML or a manifest)")
+    return build_loader(cfg.data.data_config, rank=rank, world_size=world_size,
+                        batch_size=micro_batch_size, num_workers=cfg.data.num_workers,
+                        max_seq_len=cfg.data.max_seq_len, pad_id=cfg.data.pad_id,
+                        seed=cfg.data.seed, io_options=cfg.data.io_options())
 
 
 def _device_inputs(batch: dict, positions: Any, device: Any) -> dict:

@@ -149,6 +149,12 @@ class DataSettings:
     num_workers: int = _opt(2, "data loader worker processes per rank")
     pad_id: int = _opt(0, "input id used for right padding (labels are -100 there)")
     seed: int = _opt(0, "seed of the data order, the initialisation and dropout")
+    cache_dir: Optional[str] = _opt(
+        None, "cache remote shards whole in this local folder, one per node, shared by its "
+        "ranks and workers (overrides the data config's cache:)")
+    cache_max_bytes: Optional[str] = _opt(
+        None, "size limit of --cache_dir, e.g. 500G (default 64G); least recently used shards "
+        "are evicted")
 
     def __post_init__(self) -> None:
         _check(self.max_seq_len > 1, f"--max_seq_len must be > 1, got {self.max_seq_len}")
@@ -156,6 +162,20 @@ class DataSettings:
             value = getattr(self, name)
             _check(value is None or value > 0, f"--{name} must be > 0, got {value}")
         _check(self.num_workers >= 0, f"--num_workers must be >= 0, got {self.num_workers}")
+        _check(self.cache_max_bytes is None or bool(self.cache_dir),
+               "--cache_max_bytes needs --cache_dir")
+
+    def io_options(self) -> Any:
+        """The ``wds_tools`` I/O options these settings ask for (the shard cache)."""
+        from wds_tools.config import parse_bytes
+        from wds_tools.io import IOOptions
+
+        if not self.cache_dir:
+            return IOOptions()
+        if self.cache_max_bytes is None:
+            return IOOptions(cache_dir=self.cache_dir)
+        return IOOptions(cache_dir=self.cache_dir,
+                         cache_max_bytes=parse_bytes(self.cache_max_bytes, "--cache_max_bytes"))
 
 
 @dataclass
