@@ -11,11 +11,11 @@ import time
 import numpy as np
 import pytest
 
-from servers import (BUCKET, FaultProxy, ScriptedHTTPServer, nginx, remote_dataset,  # noqa: F401
-                     s3, s3_env)
 from wds_tools import io as wio
 from wds_tools.cache import ShardCache
 from wds_tools.reader import Shard, iter_samples, load_manifest
+
+from servers import BUCKET, FaultProxy, ScriptedHTTPServer, nginx, remote_dataset, s3, s3_env  # noqa: F401
 
 pytestmark = pytest.mark.network
 

@@ -10,13 +10,14 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from loader_fixtures import make_dataset, write_config
 from wds_tools.config import load_data_config, parse_bytes, resolve_data_config
 from wds_tools.loader import build_loader, iter_mixed
 from wds_tools.merge import merge
 from wds_tools.reader import iter_samples
 from wds_tools.torch_loader import TokenStream
 from wds_tools.writer import ShardWriter
+
+from loader_fixtures import make_dataset, write_config
 
 SMALL_VOCAB = 64
 

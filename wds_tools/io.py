@@ -16,8 +16,22 @@ from typing import Any, Optional
 from urllib.parse import urlsplit
 
 from .cache import ShardCache
-from .transport import (DEFAULT, IOOptions, IOStats, ObjectInfo, is_remote, join_url, local_path,
-                        object_info, open_direct, open_local, redact, reset_clients, scrub, stats)
+from .transport import (
+    DEFAULT,
+    IOOptions,
+    IOStats,
+    ObjectInfo,
+    is_remote,
+    join_url,
+    local_path,
+    object_info,
+    open_direct,
+    open_local,
+    redact,
+    reset_clients,
+    scrub,
+    stats,
+)
 
 __all__ = ["IOOptions", "IOStats", "ObjectInfo", "DEFAULT", "stats", "open_range", "read_range",
            "read_bytes", "read_json", "object_size", "object_version", "object_info", "join_url",

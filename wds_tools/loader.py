@@ -18,8 +18,16 @@ from typing import Optional, Union
 
 from . import io as wio
 from .config import DataConfig
-from .stream import (STATE_VERSION, Consumer, DatasetReader, NumpyBackend, StreamingLoader,
-                     build_stream, iter_mixed, load_plans)
+from .stream import (
+    STATE_VERSION,
+    Consumer,
+    DatasetReader,
+    NumpyBackend,
+    StreamingLoader,
+    build_stream,
+    iter_mixed,
+    load_plans,
+)
 
 __all__ = ["build_loader", "StreamingLoader", "Consumer", "DatasetReader", "load_plans",
            "iter_mixed", "STATE_VERSION", "OUTPUTS"]

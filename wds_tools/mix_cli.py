@@ -34,8 +34,8 @@ def dry_run(config: str, samples: int, batch_size: int = 8, world_size: int = 1,
     """The report ``wds-tools mix`` prints, as a dict."""
     from . import io as wio
     from .config import resolve_data_config
-    from .stream import Consumer, load_plans
     from .mixing import dataset_weights
+    from .stream import Consumer, load_plans
 
     cfg = resolve_data_config(config)
     plans = load_plans(cfg, cfg.io_options(wio.DEFAULT))

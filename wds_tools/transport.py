@@ -16,7 +16,6 @@ Policy lives above this module: :mod:`wds_tools.cache` (whole-shard cache) and
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 import posixpath

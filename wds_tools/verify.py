@@ -16,8 +16,8 @@ import numpy as np
 from tqdm import tqdm
 
 from . import io as wio
-from .contract import sha256_bytes
 from .cli_options import add_io_arguments, io_options_from_args
+from .contract import sha256_bytes
 from .format import FormatError, decode_sample
 from .reader import Shard, _read_doc, _shard_sources, iter_tar
 
