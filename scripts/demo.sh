@@ -4,7 +4,8 @@
 #   2. pre-tokenize the bundled photos + captions into two datasets (2 ranks each) and merge,
 #   3. inspect and verify a dataset, dry-run the two-dataset mixture,
 #   4. train with DeepSpeed ZeRO-3 on 2 CPU processes, kill the run mid-way, resume it,
-#   5. export a Hugging Face folder and load it back.
+#   5. export a Hugging Face folder and load it back,
+#   6. render the first sample of each dataset back to pictures (lumina render, tiny VQGAN).
 # Everything goes under $DEMO_OUT (default ./demo_out). Rerunning starts from scratch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,7 +25,7 @@ rm -rf "$OUT"
 mkdir -p "$OUT"
 ASSETS=$ROOT/lumina/assets/demo
 
-say "1/5 tiny tokenizer + tiny random Chameleon -> $OUT/tiny"
+say "1/5 tiny tokenizer + tiny Chameleon (random LM; VQ fitted to the bundled photos) + VQGAN decoder -> $OUT/tiny"
 lumina make-tiny --out "$OUT/tiny"
 
 say "2/5 pre-tokenize bundled photos into two datasets (2 CPU ranks each, then merge)"
@@ -89,6 +90,12 @@ tok = AutoTokenizer.from_pretrained(sys.argv[1])
 print(f"loaded {sys.argv[1]}: {sum(p.numel() for p in m.parameters()):,} parameters, vocab {len(tok)}")
 EOF
 
+say "render the first sample of each dataset back to pictures (PNG, tiny VQGAN decoder)"
+for name in captions vqa; do
+  key=$(wds-tools inspect "$OUT/data/$name/index.json" --json | python -c 'import json,sys; print(json.load(sys.stdin)["samples"][0]["key"])')
+  lumina render "$OUT/data/$name/index.json" --key "$key" --out "$OUT/render/$name" --vq "$OUT/tiny"
+done
+
 say "done: everything is under $OUT"
 cat <<EOF
   tiny tokenizer + model   $OUT/tiny/{tokenizer,model}
@@ -97,6 +104,7 @@ cat <<EOF
   data config              $OUT/data.yaml
   training run             $OUT/run   (checkpoints, metrics; logs: $OUT/train-part*.log)
   exported HF model        $OUT/export
+  rendered pictures        $OUT/render/{captions,vqa}/*.png  (16 x 16-pixel mosaics: the tiny VQGAN)
 EOF
 
 # Look at the data in a browser: the mixture, each dataset's figures, every sample decoded, image
