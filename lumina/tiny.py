@@ -15,13 +15,13 @@ Tests and the demo must run the *real* loading path (``AutoTokenizer.from_pretra
 
 The tiny VQ is fitted to the bundled photos (:func:`fit_photo_vqgan`): the encoder computes each
 16 x 16 patch's mean colour, the codebook is a k-means palette of those colours over the photos,
-and the decoder paints each code's colour over its patch: a 16 x 16-pixel mosaic of the photo in
-its own colours, 19.7 dB PSNR on the bundled photos (docs/inspect.md). Its weights are set, not
-learned by gradient descent: Meta's architecture puts a GroupNorm over each image right before
-its output (encoder and decoder), and at this width (one or two channels per group) a briefly
-trained model loses each picture's colours (measured: sepia pictures at 14.5 dB after 200 Adam
-steps, about a minute of CPU). Channels go in pairs ``(a, -a)`` scaled far below GroupNorm's
-epsilon, so each normalisation is a fixed gain and the pipeline stays exact.
+and the decoder paints each code's colour over its patch: a mosaic of the photo in its own
+colours, 19.7 dB PSNR on the bundled photos (docs/inspect.md). Its weights are set, not learned
+by gradient descent: Meta's architecture puts a GroupNorm over each picture right before the
+encoder's and the decoder's output, and at a CPU-test width of 32 channels (one per group) a
+briefly trained pair loses each picture's colours (measured: sepia pictures at 14.5 dB after
+200 Adam steps, about a minute of CPU). At 64 channels, pairs ``(a, -a)`` scaled far below
+GroupNorm's epsilon make each normalisation a fixed gain, so the hand-set pipeline is exact.
 
 Command line: ``python -m lumina.tiny --out DIR`` writes ``DIR/tokenizer``, ``DIR/model``, ``DIR/vq``.
 """

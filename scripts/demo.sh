@@ -104,7 +104,7 @@ cat <<EOF
   data config              $OUT/data.yaml
   training run             $OUT/run   (checkpoints, metrics; logs: $OUT/train-part*.log)
   exported HF model        $OUT/export
-  rendered pictures        $OUT/render/{captions,vqa}/*.png  (16 x 16-pixel mosaics: the tiny VQGAN)
+  rendered pictures        $OUT/render/{captions,vqa}/*.png  (mosaics, one colour per 16 x 16 patch: the tiny VQGAN)
 EOF
 
 # Look at the data in a browser: the mixture, each dataset's figures, every sample decoded, image
