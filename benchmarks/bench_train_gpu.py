@@ -9,9 +9,21 @@ and the same random full-length batches of text tokens:
 - ``trainer``: ``lumina.train.train`` (the real loop: chunked CE + z-loss from hidden states,
   metrics, per-step reseeding), fed by a synthetic loader, no checkpoint written.
 
+Two more sides measure packing on a Lumina-like length mixture (half 60-300-token chat turns,
+half 1,024-2,400-token image items; ``lumina.synthetic.MixedLengthLoader``):
+
+- ``padded``: the trainer on right-padded micro-batches of ``--micro_batch_size`` samples;
+- ``packed``: the trainer with ``--pack``: ``--micro_batch_size`` rows of ``--seq_len`` tokens
+  filled with whole samples, attention per sample through ``--attn`` (sdpa: a block-diagonal
+  mask; flex_attention: a document BlockMask; flash_attention_2: the variable-length kernel).
+
+Rows report real tokens/s, samples/s, MFU (``lumina.train.model_flops``: PaLM's
+``6 N tokens + 12 L H sum(len^2)``), padding share and peak memory.
+
 Each side runs ``--warmup`` steps, then ``--steps`` timed steps. One GPU, under 4 minutes::
 
     deepspeed --num_gpus 1 benchmarks/bench_train_gpu.py          # or: torchrun --nproc_per_node 1
+    deepspeed --num_gpus 1 benchmarks/bench_train_gpu.py --order padded,packed --attn sdpa
     python benchmarks/bench_train_gpu.py --tiny                    # CPU smoke run, tiny shape
 """
 
@@ -29,12 +41,21 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from lumina.synthetic import SyntheticLoader  # noqa: E402
+from lumina.distributed import init_distributed, shutdown_distributed  # noqa: E402
+from lumina.synthetic import MixedLengthLoader, SyntheticLoader  # noqa: E402
 from lumina.tiny import image_code_token, tiny_vq_config  # noqa: E402
-from lumina.train import init_distributed, shutdown_distributed, train  # noqa: E402
-from lumina.train_config import (CheckpointConfig, DataSettings, LogConfig, LossConfig,  # noqa: E402
-                                 ModelConfig, OptimConfig, TrainConfig, load_deepspeed_json,
-                                 resolve_deepspeed_config)
+from lumina.train import train  # noqa: E402
+from lumina.train_config import (  # noqa: E402
+    CheckpointConfig,
+    DataSettings,
+    LogConfig,
+    LossConfig,
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+    load_deepspeed_json,
+    resolve_deepspeed_config,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -80,14 +101,15 @@ def _peak_gib():
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
 
 
-def _config(args, model_dir: str, out_dir: str) -> TrainConfig:
+def _config(args, model_dir: str, out_dir: str, pack: bool = False) -> TrainConfig:
     n = args.warmup + args.steps
     return TrainConfig(
-        model=ModelConfig(model_config=model_dir, vq="freeze", gradient_checkpointing=True),
-        deepspeed_config=os.path.join(ROOT, "ds_configs", "zero3.json"),
+        model=ModelConfig(model_config=model_dir, vq="freeze", gradient_checkpointing=True,
+                          attn_implementation=args.attn if pack else "sdpa"),
+        deepspeed_config="zero3",
         loss=LossConfig(), optim=OptimConfig(lr=1e-4, warmup_steps=0),
         data=DataSettings(micro_batch_size=args.micro_batch_size, grad_accum=1,
-                          max_seq_len=args.seq_len, num_workers=0, seed=0),
+                          max_seq_len=args.seq_len, num_workers=0, seed=0, pack=pack),
         # stop_after < max_steps: no checkpoint (a 1B ZeRO-3 checkpoint is ~17 GB of writes).
         ckpt=CheckpointConfig(output_dir=out_dir, max_steps=n + 1, stop_after=n, save_every=0),
         log=LogConfig(log_every=args.warmup if args.warmup == args.steps else n,
@@ -146,12 +168,28 @@ def run_bare(args, cfg: TrainConfig, dist, vocab: int) -> dict:
     return result
 
 
-def run_trainer(args, cfg: TrainConfig, vocab: int) -> dict:
-    records = train(cfg, loader_factory=_loader(args, vocab))
-    timed = records[-1]
-    return {"name": "lumina trainer (chunked CE + z-loss)", "tokens_per_s": timed["tokens_per_s"],
+def _result(name: str, args, timed: dict) -> dict:
+    return {"name": name, "tokens_per_s": timed["tokens_per_s"],
+            "samples_per_s": timed.get("samples_per_s"), "mfu": timed.get("mfu"),
+            "padding_share": timed.get("padding_share"),
             "step_s": timed["time_s"] / args.steps, "peak_gib": _peak_gib(),
             "last_loss": timed["loss"], "data_wait_share": timed["data_wait_share"]}
+
+
+def run_trainer(args, cfg: TrainConfig, vocab: int) -> dict:
+    records = train(cfg, loader_factory=_loader(args, vocab))
+    return _result("lumina trainer (chunked CE + z-loss)", args, records[-1])
+
+
+def run_mixed(args, cfg: TrainConfig, vocab: int, pack: bool) -> dict:
+    """The trainer on the short/long length mixture, padded or packed."""
+    def factory(cfg, rank, world, micro):
+        return MixedLengthLoader(vocab, micro, args.seq_len, pack=pack, rank=rank, seed=0,
+                                 short_len=args.short_len, long_len=args.long_len,
+                                 min_token=args.min_token)
+    records = train(cfg, loader_factory=factory)
+    name = f"packed ({args.attn})" if pack else "padded"
+    return _result(f"{name}, length mix", args, records[-1])
 
 
 def main(argv=None) -> int:
@@ -162,11 +200,18 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per side")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per side "
                         "(keep equal to --warmup: the trainer's timed window is one log window)")
-    parser.add_argument("--order", default="bare,trainer", help="which side runs first")
+    parser.add_argument("--order", default="bare,trainer",
+                        help="sides in order: bare, trainer, padded, packed")
+    parser.add_argument("--attn", default="sdpa",
+                        choices=("sdpa", "eager", "flex_attention", "flash_attention_2"),
+                        help="attention of the packed side")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
     args = parser.parse_args(argv)
     args.seq_len = args.seq_len or (64 if args.tiny else 4096)
+    scale = args.seq_len / 4096  # the length mix, scaled to the sequence length
+    args.short_len = (max(2, int(60 * scale)), max(3, int(300 * scale)))
+    args.long_len = (max(4, int(1024 * scale)), max(5, int(2400 * scale)))
     if args.steps != args.warmup:
         parser.error("--steps must equal --warmup (one log window each)")
     shape = SHAPES["tiny" if args.tiny else "1b"]
@@ -185,6 +230,10 @@ def main(argv=None) -> int:
             results.append(run_bare(args, cfg, dist, shape["vocab_size"]))
         elif side == "trainer":
             results.append(run_trainer(args, cfg, shape["vocab_size"]))
+        elif side in ("padded", "packed"):
+            pack = side == "packed"
+            results.append(run_mixed(args, _config(args, model_dir, os.path.join(
+                tmp, f"run_{side}"), pack=pack), shape["vocab_size"], pack))
         else:
             parser.error(f"--order: unknown side {side!r}")
     if n_params is None:
@@ -198,12 +247,16 @@ def main(argv=None) -> int:
         print(f"\nChameleon {n_params / 1e9:.2f}B params (VQ excluded), seq {args.seq_len}, "
               f"micro-batch {args.micro_batch_size}, bf16, ZeRO-3, activation checkpointing, "
               f"{dist.world_size} x {device}; {args.steps} timed steps after {args.warmup}\n")
-        print("| loop | tokens/s | step (s) | peak memory (GiB) | last loss |")
-        print("|---|---:|---:|---:|---:|")
+        print("| loop | tokens/s | samples/s | MFU | padding | step (s) | peak memory (GiB) "
+              "| last loss |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
         for r in results:
             peak = "n/a" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
-            print(f"| {r['name']} | {r['tokens_per_s']:,.0f} | {r['step_s']:.3f} | {peak} | "
-                  f"{r['last_loss']:.3f} |")
+            mfu = "n/a" if r.get("mfu") is None else f"{r['mfu']:.1%}"
+            sps = "n/a" if r.get("samples_per_s") is None else f"{r['samples_per_s']:,.1f}"
+            pad = "n/a" if r.get("padding_share") is None else f"{r['padding_share']:.1%}"
+            print(f"| {r['name']} | {r['tokens_per_s']:,.0f} | {sps} | {mfu} | {pad} | "
+                  f"{r['step_s']:.3f} | {peak} | {r['last_loss']:.3f} |")
         by = {r["name"].split()[0]: r for r in results}
         if "bare" in by and "lumina" in by:
             ratio = by["lumina"]["tokens_per_s"] / by["bare"]["tokens_per_s"]

@@ -34,4 +34,23 @@ stamp "trainer vs bare ZeRO-3 loop, ~1B Chameleon, 4096 tokens"
 timeout 300 deepspeed --num_gpus 1 benchmarks/bench_train_gpu.py --out "$OUT/train.json" \
   > "$OUT/train.txt" 2>&1
 tail -25 "$OUT/train.txt"
+
+# Packed vs padded (issue 12): the same length mix (half 60-300-token chat turns, half
+# 1,024-2,400-token image items), one process per row; flash-attention only where installed.
+sides=("padded" "packed --attn sdpa" "packed --attn flex_attention")
+python3 -c "import flash_attn" 2>/dev/null && sides+=("packed --attn flash_attention_2")
+for side in "${sides[@]}"; do
+  name=$(echo "$side" | tr -s ' -' '_')
+  stamp "trainer on the length mix, ~1B Chameleon, 4096-token rows: $side"
+  # shellcheck disable=SC2086
+  timeout 150 deepspeed --num_gpus 1 benchmarks/bench_train_gpu.py --order $side \
+    --micro_batch_size 2 --warmup 5 --steps 5 --out "$OUT/train_$name.json" \
+    > "$OUT/train_$name.txt" 2>&1
+  grep -E "^\| (padded|packed)" "$OUT/train_$name.txt" || tail -5 "$OUT/train_$name.txt"
+done
+
+stamp "packed = padded loss and gradients on CUDA (tests/test_packing.py, gpu marker)"
+timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_packing.py \
+  > "$OUT/test_packing_gpu.txt" 2>&1
+tail -5 "$OUT/test_packing_gpu.txt"
 stamp "done"

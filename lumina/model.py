@@ -58,15 +58,20 @@ class LuminaChameleon(nn.Module):
 
             deepspeed.zero.register_external_parameter(self, weight)
 
-    def hidden_states(self, input_ids: torch.Tensor,
-                      attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        out = self.chameleon.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: Optional[Any] = None,
+                      position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Final hidden states. ``attention_mask``: a 2-D padding mask, a prepared 4-D mask or
+        flex ``BlockMask`` (packed rows, :mod:`lumina.packing`), or None (causal);
+        ``position_ids``: per-sample positions of packed rows (default 0..T-1)."""
+        out = self.chameleon.model(input_ids=input_ids, attention_mask=attention_mask,
+                                   position_ids=position_ids, use_cache=False)
         return out.last_hidden_state
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
-                attention_mask: Optional[torch.Tensor] = None,
-                positions: Optional[torch.Tensor] = None) -> LossOutput:
-        hidden = self.hidden_states(input_ids, attention_mask)
+                attention_mask: Optional[Any] = None,
+                positions: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.Tensor] = None) -> LossOutput:
+        hidden = self.hidden_states(input_ids, attention_mask, position_ids)
         return chunked_lm_loss(
             hidden, self.chameleon.lm_head.weight, labels,
             z_loss_weight=self.z_loss_weight, chunk_size=self.chunk_size, positions=positions,

@@ -2,8 +2,8 @@
 
 Launch it the way DeepSpeed jobs are launched; all of these run the same code::
 
-    deepspeed lumina/train.py --deepspeed_config ds_configs/zero3.json --data_config mix.yaml \
-        --init_from MODEL --output_dir out ...
+    deepspeed lumina/train.py --deepspeed_config zero3 --data_config mix.yaml \
+        --init_from MODEL --output_dir out [--pack true] ...
     deepspeed --module lumina.train ...
     torchrun --nproc_per_node 8 -m lumina.train ...
     python -m lumina.train ...                      # one process
@@ -13,7 +13,8 @@ CPU runs use gloo, GPU runs NCCL (DeepSpeed's accelerator picks). The loop is th
 loss live in :mod:`lumina.model` / :mod:`lumina.loss`, checkpoints in :mod:`lumina.checkpoint`,
 the settings in :mod:`lumina.train_config`, the data in ``wds_tools``. Metrics stay on the device
 (or the host, when they come from the CPU batch) and are reduced every ``--log_every`` steps: that
-is the only host sync the loop adds.
+is the only host sync the loop adds. ``--pack true`` trains on packed rows (several samples per
+row, attention kept inside each sample: :mod:`lumina.packing`).
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ import math
 import os
 import sys
 import time
-from collections import Counter
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, Sequence
+from collections import Counter, defaultdict
+from typing import TYPE_CHECKING, Any, Callable, DefaultDict, Iterator, Optional, Protocol, Sequence
 
 if TYPE_CHECKING:
     import torch
@@ -36,17 +37,36 @@ if __package__ in (None, ""):  # run as a file (`deepspeed lumina/train.py`): im
 
 from lumina import checkpoint as ckpt_lib
 from lumina.distributed import DistInfo, gather_objects, init_distributed, shutdown_distributed
-from lumina.train_config import ConfigError, TrainConfig, build_parser, config_from_namespace, \
-    load_deepspeed_json, resolve_deepspeed_config
+from lumina.train_config import (
+    ConfigError,
+    TrainConfig,
+    build_parser,
+    config_from_namespace,
+    load_deepspeed_json,
+    resolve_deepspeed_config,
+)
 
 __all__ = ["LoaderFactory", "Trainer", "add_arguments", "build_engine", "lr_lambda", "main", "run",
            "train", "wds_loader_factory"]
 
 log = logging.getLogger("lumina.train")
 
-# (config, rank, world_size, micro_batch_size) -> an iterable of batches with state_dict(),
-# load_state_dict() and gather_state_dicts(), following the wds_tools.loader contract.
-LoaderFactory = Callable[[TrainConfig, int, int, int], Iterable[dict]]
+
+
+class StatefulLoader(Protocol):
+    """What the trainer needs of a batch source: the ``wds_tools.loader.StreamingLoader`` face."""
+
+    def __iter__(self) -> Iterator[dict]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+    def gather_state_dicts(self) -> dict: ...
+
+
+# (config, rank, world_size, micro_batch_size) -> this rank's loader.
+LoaderFactory = Callable[[TrainConfig, int, int, int], StatefulLoader]
 
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
@@ -67,8 +87,8 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
 
 def build_engine(cfg: TrainConfig, dist: DistInfo, fresh_start: bool = True) -> tuple[Any, dict]:
     """The DeepSpeed engine around :class:`lumina.model.LuminaChameleon`, and the resolved config."""
-    import torch
     import deepspeed
+    import torch
 
     from lumina.model import build_model, optimizer_groups
 
@@ -95,27 +115,47 @@ def wds_loader_factory(cfg: TrainConfig, rank: int, world_size: int, micro_batch
     return build_loader(cfg.data.data_config, rank=rank, world_size=world_size,
                         batch_size=micro_batch_size, num_workers=cfg.data.num_workers,
                         max_seq_len=cfg.data.max_seq_len, pad_id=cfg.data.pad_id,
-                        seed=cfg.data.seed, io_options=cfg.data.io_options())
+                        seed=cfg.data.seed, pack=cfg.data.pack,
+                        io_options=cfg.data.io_options())
 
 
-def _device_inputs(batch: dict, positions: Any, device: Any) -> dict:
-    """The model inputs on ``device``; pinned, asynchronous copies on GPUs.
+# Peak dense bf16 FLOP/s of known accelerators (by device-name substring), for the MFU estimate.
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
 
-    The attention mask is dropped for right-padded batches (the loader's layout): under a causal
-    mask a real token never attends to the padding after it, so the result at every supervised
-    position is the same, and attention takes its fused ``is_causal`` path, with no mask tensor
-    and no check of it on the device (transformers checks an all-ones mask with a host sync).
-    """
-    mask = batch["attention_mask"]
-    right_padded = bool((mask[:, 1:] <= mask[:, :-1]).all())  # CPU tensor: no device sync
-    pin = device.type == "cuda"
 
-    def move(t):
-        return (t.pin_memory() if pin else t).to(device, non_blocking=pin)
+def model_flops(num_params: int, num_layers: int, hidden: int, tokens: float,
+                sum_len_sq: float) -> float:
+    """Model FLOPs of a forward + backward pass (PaLM's convention, appendix B):
+    ``6 * N * tokens + 12 * layers * hidden * sum(len_i^2)``.
 
-    return {"input_ids": move(batch["input_ids"]), "labels": move(batch["labels"]),
-            "attention_mask": None if right_padded else move(mask),
-            "positions": move(positions)}
+    ``N``: the matmul parameters a token passes through (decoder layers and ``lm_head``; the
+    embedding is a lookup, the frozen VQ encoder does not run); ``len_i``: the real tokens of
+    each sample (a padded row counts its sample's length, a packed row each of its samples'), so
+    padding and cross-sample attention are not counted as useful work. The attention term counts
+    the full ``len x len`` score matrix, as PaLM and most published MFU figures do; a causal
+    kernel computes about half of it. Activation-checkpointing recompute is not counted."""
+    return 6.0 * num_params * tokens + 12.0 * num_layers * hidden * sum_len_sq
+
+
+def _flop_shape(engine: Any) -> tuple[int, int, int]:
+    """(N, layers, hidden) of :func:`model_flops` for the engine's Chameleon (ZeRO-3 aware)."""
+    chameleon = engine.module.chameleon
+    numel = lambda p: int(getattr(p, "ds_numel", 0) or p.numel())  # noqa: E731
+    n = sum(numel(p) for p in chameleon.model.layers.parameters())
+    n += numel(chameleon.lm_head.weight)
+    return n, chameleon.config.num_hidden_layers, chameleon.config.hidden_size
+
+
+def _peak_flops(cfg: TrainConfig, device: Any) -> Optional[float]:
+    """Peak FLOP/s of one accelerator: ``--peak_tflops``, else a known GPU's, else None (CPU)."""
+    if device.type != "cuda":
+        return None
+    if cfg.log.peak_tflops:
+        return cfg.log.peak_tflops * 1e12
+    import torch
+
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
 class _Meter:
@@ -128,16 +168,22 @@ class _Meter:
     def reset(self) -> None:
         import torch
         self.dev = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, ce_sum, z_sum
-        self.host = Counter()
+        self.host: DefaultDict[str, float] = defaultdict(float)
         self.samples: Counter = Counter()
         self.tokens: Counter = Counter()
         self.t0 = time.perf_counter()
 
     def add_batch(self, batch: dict, wait_s: float) -> None:
+        """Count a batch from its CPU tensors (no device sync): tokens, slots, samples and the
+        per-sample lengths (rows when padded, segments when packed)."""
+        from lumina.packing import sample_lengths
+
         mask = batch["attention_mask"]
-        real = mask.sum(dim=1).tolist()  # CPU tensor: no device sync
+        real = sample_lengths(mask, batch.get("segment_ids"))
         self.host["micro_batches"] += 1
+        self.host["samples"] += len(real)
         self.host["real_tokens"] += sum(real)
+        self.host["len_sq"] += sum(n * n for n in real)
         self.host["slot_tokens"] += mask.numel()
         self.host["data_wait_s"] += wait_s
         for name, n in zip(batch.get("dataset", ["?"] * len(real)), real):
@@ -199,6 +245,8 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, dist: DistInfo,
                  loader_factory: Optional[LoaderFactory] = None, sync_timing: bool = False) -> None:
+        import torch
+
         self.cfg, self.dist = cfg, dist
         self.resume = ckpt_lib.resolve_resume(cfg.ckpt.resume, cfg.ckpt.output_dir)
         self.engine, ds = build_engine(cfg, dist, fresh_start=self.resume is None)
@@ -210,7 +258,7 @@ class Trainer:
         self.counts: dict = {"samples": Counter(), "tokens": Counter()}
         self.stop_at = min(cfg.ckpt.max_steps, cfg.ckpt.stop_after or cfg.ckpt.max_steps)
         self.meter = _Meter(dist.device)
-        self.phase: Counter = Counter()
+        self.phase: DefaultDict[str, float] = defaultdict(float)
         self.records: list[dict] = []
         if sync_timing:
             from deepspeed.accelerator import get_accelerator
@@ -220,6 +268,9 @@ class Trainer:
             self._sync = lambda: None
         self.image_ids = (self.engine.module.image_ids.cpu() if cfg.loss.mask_image_logits
                           else None)
+        self.dtype = torch.bfloat16 if ds.get("bf16", {}).get("enabled") else torch.float32
+        self.flop_shape = _flop_shape(self.engine)
+        self.peak_flops = _peak_flops(cfg, dist.device)
 
     # -- the run's position ---------------------------------------------------------------------
     def resume_or_start(self) -> None:
@@ -287,15 +338,15 @@ class Trainer:
         optimizer, timed by phase."""
         import torch
 
-        from lumina.loss import supervised_positions
+        from lumina.packing import model_inputs
 
         labels = batch["labels"]
         if self.image_ids is not None and torch.isin(labels, self.image_ids).any():
             raise ConfigError("--mask_image_logits is set but a batch has image-token targets "
                               "(their loss would be infinite); unset it to train generation")
-        positions = supervised_positions(labels)  # on the CPU copy: no device sync
         t1 = time.perf_counter()
-        out = self.engine(**_device_inputs(batch, positions, self.dist.device))
+        out = self.engine(**model_inputs(batch, self.cfg.model.attn_implementation, self.dtype,
+                                         self.dist.device))
         self.engine.backward(out.loss)
         self._sync()
         t2 = time.perf_counter()
@@ -328,7 +379,7 @@ class Trainer:
             self.records.append(record)
             _emit(self.cfg, record, writer, bar)
         self.meter.reset()
-        self.phase = Counter()
+        self.phase = defaultdict(float)
 
     def reduce_window(self) -> dict:
         """One all-reduce of the device sums, one gather of the host stats (log steps only)."""
@@ -341,14 +392,19 @@ class Trainer:
         host = gather_objects({"h": dict(meter.host), "s": dict(meter.samples),
                                "t": dict(meter.tokens)}, dist.world_size)
         loss_sum, ce_sum, z_sum = sums.tolist()
-        tot: Counter = Counter()
+        tot: DefaultDict[str, float] = defaultdict(float)
         for h in host:
-            tot.update(h["h"])
+            for key, value in h["h"].items():
+                tot[key] += value
             self.counts["samples"].update(h["s"])
             self.counts["tokens"].update(h["t"])
         elapsed = time.perf_counter() - meter.t0
         n_sup = max(tot["supervised_tokens"], 1)
         grad_norm = self.engine.get_global_grad_norm()
+        flops = model_flops(*self.flop_shape, tot["real_tokens"], tot["len_sq"])
+        flops_per_s = flops / elapsed if elapsed > 0 else 0.0
+        mfu = (flops_per_s / (self.peak_flops * dist.world_size)
+               if self.peak_flops else None)
         return {
             "step": self.step,
             "loss": loss_sum / max(tot["micro_batches"], 1),
@@ -357,9 +413,12 @@ class Trainer:
             "lr": float(self.engine.get_lr()[0]),
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "tokens_per_s": tot["real_tokens"] / elapsed if elapsed > 0 else 0.0,
+            "samples_per_s": tot["samples"] / elapsed if elapsed > 0 else 0.0,
+            "model_tflops_per_s": flops_per_s / 1e12,
+            "mfu": mfu,
             "padding_share": 1.0 - tot["real_tokens"] / max(tot["slot_tokens"], 1),
             "data_wait_share": tot["data_wait_s"] / dist.world_size / elapsed if elapsed > 0 else 0.0,
-            "supervised_tokens": tot["supervised_tokens"],
+            "supervised_tokens": int(tot["supervised_tokens"]),
             "time_s": elapsed,
             "phase_s": dict(self.phase),
             "dataset_samples": dict(self.counts["samples"]),
@@ -422,15 +481,16 @@ def _emit(cfg: TrainConfig, record: dict, writer: Any, bar: Any) -> None:
     gn = record["grad_norm"]
     line = (f"step {record['step']} loss {record['loss']:.4f} z {record['z_loss']:.2f} "
             f"lr {record['lr']:.2e} gnorm {gn if gn is None else round(gn, 3)} "
-            f"tok/s {record['tokens_per_s']:.0f} pad {record['padding_share']:.1%} "
-            f"wait {record['data_wait_share']:.1%} mix [{mix}]")
+            f"tok/s {record['tokens_per_s']:.0f} samp/s {record['samples_per_s']:.1f} "
+            + (f"mfu {record['mfu']:.1%} " if record.get("mfu") is not None else "")
+            + f"pad {record['padding_share']:.1%} wait {record['data_wait_share']:.1%} mix [{mix}]")
     if bar is not None:
         bar.write(line)
     else:
         print(line, flush=True)
     if writer is not None:
-        for key in ("loss", "ce", "z_loss", "lr", "grad_norm", "tokens_per_s", "padding_share",
-                    "data_wait_share"):
+        for key in ("loss", "ce", "z_loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s",
+                    "model_tflops_per_s", "mfu", "padding_share", "data_wait_share"):
             if record[key] is not None:
                 writer.add_scalar(f"train/{key}", record[key], record["step"])
         for name, n in record["dataset_samples"].items():

@@ -77,8 +77,11 @@ class ModelConfig:
                                    "they join the residual stream (reference recipe: 0.05)")
     zero_image_lm_head: bool = _opt(False, "zero the lm_head rows of image tokens at the start "
                                     "(the reference starting point); ignored when resuming")
-    attn_implementation: str = _opt("sdpa", "transformers attention implementation",
-                                    choices=("sdpa", "eager", "flash_attention_2"))
+    attn_implementation: str = _opt(
+        "sdpa", "transformers attention implementation; with --pack: sdpa/eager use a "
+        "block-diagonal mask, flash_attention_2/3 the variable-length kernel, flex_attention a "
+        "document BlockMask", choices=("sdpa", "eager", "flash_attention_2", "flash_attention_3",
+                                       "flex_attention"))
 
     def __post_init__(self) -> None:
         _check((self.init_from is None) != (self.model_config is None),
@@ -147,6 +150,9 @@ class DataSettings:
     global_batch_size: Optional[int] = _opt(
         None, "samples per optimizer step over all ranks = micro_batch_size * grad_accum * world")
     num_workers: int = _opt(2, "data loader worker processes per rank")
+    pack: bool = _opt(False, "pack several samples into each row of up to --max_seq_len tokens "
+                      "(attention stays inside each sample, positions restart per sample); "
+                      "--micro_batch_size then counts rows. Needs an unbounded mixture")
     pad_id: int = _opt(0, "input id used for right padding (labels are -100 there)")
     seed: int = _opt(0, "seed of the data order, the initialisation and dropout")
     cache_dir: Optional[str] = _opt(
@@ -209,6 +215,9 @@ class LogConfig:
     log_every: int = _opt(10, "reduce and log metrics every N optimizer steps (the only host "
                           "sync of the loop)")
     tensorboard: bool = _opt(True, "write TensorBoard events to --output_dir/tb when installed")
+    peak_tflops: Optional[float] = _opt(
+        None, "peak dense bf16 TFLOP/s of one accelerator, for the MFU estimate (default: known "
+        "GPUs by name: H100/H200 989, A100 312; none on CPU, where MFU is not logged)")
     progress_bar: str = _opt("auto", "tqdm progress bar on rank 0: auto (when interactive), "
                              "always (or true), never (or false)",
                              choices=("auto", "always", "never", "true", "false"))
@@ -217,6 +226,8 @@ class LogConfig:
         self.progress_bar = {"true": "always", "false": "never"}.get(self.progress_bar,
                                                                      self.progress_bar)
         _check(self.log_every > 0, f"--log_every must be > 0, got {self.log_every}")
+        _check(self.peak_tflops is None or self.peak_tflops > 0,
+               f"--peak_tflops must be > 0, got {self.peak_tflops}")
 
 
 @dataclass
