@@ -27,6 +27,7 @@ from typing import Any, Optional
 import torch
 
 __all__ = ["DENSE_MASK_IMPLEMENTATIONS", "VARLEN_IMPLEMENTATIONS", "block_causal_mask",
+           "check_packed_path",
            "document_block_mask", "model_inputs", "packed_model_inputs", "sample_lengths",
            "varlen_available"]
 
@@ -136,6 +137,17 @@ def varlen_available(attn_implementation: str) -> bool:
         return find_spec("flash_attn" if attn_implementation == "flash_attention_2"
                          else "flash_attn_interface") is not None
     return False
+
+
+def check_packed_path(attn_implementation: str) -> None:
+    """Refuse, with one line naming the flag, a packed path this machine cannot run (the
+    variable-length kernels need CUDA, and flash-attention its package)."""
+    if attn_implementation in DENSE_MASK_IMPLEMENTATIONS or varlen_available(attn_implementation):
+        return
+    need = "CUDA" + (" and the flash-attn package" if attn_implementation.startswith("flash")
+                     else "")
+    raise ValueError(f"--pack with --attn_implementation {attn_implementation} needs {need}; "
+                     f"use sdpa or eager here")
 
 
 def sample_lengths(attention_mask: torch.Tensor,

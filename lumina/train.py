@@ -248,6 +248,13 @@ class Trainer:
         import torch
 
         self.cfg, self.dist = cfg, dist
+        if cfg.data.pack:
+            from lumina.packing import check_packed_path
+
+            try:
+                check_packed_path(cfg.model.attn_implementation)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         self.resume = ckpt_lib.resolve_resume(cfg.ckpt.resume, cfg.ckpt.output_dir)
         self.engine, ds = build_engine(cfg, dist, fresh_start=self.resume is None)
         self.grad_accum = ds["gradient_accumulation_steps"]

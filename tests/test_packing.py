@@ -128,6 +128,18 @@ def test_block_causal_mask_and_sample_lengths():
     assert sample_lengths(torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])) == [3, 2]
 
 
+def test_packed_paths_this_machine_cannot_run_are_refused_in_one_line():
+    from lumina.packing import check_packed_path
+
+    check_packed_path("sdpa")
+    check_packed_path("eager")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--attn_implementation flex_attention needs CUDA"):
+            check_packed_path("flex_attention")
+        with pytest.raises(ValueError, match="needs CUDA and the flash-attn package"):
+            check_packed_path("flash_attention_2")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("impl", ["sdpa", "flex_attention", "flash_attention_2"])
 def test_packed_batch_equals_padded_batch_on_gpu(tiny_model_dir, impl):
