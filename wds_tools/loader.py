@@ -41,7 +41,8 @@ def build_loader(data_config: Union[DataConfig, str], *, rank: Optional[int] = N
                  pack: bool = False, prefetch_factor: int = 2, pin_memory: bool = False,
                  transfer_batches: int = 4, shuffle: Optional[bool] = None,
                  max_epochs: Optional[int] = None, output: str = "torch",
-                 io_options: wio.IOOptions = wio.DEFAULT) -> StreamingLoader:
+                 io_options: wio.IOOptions = wio.DEFAULT,
+                 max_tokens: Optional[int] = None) -> StreamingLoader:
     """The loader of one data-parallel rank.
 
     Args:
@@ -49,7 +50,8 @@ def build_loader(data_config: Union[DataConfig, str], *, rank: Optional[int] = N
             or URL of ``index.json``: one dataset).
         rank, world_size: default from ``torch.distributed`` when initialized, else the
             ``RANK``/``WORLD_SIZE`` environment (set by ``deepspeed`` and ``torchrun``), else 0/1.
-        batch_size: samples per batch (rows per batch when packing).
+        batch_size: samples per batch (rows per batch when packing; with ``max_tokens``, the
+            most samples of a micro-batch).
         num_workers: DataLoader worker processes (0: read in this process). Part of the data
             layout: every rank must use the same value, and a resumed run too.
         max_seq_len: samples are truncated on the right to this many tokens.
@@ -67,6 +69,11 @@ def build_loader(data_config: Union[DataConfig, str], *, rank: Optional[int] = N
             ``num_workers=0`` torch is never imported).
         io_options: transport and cache settings; the config's ``cache``, ``allow_pipe`` and
             ``verify_checksums`` are added to them.
+        max_tokens: token-budget micro-batches: consecutive samples of the stream while the
+            padded batch (rows x its longest row, after truncation) stays within ``max_tokens``
+            positions and ``batch_size`` rows, so short samples make wide batches. A sample is
+            truncated to ``min(max_seq_len, max_tokens)``. Part of the data layout. Needs an
+            unbounded stream (no ``max_epochs``: stop by steps) and no packing.
     """
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {', '.join(OUTPUTS)}, got {output!r}")
@@ -85,4 +92,5 @@ def build_loader(data_config: Union[DataConfig, str], *, rank: Optional[int] = N
     return build_stream(data_config, rank=rank, world_size=world_size, batch_size=batch_size,
                         num_workers=num_workers, max_seq_len=max_seq_len, pad_id=pad_id,
                         seed=seed, pack=pack, transfer_batches=transfer_batches, shuffle=shuffle,
-                        max_epochs=max_epochs, backend=backend, io_options=io_options)
+                        max_epochs=max_epochs, backend=backend, io_options=io_options,
+                        max_tokens=max_tokens)

@@ -263,9 +263,15 @@ class Consumer:
     def __init__(self, plans: Sequence[DatasetPlan], cfg: DataConfig, *, seed: int, consumer: int,
                  num_consumers: int, batch_size: int, max_seq_len: int, pad_id: int = 0,
                  pack: bool = False, opts: wio.IOOptions = wio.DEFAULT,
-                 state: Optional[Dict[str, Any]] = None, read_data: bool = True):
+                 state: Optional[Dict[str, Any]] = None, read_data: bool = True,
+                 max_tokens: Optional[int] = None):
         self.plans, self.cfg, self.batch_size = plans, cfg, batch_size
+        # with a token budget, a sample is truncated to min(max_seq_len, max_tokens): it must
+        # fit a micro-batch on its own
+        if max_tokens is not None and max_tokens < max_seq_len:
+            max_seq_len = max_tokens
         self.max_seq_len, self.pad_id, self.pack = max_seq_len, pad_id, pack
+        self.max_tokens = max_tokens
         self.names = [p.name for p in plans]
         groups = cfg.groups
         caps = [None if p.config.max_epochs is None
@@ -303,6 +309,8 @@ class Consumer:
         g = self.mixer.choose_group()
         if g < 0:
             return None
+        if self.max_tokens is not None:
+            return self._budget_samples(g)
         choose, take, ds, got = self.mixer.choose, self._take, [], []
         if not self.pack:
             for _ in range(self.batch_size):
@@ -327,6 +335,33 @@ class Consumer:
             if not self.mixer.group_active(g):
                 break
         return ds, got, rows
+
+    def _budget_samples(self, g: int) -> Tuple[List[int], List[tuple], None]:
+        """Samples of one token-budget micro-batch of group ``g``: consecutive samples of the
+        stream while the padded batch (rows x longest row, after truncation) stays within
+        ``max_tokens`` and the rows within ``batch_size``. The sample that does not fit is
+        only peeked, so it opens the next batch (and ``state()`` still points before it)."""
+        choose, take, readers, mixer = self.mixer.choose, self._take, self.readers, self.mixer
+        budget, cap, rows = self.max_tokens, self.max_seq_len, self.batch_size
+        assert budget is not None
+        ds: List[int] = []
+        got: List[tuple] = []
+        longest = 0
+        while len(got) < rows:
+            d = choose(g)
+            n = readers[d].peek()[3]
+            if n > cap:
+                n = cap
+            if n < longest:
+                n = longest
+            if got and (len(got) + 1) * n > budget:
+                break
+            ds.append(d)
+            got.append(take(d))
+            longest = n
+            if not mixer.group_active(g):
+                break
+        return ds, got, None
 
     def next_plan(self) -> Optional[Dict[str, Any]]:
         """The next batch's samples and its exact ``[k, B, T]`` shape (not yet collated); the
@@ -414,6 +449,7 @@ class _SlotStream:
         self.transfer = loader.transfer_batches if loader.num_slots > 1 else 1
         self.batch_size, self.max_seq_len = loader.batch_size, loader.max_seq_len
         self.pad_id, self.pack, self.opts = loader.pad_id, loader.pack, loader.opts
+        self.max_tokens = loader.max_tokens
         self.slot_states = list(loader._slots)
         self.fields = PACK_FIELDS if loader.pack else PAD_FIELDS
 
@@ -422,7 +458,8 @@ class _SlotStream:
                         consumer=self.rank * self.num_slots + slot,
                         num_consumers=self.num_consumers, state=state,
                         batch_size=self.batch_size, max_seq_len=self.max_seq_len,
-                        pad_id=self.pad_id, pack=self.pack, opts=self.opts)
+                        pad_id=self.pad_id, pack=self.pack, opts=self.opts,
+                        max_tokens=self.max_tokens)
 
     def chunks(self, worker: int, shared_buffer: Optional[Any] = None) -> Iterator[Dict[str, Any]]:
         """Chunks of up to ``transfer`` batches of worker ``worker``'s slot (the first chunk of
@@ -545,13 +582,14 @@ class StreamingLoader:
     def __init__(self, cfg: DataConfig, plans: List[DatasetPlan], *, rank: int, world_size: int,
                  batch_size: int, num_workers: int, max_seq_len: int, pad_id: int, seed: int,
                  pack: bool, opts: wio.IOOptions, transfer_batches: int = 4,
-                 backend: Optional["NumpyBackend"] = None):
+                 backend: Optional["NumpyBackend"] = None, max_tokens: Optional[int] = None):
         self.cfg, self.plans = cfg, plans
         self.rank, self.world_size = rank, world_size
         self.batch_size, self.num_workers = batch_size, num_workers
         self.num_slots = max(1, num_workers)
         self.max_seq_len, self.pad_id, self.seed, self.pack = max_seq_len, pad_id, seed, pack
         self.opts, self.transfer_batches = opts, transfer_batches
+        self.max_tokens = max_tokens
         self.backend = backend if backend is not None else NumpyBackend()
         self.weights = dataset_weights(cfg, plans)
         self._slots: List[Optional[Dict[str, Any]]] = [None] * self.num_slots
@@ -596,8 +634,8 @@ class StreamingLoader:
     @property
     def num_batches(self) -> Optional[int]:
         """Batches per rank per pass when every dataset is bounded (same on every rank), else None.
-        Not defined for packing, whose batch count depends on sample lengths."""
-        if not self.cfg.bounded or self.pack:
+        Not defined for packing or token budgets: their batch counts depend on sample lengths."""
+        if not self.cfg.bounded or self.pack or self.max_tokens is not None:
             return None
         c = self.world_size * self.num_slots
         total = 0
@@ -613,7 +651,8 @@ class StreamingLoader:
         return {"format": "wds_tools.loader", "version": STATE_VERSION, "rank": self.rank,
                 "world_size": self.world_size, "num_slots": self.num_slots,
                 "batch_size": self.batch_size, "max_seq_len": self.max_seq_len,
-                "pack": self.pack, "seed": self.seed, "weight_by": self.cfg.weight_by,
+                "pack": self.pack, "max_tokens": self.max_tokens, "seed": self.seed,
+                "weight_by": self.cfg.weight_by,
                 "datasets": [p.name for p in self.plans],
                 "num_samples": [p.num_samples for p in self.plans],
                 "transfer_batches": self.transfer_batches if self.num_slots > 1 else 1,
@@ -635,7 +674,8 @@ class StreamingLoader:
                              f"(this wds_tools writes and reads version {STATE_VERSION})")
         mine = self.state_dict()
         for k in ("rank", "world_size", "num_slots", "transfer_batches", "batch_size",
-                  "max_seq_len", "pack", "seed", "weight_by", "datasets", "num_samples"):
+                  "max_seq_len", "pack", "max_tokens", "seed", "weight_by", "datasets",
+                  "num_samples"):
             if sd.get(k) != mine[k]:
                 hint = " (num_workers)" if k == "num_slots" else ""
                 raise ValueError(f"loader state was saved with {k}{hint}={sd.get(k)!r}, this "
@@ -698,7 +738,8 @@ def build_stream(data_config: Union[DataConfig, str], *, rank: Optional[int] = N
                  max_seq_len: int = 4096, pad_id: int = 0, seed: Optional[int] = None,
                  pack: bool = False, transfer_batches: int = 4, shuffle: Optional[bool] = None,
                  max_epochs: Optional[int] = None, backend: Optional["NumpyBackend"] = None,
-                 io_options: wio.IOOptions = wio.DEFAULT) -> StreamingLoader:
+                 io_options: wio.IOOptions = wio.DEFAULT,
+                 max_tokens: Optional[int] = None) -> StreamingLoader:
     """The loader of one data-parallel rank, with the given backend (default: numpy, in
     process; see the module docstring). The arguments are :func:`wds_tools.loader.build_loader`'s
     (documented there), which most callers want: it picks the backend.
@@ -718,6 +759,16 @@ def build_stream(data_config: Union[DataConfig, str], *, rank: Optional[int] = N
     if pack and cfg.bounded:
         raise ValueError(f"{cfg.source}: packing needs an unbounded stream (remove max_epochs): "
                          "packed batch counts depend on sample lengths, so ranks could disagree")
+    if max_tokens is not None:
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
+        if pack:
+            raise ValueError("max_tokens and pack exclude each other: packing already fills "
+                             "batch_size rows of max_seq_len tokens (its budget)")
+        if cfg.bounded:
+            raise ValueError(f"{cfg.source}: max_tokens needs an unbounded stream (remove "
+                             "max_epochs; stop by steps): token-budget batch counts depend on "
+                             "sample lengths, so ranks could disagree and ZeRO-3 would hang")
     io_options = cfg.io_options(io_options)
     plans = load_plans(cfg, io_options)
     consumers = world_size * max(1, num_workers)
@@ -726,7 +777,8 @@ def build_stream(data_config: Union[DataConfig, str], *, rank: Optional[int] = N
     return StreamingLoader(cfg, plans, rank=rank, world_size=world_size, batch_size=batch_size,
                            num_workers=num_workers, max_seq_len=max_seq_len, pad_id=pad_id,
                            seed=cfg.seed if seed is None else int(seed), pack=pack,
-                           opts=io_options, transfer_batches=transfer_batches, backend=backend)
+                           opts=io_options, transfer_batches=transfer_batches, backend=backend,
+                           max_tokens=max_tokens)
 
 
 def iter_mixed(data_config: Union[DataConfig, str], *, consumer: int = 0, num_consumers: int = 1,

@@ -34,6 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pad-id", type=int, default=0, help="input id of padding (default 0)")
     p.add_argument("--seed", type=int, default=None, help="override the config's seed")
     p.add_argument("--pack", action="store_true", help="pack samples into rows, as in training")
+    p.add_argument("--max-tokens", type=int, default=None, metavar="N",
+                   help="token-budget micro-batches, as in training: rows x longest row <= N "
+                        "(--batch-size caps the rows)")
     p.add_argument("--transfer-batches", type=int, default=4,
                    help="batches per worker turn, as in training (default 4)")
     p.add_argument("--save-state", metavar="FILE", help="write the loader state at the end")
@@ -69,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
                           batch_size=args.batch_size, num_workers=args.num_workers,
                           max_seq_len=args.max_seq_len, pad_id=args.pad_id, seed=args.seed,
                           pack=args.pack, transfer_batches=args.transfer_batches,
+                          max_tokens=args.max_tokens,
                           output="torch" if args.num_workers else "numpy",
                           io_options=io_options_from_args(args))
     if args.resume_state:

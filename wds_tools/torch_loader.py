@@ -119,14 +119,17 @@ class TokenStream(IterableDataset):
                  num_workers: int = 0, rank: Optional[int] = None,
                  world_size: Optional[int] = None, max_seq_len: int = 4096, pad_id: int = 0,
                  seed: Optional[int] = None, pack: bool = False, shuffle: Optional[bool] = None,
-                 max_epochs: Optional[int] = None, io_options: IOOptions = DEFAULT):
+                 max_epochs: Optional[int] = None, io_options: IOOptions = DEFAULT,
+                 max_tokens: Optional[int] = None):
         if batch_size is None and pack:
             raise ValueError("pack=True needs a batch_size (rows per batch)")
+        if batch_size is None and max_tokens is not None:
+            raise ValueError("max_tokens needs a batch_size (the most samples per batch)")
         self._loader = build_stream(
             data_config, rank=rank, world_size=world_size, batch_size=batch_size or 1,
             num_workers=num_workers, max_seq_len=max_seq_len, pad_id=pad_id, seed=seed,
             pack=pack, transfer_batches=1, shuffle=shuffle, max_epochs=max_epochs,
-            io_options=io_options)
+            io_options=io_options, max_tokens=max_tokens)
         self.per_sample = batch_size is None
         self.num_workers = num_workers
         self._states: Dict[int, Optional[Dict[str, Any]]] = {}
@@ -184,10 +187,13 @@ class TokenStream(IterableDataset):
 
     def _layout(self) -> Dict[str, Any]:
         lo = self._loader
-        return {"rank": lo.rank, "world_size": lo.world_size, "num_workers": self.num_workers,
-                "batch_size": None if self.per_sample else lo.batch_size, "seed": lo.seed,
-                "max_seq_len": lo.max_seq_len, "pack": lo.pack,
-                "datasets": [p.name for p in lo.plans]}
+        layout = {"rank": lo.rank, "world_size": lo.world_size, "num_workers": self.num_workers,
+                  "batch_size": None if self.per_sample else lo.batch_size, "seed": lo.seed,
+                  "max_seq_len": lo.max_seq_len, "pack": lo.pack,
+                  "datasets": [p.name for p in lo.plans]}
+        if lo.max_tokens is not None:  # only then: states saved before the option still load
+            layout["max_tokens"] = lo.max_tokens
+        return layout
 
 
 def _sample(key: str, dataset: str, ids: np.ndarray, spans: Any,
