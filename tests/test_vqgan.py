@@ -181,6 +181,13 @@ def test_mismatched_checkpoint_names_the_keys(tmp_path, tiny_vqgan):
         VQGANConfig.from_yaml(str(tmp_path / "broken.yaml"))
 
 
+def test_tiny_fit_is_deterministic(tiny_vqgan):
+    again = fit_photo_vqgan(tiny_vq_config(512)).state_dict()
+    assert all(torch.equal(v, again[k]) for k, v in tiny_vqgan.state_dict().items())
+    palette = tiny_vqgan.quantize.embedding.weight
+    assert len({tuple(row.tolist()) for row in palette}) > 500  # k-means used the codebook
+
+
 def test_tiny_pair_round_trip_on_small_photos(tiny_vqgan):
     """Encode -> decode of the bundled photos at a small size: the photos' own colours come back
     (the full-size figure, through the pre-tokenizer, is test_render's slow test)."""
