@@ -144,6 +144,30 @@ def test_missing_and_corrupt_raw_shards_are_one_error_each(tmp_path, raw_corpus)
     assert items[-1][1].error[0] == "unreadable_shard" and all(s.error is None for _, s in items[1:-1])
 
 
+def test_caption_key_and_template(raw_corpus, tiny_dirs, tmp_path):
+    """--caption_key reads only that .json field; --template shapes the human turn."""
+    from transformers import AutoTokenizer
+    from wds_tools.merge import merge
+    from wds_tools.reader import iter_samples
+
+    from lumina.item_processing import check_template
+
+    with pytest.raises(ValueError, match="caption"):
+        check_template("Draw {w}x{h}")
+    with pytest.raises(ValueError, match="only the fields"):
+        check_template("{caption} {style}")
+    src = str(raw_corpus["www"] / "raw" / "00000.tar")
+    summary = run_config(_cfg(tiny_dirs, src, tmp_path, caption_key="caption",
+                              template="<{w}|{h}> {caption}"))
+    assert (summary.num_ok, summary.failures_by_reason) == (1, {"missing_caption": 2})
+    merge(str(tmp_path))
+    (sample,) = list(iter_samples(str(tmp_path / "index.json")))
+    image = sample["meta"]["images"][0]
+    text = AutoTokenizer.from_pretrained(tiny_dirs[0]).decode(sample["input_ids"][: image["offset"]].tolist())
+    caption = dict((k, c) for _, k, c in raw_corpus["good"])[sample["meta"]["id"]]
+    assert f"<{image['w']}|{image['h']}> {caption}" in text and "Generate" not in text
+
+
 @pytest.mark.reliability
 def test_damaged_raw_shards_never_crash_the_reader(tmp_path, raw_corpus):
     """Random byte flips and cuts: every outcome is samples and at most one error per shard."""
