@@ -97,7 +97,10 @@ class ChameleonRenderer:
 
     def codes(self, input_ids: np.ndarray, block: dict) -> np.ndarray:
         """The ``(rows, cols)`` code grid of one image block (structure tokens skipped)."""
-        offset, n = int(block["offset"]), int(block["num_tokens"])
+        try:
+            offset, n = int(block["offset"]), int(block["num_tokens"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"image block {block!r:.80}: needs integer offset and num_tokens") from None
         ids = np.asarray(input_ids[offset : offset + n]).astype(np.int64)
         where = f"image block at token {offset}"
         if offset < 0 or len(ids) != n:

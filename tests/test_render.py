@@ -109,6 +109,8 @@ def test_render_errors_name_the_block(renderer, tokenizer):
         renderer.render(ids, dict(block, grid=[3, 3]))
     with pytest.raises(ValueError, match="tokens in all"):
         renderer.render(ids, dict(block, offset=len(ids) - 2))
+    with pytest.raises(ValueError, match="needs integer offset and num_tokens"):
+        renderer.render(ids, {"grid": [2, 3]})
     with pytest.raises(ValueError, match="neither grid nor h/w"):
         renderer.render(ids, {"offset": block["offset"], "num_tokens": block["num_tokens"]})
 
