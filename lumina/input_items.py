@@ -157,9 +157,10 @@ def count_rank_items(spec: Union[str, InputSpec], splits: int, rank: int) -> Opt
     total = 0
     for file_no, url in enumerate(spec.urls()):
         if file_no % splits == rank:
-            if wio.is_remote(url):
+            count = _count_lines(url, 1, 0)
+            if count is None:
                 return None
-            total += _count_lines(url, 1, 0)
+            total += count
     return total
 
 

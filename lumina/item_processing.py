@@ -168,7 +168,7 @@ class ItemPreparer:
     def _raw(self, index: int, sample: RawSample) -> Union[PreparedItem, ItemFailure]:
         """A raw image-text sample -> the template's text-to-image conversation."""
         s = self.settings
-        cursor = {"next_cursor": index + 1, "source": sample.shard,
+        cursor: dict[str, Any] = {"next_cursor": index + 1, "source": sample.shard,
                   "cursor_state": {"shard_no": sample.shard_no, "position": sample.position + 1, "byte": sample.end}}
         if sample.error is not None:  # the rest of the shard is skipped: resume at the next shard
             cursor.update(next_cursor=(sample.shard_no + 1) * SOURCE_STRIDE, cursor_state=None)

@@ -121,22 +121,26 @@ def iter_tar_members(f, where: str, start: int = 0) -> Iterator[tuple[str, int, 
         if kind in (b"x", b"g", b"L"):
             if size > MAX_EXTENDED_HEADER:
                 raise FormatError(f"{where}: extended tar header of {size} bytes at byte {pos} (corrupt shard)")
-            payload = _read_exact(f, padded(size), where, pos)[:size]
+            header = _read_exact(f, padded(size), where, pos)[:size]
             pos += BLOCK + padded(size)
             if kind == b"x":
-                fields = _pax_fields(payload)
+                fields = _pax_fields(header)
                 pending_name = fields.get("path", pending_name)
                 if fields.get("size", "").isdigit():
                     pending_size = int(fields["size"])
             elif kind == b"L":
-                pending_name = payload.split(b"\0", 1)[0].decode("utf-8", "replace")
+                pending_name = header.split(b"\0", 1)[0].decode("utf-8", "replace")
             continue
         member = pending_name or name
         size = pending_size if pending_size is not None else size
         header_at, pending_name, pending_size, first = first, None, None, None
         regular = kind in (b"0", b"\0", b"7")
         keep = regular and _split_name(member)[1] in KEPT_EXTENSIONS and size <= MAX_KEPT_MEMBER
-        payload = _read_exact(f, padded(size), where, pos)[:size] if keep else _skip(f, padded(size), where, pos)
+        payload = None
+        if keep:
+            payload = _read_exact(f, padded(size), where, pos)[:size]
+        else:
+            _skip(f, padded(size), where, pos)
         pos += BLOCK + padded(size)
         if regular:
             yield member, header_at, pos, payload
@@ -155,7 +159,6 @@ def _skip(f, n: int, where: str, pos: int) -> None:
         if got == 0:
             raise FormatError(f"{where}: truncated tar: member at byte {pos} is cut short")
         n -= got
-    return None
 
 
 def _split_name(name: str) -> tuple[str, str]:

@@ -172,20 +172,22 @@ class ShardWriter:
     def _prepare_store(self, resume: bool) -> None:
         """Resume state from the store: committed indexes (in order, while their shard is
         there whole); everything else of this rank there is deleted."""
+        store = self.store
+        assert store is not None
         pattern = _rank_object_re(self.prefix, self.rank)
         base = f"{self.prefix}-r{self.rank:05d}"
-        objects = {n: size for n, size in self.store.list(base) if pattern.match(n)}
+        objects = {n: size for n, size in store.list(base) if pattern.match(n)}
         if objects and not resume:
-            raise FileExistsError(f"{self.store.url} already holds objects of rank {self.rank} (prefix "
+            raise FileExistsError(f"{store.url} already holds objects of rank {self.rank} (prefix "
                                   f"{self.prefix!r}); pass resume=True to continue them or use a fresh prefix")
-        self.store.abort_uploads(base)
+        store.abort_uploads(base)
         sid = 0
         while True:
             name = _shard_name(self.prefix, self.rank, sid)
             index_name = shard_index_name(name)
             if index_name not in objects:
                 break
-            idx = json.loads(self.store.read_bytes(index_name))
+            idx = json.loads(store.read_bytes(index_name))
             check_version(idx, index_name)
             if objects.get(name) != idx["bytes"]:
                 break  # its shard is gone or damaged: redo from here
@@ -193,8 +195,9 @@ class ShardWriter:
             sid += 1
         for n in sorted(objects):
             m = pattern.match(n)
-            if m.group(1) is None or int(m.group(1)) >= self._next_shard or n.endswith(".tmp"):
-                self.store.delete(n)  # uncommitted shard files, the old done-marker, temp copies
+            sid_text = m.group(1) if m else None
+            if sid_text is None or int(sid_text) >= self._next_shard or n.endswith(".tmp"):
+                store.delete(n)  # uncommitted shard files, the old done-marker, temp copies
         self.cursor, self.cursor_state = self.resume_cursor, self.resume_state
 
     # -- writing -------------------------------------------------------------------------------
@@ -298,11 +301,13 @@ class ShardWriter:
 
     def _publish(self, name: str, shard_path: str, index_path: str) -> None:
         """Upload the shard's companions, the shard, then its index (the commit point)."""
+        store = self.store
+        assert store is not None
         extra = self.before_publish(name) if self.before_publish is not None else []
         for p in extra:
-            self.store.put(p, os.path.basename(p))
-        self.store.put(shard_path, name)
-        self.store.put(index_path, shard_index_name(name))
+            store.put(p, os.path.basename(p))
+        store.put(shard_path, name)
+        store.put(index_path, shard_index_name(name))
         for p in [*extra, shard_path, index_path]:
             os.remove(p)
 
