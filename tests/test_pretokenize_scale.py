@@ -319,6 +319,31 @@ def test_raw_shards_two_ranks_to_s3_merge_and_verify(source, raw_corpus, raw_ngi
         assert meta["source"] == f"{meta['id'][:5]}.tar" and key == f"{int(meta['id'][:5]):06d}{int(meta['id'][5:]):09d}"
 
 
+@pytest.mark.network
+def test_store_put_list_delete_and_errors_without_credentials(s3, s3_env, tmp_path, caplog):
+    from wds_tools.store import S3Store, open_store
+
+    run_id = uuid.uuid4().hex[:8]
+    store = open_store(f"s3://{BUCKET}/st-{run_id}/out")
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(5 << 20) + b"tail")
+    store.part_bytes = 5 << 20  # S3's smallest part: the 5 MiB + 4 B file goes up in two parts
+    store.put(str(big), "a/big.bin")
+    store.put_bytes(b"{}", "x.json")
+    assert list(store.list("")) == [("a/big.bin", (5 << 20) + 4), ("x.json", 2)]
+    assert store.read_bytes("a/big.bin") == big.read_bytes()
+    store.delete("x.json")
+    store.delete("x.json")  # absent: no error
+    assert [n for n, _ in store.list("")] == ["a/big.bin"]
+    missing = S3Store(f"s3://no-such-bucket-{run_id}/p")
+    with pytest.raises(OSError) as e:
+        missing.put_bytes(b"x", "y")
+    shown = str(e.value) + caplog.text
+    assert "no-such-bucket" in shown
+    for secret in (os.environ["AWS_SECRET_ACCESS_KEY"], os.environ["AWS_SESSION_TOKEN"]):
+        assert secret not in shown
+
+
 # ----------------------------------------------------------------------------------------------
 # SIGKILL a rank mid-shard with S3 output; the rerun resumes from what was uploaded
 
@@ -365,6 +390,7 @@ def test_sigkill_rank_with_s3_output_then_rerun_equals_clean(s3, s3_env, tiny_di
     rerun = subprocess.run(cli, env=env, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "resuming at input index" in rerun.stderr
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] not in rerun.stderr
     m_clean, m_killed = merge(clean), merge(killed)
     assert _read_all(f"{killed}/index.json") == _read_all(f"{clean}/index.json")
     assert m_killed["num_samples"] == m_clean["num_samples"] == len(corpus["good"]) == 12
