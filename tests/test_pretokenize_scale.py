@@ -361,8 +361,8 @@ def _pretok_cli(pattern, out, stage, tiny, rank):
 def test_sigkill_rank_with_s3_output_then_rerun_equals_clean(s3, s3_env, tiny_dirs, tmp_path):
     from wds_tools.merge import merge
 
-    corpus = build_raw_corpus(tmp_path / "raw", repeat=2)
-    pattern = str(tmp_path / "raw" / "{00000..00005}.tar")
+    corpus = build_raw_corpus(tmp_path / "raw", repeat=4)  # rank 1: 6 shards, 16 samples
+    pattern = str(tmp_path / "raw" / "{00000..00011}.tar")
     run_id = uuid.uuid4().hex[:8]
     clean, killed = f"s3://{BUCKET}/clean-{run_id}", f"s3://{BUCKET}/killed-{run_id}"
     for rank in (0, 1):
@@ -378,7 +378,7 @@ def test_sigkill_rank_with_s3_output_then_rerun_equals_clean(s3, s3_env, tiny_di
     while (sum(n.startswith("shard-r00001-") and n.endswith(".idx.json") for n in _s3_names(killed)) < 1
            and proc.poll() is None and time.time() < deadline):
         time.sleep(0.05)
-    time.sleep(rng.uniform(0.05, 0.4))  # into the next shard (2 items of ~0.15 s each)
+    time.sleep(rng.uniform(0.02, 0.2))  # into the next shard (2 items of ~0.15 s each)
     assert proc.poll() is None, "rank 1 finished before it could be killed: " + proc.stderr.read().decode()[-2000:]
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -386,6 +386,8 @@ def test_sigkill_rank_with_s3_output_then_rerun_equals_clean(s3, s3_env, tiny_di
     names = _s3_names(killed)
     assert "shard-r00001.done.json" not in names and "errors-r00001.jsonl" not in names
     done_before = {n for n in names if n.startswith("shard-r00001-") and n.endswith(".idx.json")}
+    assert len(done_before) < len([n for n in _s3_names(clean) if n.startswith("shard-r00001-")
+                                   and n.endswith(".idx.json")])  # killed before the end
 
     rerun = subprocess.run(cli, env=env, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
@@ -393,8 +395,8 @@ def test_sigkill_rank_with_s3_output_then_rerun_equals_clean(s3, s3_env, tiny_di
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in rerun.stderr
     m_clean, m_killed = merge(clean), merge(killed)
     assert _read_all(f"{killed}/index.json") == _read_all(f"{clean}/index.json")
-    assert m_killed["num_samples"] == m_clean["num_samples"] == len(corpus["good"]) == 12
-    assert m_killed["num_failed"] == m_clean["num_failed"] == len(corpus["bad"]) == 4
+    assert m_killed["num_samples"] == m_clean["num_samples"] == len(corpus["good"]) == 24
+    assert m_killed["num_failed"] == m_clean["num_failed"] == len(corpus["bad"]) == 8
     assert sorted(map(json.dumps, _s3_errors(killed))) == sorted(map(json.dumps, _s3_errors(clean)))
     names = _s3_names(killed)
     _assert_no_partial_objects(names)
