@@ -77,7 +77,8 @@ def export_checkpoint(output_dir: str, out: str, tag: Optional[str] = None,
     if bad or result.unexpected_keys:
         raise ValueError(f"checkpoint {tag} does not match the model config: missing {bad[:5]}, "
                          f"unexpected {result.unexpected_keys[:5]}")
-    model.to({"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype])
+    model.to({"bf16": torch.bfloat16, "fp16": torch.float16,  # type: ignore[arg-type]
+              "fp32": torch.float32}[dtype])
     model.config.use_cache = True
     os.makedirs(out, exist_ok=True)
     model.save_pretrained(out)

@@ -42,12 +42,13 @@ def is_zero3_param(param: torch.Tensor) -> bool:
 class LuminaChameleon(nn.Module):
     """Chameleon plus the reference loss; ``forward`` returns a :class:`LossOutput`."""
 
-    def __init__(self, chameleon: nn.Module, loss: LossConfig) -> None:
+    def __init__(self, chameleon: Any, loss: LossConfig) -> None:
         super().__init__()
-        self.chameleon = chameleon
+        self.chameleon: Any = chameleon  # a ChameleonForConditionalGeneration
         self.z_loss_weight = loss.z_loss_weight
         self.chunk_size = loss.loss_chunk_size
         ids = image_token_ids(chameleon.config)
+        self.image_ids: torch.Tensor
         self.register_buffer("image_ids", torch.tensor(ids, dtype=torch.long), persistent=False)
         self.mask_image_logits = loss.mask_image_logits
         weight = chameleon.lm_head.weight
@@ -86,7 +87,7 @@ class LuminaChameleon(nn.Module):
         return F.linear(hidden, self.chameleon.lm_head.weight).float()
 
 
-def _add_residual_dropout(chameleon: nn.Module, p: float) -> None:
+def _add_residual_dropout(chameleon: Any, p: float) -> None:
     """Dropout on the attention and MLP outputs before the residual add (reference option)."""
 
     def drop_first(module, args, output):
@@ -99,7 +100,7 @@ def _add_residual_dropout(chameleon: nn.Module, p: float) -> None:
         layer.mlp.register_forward_hook(drop_first)
 
 
-def _zero_image_rows(chameleon: nn.Module, rank: int) -> None:
+def _zero_image_rows(chameleon: Any, rank: int) -> None:
     weight = chameleon.lm_head.weight
     ids = torch.tensor(image_token_ids(chameleon.config), dtype=torch.long)
     if is_zero3_param(weight):
@@ -141,10 +142,12 @@ def build_model(cfg: ModelConfig, loss: LossConfig, ds_config: Optional[dict],
         handle = HfDeepSpeedConfig(ds_config)
     bf16 = bool(ds_config and ds_config.get("bf16", {}).get("enabled", False))
     dtype = torch.bfloat16 if bf16 else torch.float32
-    kwargs = dict(dtype=dtype, attn_implementation=cfg.attn_implementation)
+    kwargs: dict[str, Any] = dict(dtype=dtype, attn_implementation=cfg.attn_implementation)
+    chameleon: Any
     if cfg.init_from is not None:
         chameleon = ChameleonForConditionalGeneration.from_pretrained(cfg.init_from, **kwargs)
     else:
+        assert cfg.model_config is not None  # ModelConfig checks one of the two is set
         config = _load_config(cfg.model_config)
         chameleon = ChameleonForConditionalGeneration._from_config(config, **kwargs)
     image_token_ids(chameleon.config)  # fail early without a vocabulary_map
@@ -164,7 +167,8 @@ def build_model(cfg: ModelConfig, loss: LossConfig, ds_config: Optional[dict],
 
 def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Trainable parameters in two AdamW groups: matrices decay, norms and biases do not."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
