@@ -368,6 +368,7 @@ def config_from_args(args: argparse.Namespace) -> PreTokenizeConfig:
 def run(args: argparse.Namespace) -> int:
     """Run from parsed arguments; exit status 1 if every item failed."""
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    logging.getLogger("botocore").setLevel(logging.WARNING)  # not every credential lookup
     try:
         cfg = config_from_args(args)
     except ValueError as e:
