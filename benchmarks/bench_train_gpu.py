@@ -61,10 +61,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SHAPES = {
     # ~1.09B parameters: 2 x 65536 x 2048 embeddings/head + 16 x 51.4M layers.
-    "1b": dict(vocab_size=65536, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
-               num_attention_heads=16, num_key_value_heads=16, num_image_tokens=8192),
-    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=4, num_image_tokens=128),
+    "1b": dict(
+        vocab_size=65536,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=16,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        num_image_tokens=8192,
+    ),
+    "tiny": dict(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        num_image_tokens=128,
+    ),
 }
 
 
@@ -77,10 +91,16 @@ def write_model_config(out_dir: str, shape: dict, seq_len: int) -> str:
     vocab_map = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
     vocab_map.update({image_code_token(i): 4 + i for i in range(num_image)})
     vocab_map.update({f"<tok{i}>": i for i in range(4 + num_image, vocab)})
-    config = ChameleonConfig(vocab_size=vocab, vocabulary_map=vocab_map,
-                             vq_config=tiny_vq_config(num_image),
-                             max_position_embeddings=max(4096, seq_len), bos_token_id=0,
-                             eos_token_id=2, pad_token_id=1, **shape)
+    config = ChameleonConfig(
+        vocab_size=vocab,
+        vocabulary_map=vocab_map,
+        vq_config=tiny_vq_config(num_image),
+        max_position_embeddings=max(4096, seq_len),
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=1,
+        **shape,
+    )
     config.save_pretrained(out_dir)
     return out_dir
 
@@ -104,23 +124,44 @@ def _peak_gib():
 def _config(args, model_dir: str, out_dir: str, pack: bool = False) -> TrainConfig:
     n = args.warmup + args.steps
     return TrainConfig(
-        model=ModelConfig(model_config=model_dir, vq="freeze", gradient_checkpointing=True,
-                          attn_implementation=args.attn if pack else "sdpa"),
+        model=ModelConfig(
+            model_config=model_dir,
+            vq="freeze",
+            gradient_checkpointing=True,
+            attn_implementation=args.attn if pack else "sdpa",
+        ),
         deepspeed_config="zero3",
-        loss=LossConfig(), optim=OptimConfig(lr=1e-4, warmup_steps=0),
-        data=DataSettings(micro_batch_size=args.micro_batch_size, grad_accum=1,
-                          max_seq_len=args.seq_len, num_workers=0, seed=0, pack=pack),
+        loss=LossConfig(),
+        optim=OptimConfig(lr=1e-4, warmup_steps=0),
+        data=DataSettings(
+            micro_batch_size=args.micro_batch_size,
+            grad_accum=1,
+            max_seq_len=args.seq_len,
+            num_workers=0,
+            seed=0,
+            pack=pack,
+        ),
         # stop_after < max_steps: no checkpoint (a 1B ZeRO-3 checkpoint is ~17 GB of writes).
         ckpt=CheckpointConfig(output_dir=out_dir, max_steps=n + 1, stop_after=n, save_every=0),
-        log=LogConfig(log_every=args.warmup if args.warmup == args.steps else n,
-                      tensorboard=False, progress_bar="never"),
+        log=LogConfig(
+            log_every=args.warmup if args.warmup == args.steps else n, tensorboard=False, progress_bar="never"
+        ),
     )
 
 
 def _loader(args, vocab: int):
     def factory(cfg, rank, world, micro):
-        return SyntheticLoader(vocab, micro, args.seq_len, rank=rank, seed=0,
-                               min_len=args.seq_len, prompt_len=1, min_token=args.min_token)
+        return SyntheticLoader(
+            vocab,
+            micro,
+            args.seq_len,
+            rank=rank,
+            seed=0,
+            min_len=args.seq_len,
+            prompt_len=1,
+            min_token=args.min_token,
+        )
+
     return factory
 
 
@@ -130,21 +171,32 @@ def run_bare(args, cfg: TrainConfig, dist, vocab: int) -> dict:
     from transformers import ChameleonConfig, ChameleonForConditionalGeneration
     from transformers.integrations.deepspeed import HfDeepSpeedConfig
 
-    ds = resolve_deepspeed_config(load_deepspeed_json(cfg.deepspeed_config), cfg.data, cfg.optim,
-                                  dist.world_size)
+    ds = resolve_deepspeed_config(
+        load_deepspeed_json(cfg.deepspeed_config), cfg.data, cfg.optim, dist.world_size
+    )
     handle = HfDeepSpeedConfig(ds)  # kept alive while the model is built
     torch.manual_seed(0)
     model = ChameleonForConditionalGeneration._from_config(
-        ChameleonConfig.from_pretrained(cfg.model.model_config), dtype=torch.bfloat16,
-        attn_implementation="sdpa")
+        ChameleonConfig.from_pretrained(cfg.model.model_config),
+        dtype=torch.bfloat16,
+        attn_implementation="sdpa",
+    )
     model.config.use_cache = False
     model.model.vqmodel.requires_grad_(False)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds)
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds
+    )
     del handle
-    source = SyntheticLoader(vocab, args.micro_batch_size, args.seq_len, seed=0,
-                             min_len=args.seq_len, prompt_len=1, min_token=args.min_token)
+    source = SyntheticLoader(
+        vocab,
+        args.micro_batch_size,
+        args.seq_len,
+        seed=0,
+        min_len=args.seq_len,
+        prompt_len=1,
+        min_token=args.min_token,
+    )
     engine.train()
     t0 = None
     for i in range(args.warmup + args.steps):
@@ -152,16 +204,23 @@ def run_bare(args, cfg: TrainConfig, dist, vocab: int) -> dict:
             _sync()
             t0 = time.perf_counter()
         batch = source.batch(i)
-        out = engine(input_ids=batch["input_ids"].to(dist.device),
-                     labels=batch["labels"].to(dist.device), use_cache=False)
+        out = engine(
+            input_ids=batch["input_ids"].to(dist.device),
+            labels=batch["labels"].to(dist.device),
+            use_cache=False,
+        )
         engine.backward(out.loss)
         engine.step()
     _sync()
     elapsed = time.perf_counter() - t0
     tokens = args.steps * args.micro_batch_size * args.seq_len
-    result = {"name": "bare ZeRO-3 loop (HF forward + loss)", "tokens_per_s": tokens / elapsed,
-              "step_s": elapsed / args.steps, "peak_gib": _peak_gib(),
-              "last_loss": float(out.loss.detach())}
+    result = {
+        "name": "bare ZeRO-3 loop (HF forward + loss)",
+        "tokens_per_s": tokens / elapsed,
+        "step_s": elapsed / args.steps,
+        "peak_gib": _peak_gib(),
+        "last_loss": float(out.loss.detach()),
+    }
     if hasattr(engine, "destroy"):
         engine.destroy()
     del engine, model, out
@@ -169,11 +228,17 @@ def run_bare(args, cfg: TrainConfig, dist, vocab: int) -> dict:
 
 
 def _result(name: str, args, timed: dict) -> dict:
-    return {"name": name, "tokens_per_s": timed["tokens_per_s"],
-            "samples_per_s": timed.get("samples_per_s"), "mfu": timed.get("mfu"),
-            "padding_share": timed.get("padding_share"),
-            "step_s": timed["time_s"] / args.steps, "peak_gib": _peak_gib(),
-            "last_loss": timed["loss"], "data_wait_share": timed["data_wait_share"]}
+    return {
+        "name": name,
+        "tokens_per_s": timed["tokens_per_s"],
+        "samples_per_s": timed.get("samples_per_s"),
+        "mfu": timed.get("mfu"),
+        "padding_share": timed.get("padding_share"),
+        "step_s": timed["time_s"] / args.steps,
+        "peak_gib": _peak_gib(),
+        "last_loss": timed["loss"],
+        "data_wait_share": timed["data_wait_share"],
+    }
 
 
 def run_trainer(args, cfg: TrainConfig, vocab: int) -> dict:
@@ -183,10 +248,20 @@ def run_trainer(args, cfg: TrainConfig, vocab: int) -> dict:
 
 def run_mixed(args, cfg: TrainConfig, vocab: int, pack: bool) -> dict:
     """The trainer on the short/long length mixture, padded or packed."""
+
     def factory(cfg, rank, world, micro):
-        return MixedLengthLoader(vocab, micro, args.seq_len, pack=pack, rank=rank, seed=0,
-                                 short_len=args.short_len, long_len=args.long_len,
-                                 min_token=args.min_token)
+        return MixedLengthLoader(
+            vocab,
+            micro,
+            args.seq_len,
+            pack=pack,
+            rank=rank,
+            seed=0,
+            short_len=args.short_len,
+            long_len=args.long_len,
+            min_token=args.min_token,
+        )
+
     records = train(cfg, loader_factory=factory)
     name = f"packed ({args.attn})" if pack else "padded"
     return _result(f"{name}, length mix", args, records[-1])
@@ -198,13 +273,21 @@ def main(argv=None) -> int:
     parser.add_argument("--seq_len", type=int, default=None, help="default 4096 (tiny: 64)")
     parser.add_argument("--micro_batch_size", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per side")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per side "
-                        "(keep equal to --warmup: the trainer's timed window is one log window)")
-    parser.add_argument("--order", default="bare,trainer",
-                        help="sides in order: bare, trainer, padded, packed")
-    parser.add_argument("--attn", default="sdpa",
-                        choices=("sdpa", "eager", "flex_attention", "flash_attention_2"),
-                        help="attention of the packed side")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=5,
+        help="timed steps per side (keep equal to --warmup: the trainer's timed window is one log window)",
+    )
+    parser.add_argument(
+        "--order", default="bare,trainer", help="sides in order: bare, trainer, padded, packed"
+    )
+    parser.add_argument(
+        "--attn",
+        default="sdpa",
+        choices=("sdpa", "eager", "flex_attention", "flash_attention_2"),
+        help="attention of the packed side",
+    )
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
     args = parser.parse_args(argv)
@@ -232,8 +315,14 @@ def main(argv=None) -> int:
             results.append(run_trainer(args, cfg, shape["vocab_size"]))
         elif side in ("padded", "packed"):
             pack = side == "packed"
-            results.append(run_mixed(args, _config(args, model_dir, os.path.join(
-                tmp, f"run_{side}"), pack=pack), shape["vocab_size"], pack))
+            results.append(
+                run_mixed(
+                    args,
+                    _config(args, model_dir, os.path.join(tmp, f"run_{side}"), pack=pack),
+                    shape["vocab_size"],
+                    pack,
+                )
+            )
         else:
             parser.error(f"--order: unknown side {side!r}")
     if n_params is None:
@@ -244,27 +333,33 @@ def main(argv=None) -> int:
         n_params = sum(p.numel() for n, p in m.named_parameters() if "vqmodel" not in n)
     if dist.rank == 0:
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-        print(f"\nChameleon {n_params / 1e9:.2f}B params (VQ excluded), seq {args.seq_len}, "
-              f"micro-batch {args.micro_batch_size}, bf16, ZeRO-3, activation checkpointing, "
-              f"{dist.world_size} x {device}; {args.steps} timed steps after {args.warmup}\n")
-        print("| loop | tokens/s | samples/s | MFU | padding | step (s) | peak memory (GiB) "
-              "| last loss |")
+        print(
+            f"\nChameleon {n_params / 1e9:.2f}B params (VQ excluded), seq {args.seq_len}, "
+            f"micro-batch {args.micro_batch_size}, bf16, ZeRO-3, activation checkpointing, "
+            f"{dist.world_size} x {device}; {args.steps} timed steps after {args.warmup}\n"
+        )
+        print("| loop | tokens/s | samples/s | MFU | padding | step (s) | peak memory (GiB) | last loss |")
         print("|---|---:|---:|---:|---:|---:|---:|---:|")
         for r in results:
             peak = "n/a" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
             mfu = "n/a" if r.get("mfu") is None else f"{r['mfu']:.1%}"
             sps = "n/a" if r.get("samples_per_s") is None else f"{r['samples_per_s']:,.1f}"
             pad = "n/a" if r.get("padding_share") is None else f"{r['padding_share']:.1%}"
-            print(f"| {r['name']} | {r['tokens_per_s']:,.0f} | {sps} | {mfu} | {pad} | "
-                  f"{r['step_s']:.3f} | {peak} | {r['last_loss']:.3f} |")
+            print(
+                f"| {r['name']} | {r['tokens_per_s']:,.0f} | {sps} | {mfu} | {pad} | "
+                f"{r['step_s']:.3f} | {peak} | {r['last_loss']:.3f} |"
+            )
         by = {r["name"].split()[0]: r for r in results}
         if "bare" in by and "lumina" in by:
             ratio = by["lumina"]["tokens_per_s"] / by["bare"]["tokens_per_s"]
             print(f"\ntrainer / bare tokens/s = {ratio:.3f} (target >= 0.97)")
         if args.out:
             with open(args.out, "w") as fh:
-                json.dump({"device": device, "params": n_params, "args": vars(args),
-                           "results": results}, fh, indent=2)
+                json.dump(
+                    {"device": device, "params": n_params, "args": vars(args), "results": results},
+                    fh,
+                    indent=2,
+                )
     shutdown_distributed(exit_code=0)
     return 0
 

@@ -87,7 +87,8 @@ def use_markers(root: str) -> None:
 
 def _uses_markers(root: str, tags: list[str]) -> bool:
     return os.path.isfile(os.path.join(root, ROOT_MARKER_NAME)) or any(
-        os.path.isfile(os.path.join(root, t, MARKER_NAME)) for t in tags)
+        os.path.isfile(os.path.join(root, t, MARKER_NAME)) for t in tags
+    )
 
 
 def unmark(root: str, tag: str) -> None:
@@ -183,8 +184,9 @@ def resolve_resume(resume: str, output_dir: str) -> Optional[tuple[str, str]]:
         return (root, tag) if tag else None
     if resume == "never":
         if find_latest(root):
-            raise ConfigError(f"--resume never, but {root} holds checkpoints: use a new "
-                              "--output_dir or --resume auto")
+            raise ConfigError(
+                f"--resume never, but {root} holds checkpoints: use a new --output_dir or --resume auto"
+            )
         return None
     path = os.path.normpath(resume)
     if any(os.path.isfile(os.path.join(path, f)) for f in ("latest", ROOT_MARKER_NAME)):  # a root
@@ -195,8 +197,10 @@ def resolve_resume(resume: str, output_dir: str) -> Optional[tuple[str, str]]:
         raise ConfigError(f"--resume {resume!r}: not 'auto', 'never' or a checkpoint folder")
     parent, tag = os.path.dirname(path), os.path.basename(path)
     if _uses_markers(parent, [tag]) and not is_complete(parent, tag):
-        raise ConfigError(f"--resume {resume!r}: an incomplete checkpoint (no valid {MARKER_NAME}: "
-                          "its save was interrupted); pick an older one or --resume auto")
+        raise ConfigError(
+            f"--resume {resume!r}: an incomplete checkpoint (no valid {MARKER_NAME}: "
+            "its save was interrupted); pick an older one or --resume auto"
+        )
     return parent, tag
 
 
@@ -224,8 +228,9 @@ def copy_tokenizer(candidates: list[Optional[str]], dest: str) -> Optional[str]:
             os.makedirs(dest, exist_ok=True)
             for name in os.listdir(cand):
                 src = os.path.join(cand, name)
-                if os.path.isfile(src) and ("token" in name or name.endswith((".model", ".txt"))
-                                            or name == "special_tokens_map.json"):
+                if os.path.isfile(src) and (
+                    "token" in name or name.endswith((".model", ".txt")) or name == "special_tokens_map.json"
+                ):
                     shutil.copy2(src, os.path.join(dest, name))
             return cand
     return None
@@ -250,9 +255,13 @@ def check_client_state(state: Any, where: str, world_size: int) -> dict:
 
     version = state.get("version") if isinstance(state, dict) else None
     if version != CLIENT_STATE_VERSION:
-        raise ConfigError(f"the checkpoint {where} holds trainer state version {version!r}; this "
-                          f"trainer reads version {CLIENT_STATE_VERSION}")
+        raise ConfigError(
+            f"the checkpoint {where} holds trainer state version {version!r}; this "
+            f"trainer reads version {CLIENT_STATE_VERSION}"
+        )
     if state.get("world_size") != world_size:
-        raise ConfigError(f"the checkpoint {where} was written by {state.get('world_size')} ranks, "
-                          f"this run has {world_size}: the loader positions are per rank")
+        raise ConfigError(
+            f"the checkpoint {where} was written by {state.get('world_size')} ranks, "
+            f"this run has {world_size}: the loader positions are per rank"
+        )
     return state

@@ -45,8 +45,7 @@ def _vq_from_init(init_from: Optional[str]) -> dict:
     return out
 
 
-def export_checkpoint(output_dir: str, out: str, tag: Optional[str] = None,
-                      dtype: str = "bf16") -> str:
+def export_checkpoint(output_dir: str, out: str, tag: Optional[str] = None, dtype: str = "bf16") -> str:
     """Write ``out`` (config, safetensors, tokenizer) from checkpoint ``tag`` (default: latest)."""
     import torch
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -61,7 +60,7 @@ def export_checkpoint(output_dir: str, out: str, tag: Optional[str] = None,
     with open(os.path.join(output_dir, "trainer_meta.json")) as fh:
         meta = json.load(fh)
     state = get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
-    state = {k[len(_WRAPPER_PREFIX):]: v for k, v in state.items() if k.startswith(_WRAPPER_PREFIX)}
+    state = {k[len(_WRAPPER_PREFIX) :]: v for k, v in state.items() if k.startswith(_WRAPPER_PREFIX)}
     config = ChameleonConfig.from_pretrained(os.path.join(output_dir, "model"))
     model = ChameleonForConditionalGeneration(config)
     missing = set(model.state_dict()) - set(state)
@@ -70,15 +69,25 @@ def export_checkpoint(output_dir: str, out: str, tag: Optional[str] = None,
         vq = _vq_from_init(init_from)
         state.update({k: v for k, v in vq.items() if k in missing})
         if missing - set(vq):
-            log.warning("the VQ encoder was dropped for training and %s holds no VQ weights: "
-                        "the export's vqmodel is randomly initialised", init_from)
+            log.warning(
+                "the VQ encoder was dropped for training and %s holds no VQ weights: "
+                "the export's vqmodel is randomly initialised",
+                init_from,
+            )
     result = model.load_state_dict(state, strict=False)
     bad = [k for k in result.missing_keys if not k.startswith("model.vqmodel.")]
     if bad or result.unexpected_keys:
-        raise ValueError(f"checkpoint {tag} does not match the model config: missing {bad[:5]}, "
-                         f"unexpected {result.unexpected_keys[:5]}")
-    model.to({"bf16": torch.bfloat16, "fp16": torch.float16,  # type: ignore[arg-type]
-              "fp32": torch.float32}[dtype])
+        raise ValueError(
+            f"checkpoint {tag} does not match the model config: missing {bad[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
+    model.to(
+        {
+            "bf16": torch.bfloat16,
+            "fp16": torch.float16,  # type: ignore[arg-type]
+            "fp32": torch.float32,
+        }[dtype]
+    )
     model.config.use_cache = True
     os.makedirs(out, exist_ok=True)
     model.save_pretrained(out)
@@ -93,14 +102,24 @@ def export_checkpoint(output_dir: str, out: str, tag: Optional[str] = None,
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The export's flags on ``parser`` (for the ``lumina`` subcommand registry)."""
-    parser.add_argument("--run_dir", "--output_dir", dest="run_dir", required=True,
-                        help="the training run's folder (the trainer's --output_dir)")
+    parser.add_argument(
+        "--run_dir",
+        "--output_dir",
+        dest="run_dir",
+        required=True,
+        help="the training run's folder (the trainer's --output_dir)",
+    )
     parser.add_argument("--out", required=True, help="folder to write the Hugging Face model to")
-    parser.add_argument("--tag", default=None, help="checkpoint tag, e.g. step_00001000 "
-                        "(default: the latest)")
-    parser.add_argument("--dtype", default="bf16", choices=_DTYPES,
-                        help="dtype of the saved weights (default: %(default)s: the fp32 master "
-                        "weights rounded as the bf16 engine uses them)")
+    parser.add_argument(
+        "--tag", default=None, help="checkpoint tag, e.g. step_00001000 (default: the latest)"
+    )
+    parser.add_argument(
+        "--dtype",
+        default="bf16",
+        choices=_DTYPES,
+        help="dtype of the saved weights (default: %(default)s: the fp32 master "
+        "weights rounded as the bf16 engine uses them)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

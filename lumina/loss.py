@@ -66,7 +66,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         z_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         num = hidden.shape[0]
         for start in range(0, num, chunk):
-            h, y = hidden[start:start + chunk], targets[start:start + chunk]
+            h, y = hidden[start : start + chunk], targets[start : start + chunk]
             # lm_head in the model's dtype (as the reference), cross-entropy in fp32.
             logits = F.linear(h, weight).float()
             if mask_ids is not None:
@@ -83,7 +83,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             dlogits = probs.to(hidden.dtype)
             del probs, logits
             if need_h:
-                grad_h[start:start + chunk] = dlogits @ weight
+                grad_h[start : start + chunk] = dlogits @ weight
             if need_w:
                 part = dlogits.t() @ h
                 if grad_w is None:
@@ -148,7 +148,6 @@ def chunked_lm_loss(
 
     denom = float(max(num_tokens, 1))
     loss, ce_sum, z_sum = _LinearCrossEntropy.apply(
-        sel_hidden, weight, sel_targets, float(z_loss_weight), int(chunk_size), mask_token_ids,
-        scale / denom)
+        sel_hidden, weight, sel_targets, float(z_loss_weight), int(chunk_size), mask_token_ids, scale / denom
+    )
     return LossOutput(loss=loss, ce_sum=ce_sum * scale, z_sum=z_sum * scale, num_tokens=num_tokens)
-

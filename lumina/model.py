@@ -30,8 +30,10 @@ def image_token_ids(config: Any) -> list[int]:
     """Vocabulary ids of the VQ image codes (the ``IMGIMG...`` tokens) of a ChameleonConfig."""
     vocab = getattr(config, "vocabulary_map", None)
     if not vocab:
-        raise ConfigError("the Chameleon config has no vocabulary_map; the model cannot tell "
-                          "image tokens apart (check --init_from / --model_config)")
+        raise ConfigError(
+            "the Chameleon config has no vocabulary_map; the model cannot tell "
+            "image tokens apart (check --init_from / --model_config)"
+        )
     return sorted(int(i) for name, i in vocab.items() if name.startswith("IMGIMG"))
 
 
@@ -59,29 +61,41 @@ class LuminaChameleon(nn.Module):
 
             deepspeed.zero.register_external_parameter(self, weight)
 
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: Optional[Any] = None,
-                      position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[Any] = None,
+        position_ids: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """Final hidden states. ``attention_mask``: a 2-D padding mask, a prepared 4-D mask or
         flex ``BlockMask`` (packed rows, :mod:`lumina.packing`), or None (causal);
         ``position_ids``: per-sample positions of packed rows (default 0..T-1)."""
-        out = self.chameleon.model(input_ids=input_ids, attention_mask=attention_mask,
-                                   position_ids=position_ids, use_cache=False)
+        out = self.chameleon.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        )
         return out.last_hidden_state
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
-                attention_mask: Optional[Any] = None,
-                positions: Optional[torch.Tensor] = None,
-                position_ids: Optional[torch.Tensor] = None) -> LossOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        attention_mask: Optional[Any] = None,
+        positions: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+    ) -> LossOutput:
         hidden = self.hidden_states(input_ids, attention_mask, position_ids)
         return chunked_lm_loss(
-            hidden, self.chameleon.lm_head.weight, labels,
-            z_loss_weight=self.z_loss_weight, chunk_size=self.chunk_size, positions=positions,
+            hidden,
+            self.chameleon.lm_head.weight,
+            labels,
+            z_loss_weight=self.z_loss_weight,
+            chunk_size=self.chunk_size,
+            positions=positions,
             mask_token_ids=self.image_ids if self.mask_image_logits else None,
         )
 
     @torch.no_grad()
-    def logits(self, input_ids: torch.Tensor,
-               attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def logits(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Full, unmasked logits ``[B, T, V]`` (small inputs only: evaluation and tests)."""
         hidden = self.hidden_states(input_ids, attention_mask)
         return F.linear(hidden, self.chameleon.lm_head.weight).float()
@@ -124,8 +138,13 @@ def _load_config(path: str) -> Any:
     raise ConfigError(f"--model_config {path!r}: expected a config.json or a folder holding one")
 
 
-def build_model(cfg: ModelConfig, loss: LossConfig, ds_config: Optional[dict],
-                rank: int = 0, zero_image_rows: bool = False) -> tuple[LuminaChameleon, Any]:
+def build_model(
+    cfg: ModelConfig,
+    loss: LossConfig,
+    ds_config: Optional[dict],
+    rank: int = 0,
+    zero_image_rows: bool = False,
+) -> tuple[LuminaChameleon, Any]:
     """Build (random, from ``cfg.model_config``) or load (``cfg.init_from``) the model.
 
     With a ZeRO-3 ``ds_config``, parameters are partitioned while they are created. Returns the

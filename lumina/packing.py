@@ -26,10 +26,17 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["DENSE_MASK_IMPLEMENTATIONS", "VARLEN_IMPLEMENTATIONS", "block_causal_mask",
-           "check_packed_path",
-           "document_block_mask", "model_inputs", "packed_model_inputs", "sample_lengths",
-           "varlen_available"]
+__all__ = [
+    "DENSE_MASK_IMPLEMENTATIONS",
+    "VARLEN_IMPLEMENTATIONS",
+    "block_causal_mask",
+    "check_packed_path",
+    "document_block_mask",
+    "model_inputs",
+    "packed_model_inputs",
+    "sample_lengths",
+    "varlen_available",
+]
 
 DENSE_MASK_IMPLEMENTATIONS = ("eager", "sdpa")
 VARLEN_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3", "flex_attention")
@@ -62,9 +69,14 @@ def document_block_mask(segment_ids: torch.Tensor) -> Any:
     return create_block_mask(mask_mod, B=b, H=None, Q_LEN=t, KV_LEN=t, device=seg.device)
 
 
-def packed_model_inputs(input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor,
-                        segment_ids: torch.Tensor, attn_implementation: str,
-                        dtype: torch.dtype) -> dict:
+def packed_model_inputs(
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    position_ids: torch.Tensor,
+    segment_ids: torch.Tensor,
+    attn_implementation: str,
+    dtype: torch.dtype,
+) -> dict:
     """The model's keyword inputs of a packed batch (tensors on the compute device):
     ``input_ids``, ``labels``, ``position_ids``, ``attention_mask`` for ``attn_implementation``.
 
@@ -72,20 +84,35 @@ def packed_model_inputs(input_ids: torch.Tensor, labels: torch.Tensor, position_
     loss positions must then be computed from the returned ``labels``."""
     if attn_implementation in DENSE_MASK_IMPLEMENTATIONS:
         mask = block_causal_mask(segment_ids, None if attn_implementation == "sdpa" else dtype)
-        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
-                "attention_mask": mask}
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "position_ids": position_ids,
+            "attention_mask": mask,
+        }
     if attn_implementation == "flex_attention":
-        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
-                "attention_mask": document_block_mask(segment_ids)}
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "position_ids": position_ids,
+            "attention_mask": document_block_mask(segment_ids),
+        }
     if attn_implementation.startswith("flash_attention"):
-        return {"input_ids": input_ids.reshape(1, -1), "labels": labels.reshape(1, -1),
-                "position_ids": position_ids.reshape(1, -1), "attention_mask": None}
-    raise ValueError(f"--pack: attention implementation {attn_implementation!r} has no packed "
-                     f"path (use one of {', '.join(DENSE_MASK_IMPLEMENTATIONS + VARLEN_IMPLEMENTATIONS)})")
+        return {
+            "input_ids": input_ids.reshape(1, -1),
+            "labels": labels.reshape(1, -1),
+            "position_ids": position_ids.reshape(1, -1),
+            "attention_mask": None,
+        }
+    raise ValueError(
+        f"--pack: attention implementation {attn_implementation!r} has no packed "
+        f"path (use one of {', '.join(DENSE_MASK_IMPLEMENTATIONS + VARLEN_IMPLEMENTATIONS)})"
+    )
 
 
-def model_inputs(batch: dict, attn_implementation: str, dtype: torch.dtype,
-                 device: Optional[torch.device] = None) -> dict:
+def model_inputs(
+    batch: dict, attn_implementation: str, dtype: torch.dtype, device: Optional[torch.device] = None
+) -> dict:
     """The keyword inputs of :class:`lumina.model.LuminaChameleon` for a loader batch, padded
     or packed (``segment_ids`` present), on ``device`` (pinned, asynchronous copies on GPUs).
 
@@ -107,14 +134,22 @@ def model_inputs(batch: dict, attn_implementation: str, dtype: torch.dtype,
     if "segment_ids" in batch:
         if flattens_rows(attn_implementation):
             labels = labels.reshape(1, -1)
-        out = packed_model_inputs(move(batch["input_ids"]), move(batch["labels"]),
-                                  move(batch["position_ids"]), move(batch["segment_ids"]),
-                                  attn_implementation, dtype)
+        out = packed_model_inputs(
+            move(batch["input_ids"]),
+            move(batch["labels"]),
+            move(batch["position_ids"]),
+            move(batch["segment_ids"]),
+            attn_implementation,
+            dtype,
+        )
     else:
         mask = batch["attention_mask"]
         right_padded = bool((mask[:, 1:] <= mask[:, :-1]).all())  # CPU tensor: no device sync
-        out = {"input_ids": move(batch["input_ids"]), "labels": move(labels),
-               "attention_mask": None if right_padded else move(mask)}
+        out = {
+            "input_ids": move(batch["input_ids"]),
+            "labels": move(labels),
+            "attention_mask": None if right_padded else move(mask),
+        }
     out["positions"] = move(supervised_positions(labels))
     return out
 
@@ -134,8 +169,10 @@ def varlen_available(attn_implementation: str) -> bool:
     if attn_implementation == "flex_attention":
         return find_spec("torch.nn.attention.flex_attention") is not None
     if attn_implementation.startswith("flash_attention"):
-        return find_spec("flash_attn" if attn_implementation == "flash_attention_2"
-                         else "flash_attn_interface") is not None
+        return (
+            find_spec("flash_attn" if attn_implementation == "flash_attention_2" else "flash_attn_interface")
+            is not None
+        )
     return False
 
 
@@ -144,14 +181,13 @@ def check_packed_path(attn_implementation: str) -> None:
     variable-length kernels need CUDA, and flash-attention its package)."""
     if attn_implementation in DENSE_MASK_IMPLEMENTATIONS or varlen_available(attn_implementation):
         return
-    need = "CUDA" + (" and the flash-attn package" if attn_implementation.startswith("flash")
-                     else "")
-    raise ValueError(f"--pack with --attn_implementation {attn_implementation} needs {need}; "
-                     f"use sdpa or eager here")
+    need = "CUDA" + (" and the flash-attn package" if attn_implementation.startswith("flash") else "")
+    raise ValueError(
+        f"--pack with --attn_implementation {attn_implementation} needs {need}; use sdpa or eager here"
+    )
 
 
-def sample_lengths(attention_mask: torch.Tensor,
-                   segment_ids: Optional[torch.Tensor] = None) -> list[int]:
+def sample_lengths(attention_mask: torch.Tensor, segment_ids: Optional[torch.Tensor] = None) -> list[int]:
     """Real tokens of every sample of a batch, in order: row lengths of a right-padded batch, or
     the segment lengths of a packed one (host tensors: no device sync)."""
     if segment_ids is None:

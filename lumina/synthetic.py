@@ -22,10 +22,21 @@ class SyntheticLoader:
     between ``datasets`` names.
     """
 
-    def __init__(self, vocab_size: int, batch_size: int, seq_len: int, *, rank: int = 0,
-                 seed: int = 0, num_distinct: int = 0, min_len: int = 0, prompt_len: int = 2,
-                 pad_id: int = 0, datasets: Sequence[str] = ("synthetic_a", "synthetic_b"),
-                 min_token: int = 1) -> None:
+    def __init__(
+        self,
+        vocab_size: int,
+        batch_size: int,
+        seq_len: int,
+        *,
+        rank: int = 0,
+        seed: int = 0,
+        num_distinct: int = 0,
+        min_len: int = 0,
+        prompt_len: int = 2,
+        pad_id: int = 0,
+        datasets: Sequence[str] = ("synthetic_a", "synthetic_b"),
+        min_token: int = 1,
+    ) -> None:
         self.vocab_size, self.batch_size, self.seq_len = vocab_size, batch_size, seq_len
         self.rank, self.seed, self.num_distinct = rank, seed, num_distinct
         self.min_len = min_len or seq_len
@@ -45,8 +56,7 @@ class SyntheticLoader:
         labels[:, : self.prompt_len] = -100
         names = [self.datasets[(key * b + i) % len(self.datasets)] for i in range(b)]
         keys = [f"{self.rank}-{key}-{i}" for i in range(b)]
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask, "dataset": names,
-                "__key__": keys}
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask, "dataset": names, "__key__": keys}
 
     def __iter__(self) -> Iterator[dict]:
         while True:
@@ -89,12 +99,22 @@ class MixedLengthLoader:
     the next sample's index, so a restarted source continues exactly.
     """
 
-    def __init__(self, vocab_size: int, batch_size: int, seq_len: int, *, pack: bool,
-                 rank: int = 0, seed: int = 0, short_len: tuple = (60, 300),
-                 long_len: tuple = (1024, 2400), long_share: float = 0.5, prompt_len: int = 8,
-                 min_token: int = 1) -> None:
-        self.vocab_size, self.batch_size, self.seq_len, self.pack = (vocab_size, batch_size,
-                                                                      seq_len, pack)
+    def __init__(
+        self,
+        vocab_size: int,
+        batch_size: int,
+        seq_len: int,
+        *,
+        pack: bool,
+        rank: int = 0,
+        seed: int = 0,
+        short_len: tuple = (60, 300),
+        long_len: tuple = (1024, 2400),
+        long_share: float = 0.5,
+        prompt_len: int = 8,
+        min_token: int = 1,
+    ) -> None:
+        self.vocab_size, self.batch_size, self.seq_len, self.pack = (vocab_size, batch_size, seq_len, pack)
         self.rank, self.seed, self.short_len, self.long_len = rank, seed, short_len, long_len
         self.long_share, self.prompt_len, self.min_token = long_share, prompt_len, min_token
         self.next_sample = 0

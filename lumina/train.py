@@ -46,11 +46,19 @@ from lumina.train_config import (
     resolve_deepspeed_config,
 )
 
-__all__ = ["LoaderFactory", "Trainer", "add_arguments", "build_engine", "lr_lambda", "main", "run",
-           "train", "wds_loader_factory"]
+__all__ = [
+    "LoaderFactory",
+    "Trainer",
+    "add_arguments",
+    "build_engine",
+    "lr_lambda",
+    "main",
+    "run",
+    "train",
+    "wds_loader_factory",
+]
 
 log = logging.getLogger("lumina.train")
-
 
 
 class StatefulLoader(Protocol):
@@ -92,14 +100,17 @@ def build_engine(cfg: TrainConfig, dist: DistInfo, fresh_start: bool = True) -> 
 
     from lumina.model import build_model, optimizer_groups
 
-    ds = resolve_deepspeed_config(load_deepspeed_json(cfg.deepspeed_config), cfg.data, cfg.optim,
-                                  dist.world_size)
+    ds = resolve_deepspeed_config(
+        load_deepspeed_json(cfg.deepspeed_config), cfg.data, cfg.optim, dist.world_size
+    )
     torch.manual_seed(cfg.data.seed)
     model, handle = build_model(cfg.model, cfg.loss, ds, rank=dist.rank, zero_image_rows=fresh_start)
     groups = optimizer_groups(model, cfg.optim.weight_decay)
     fn = lr_lambda(cfg)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=groups, config=ds,
+        model=model,
+        model_parameters=groups,
+        config=ds,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, fn),
     )
     del handle  # deepspeed.initialize has read it; the engine holds the config now
@@ -112,19 +123,25 @@ def wds_loader_factory(cfg: TrainConfig, rank: int, world_size: int, micro_batch
 
     if not cfg.data.data_config:
         raise ConfigError("--data_config is required (a data config YAML or a manifest)")
-    return build_loader(cfg.data.data_config, rank=rank, world_size=world_size,
-                        batch_size=micro_batch_size, num_workers=cfg.data.num_workers,
-                        max_seq_len=cfg.data.max_seq_len, pad_id=cfg.data.pad_id,
-                        seed=cfg.data.seed, pack=cfg.data.pack,
-                        io_options=cfg.data.io_options())
+    return build_loader(
+        cfg.data.data_config,
+        rank=rank,
+        world_size=world_size,
+        batch_size=micro_batch_size,
+        num_workers=cfg.data.num_workers,
+        max_seq_len=cfg.data.max_seq_len,
+        pad_id=cfg.data.pad_id,
+        seed=cfg.data.seed,
+        pack=cfg.data.pack,
+        io_options=cfg.data.io_options(),
+    )
 
 
 # Peak dense bf16 FLOP/s of known accelerators (by device-name substring), for the MFU estimate.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
 
 
-def model_flops(num_params: int, num_layers: int, hidden: int, tokens: float,
-                sum_len_sq: float) -> float:
+def model_flops(num_params: int, num_layers: int, hidden: int, tokens: float, sum_len_sq: float) -> float:
     """Model FLOPs of a forward + backward pass (PaLM's convention, appendix B):
     ``6 * N * tokens + 12 * layers * hidden * sum(len_i^2)``.
 
@@ -167,6 +184,7 @@ class _Meter:
 
     def reset(self) -> None:
         import torch
+
         self.dev = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, ce_sum, z_sum
         self.host: DefaultDict[str, float] = defaultdict(float)
         self.samples: Counter = Counter()
@@ -192,6 +210,7 @@ class _Meter:
 
     def add_loss(self, out: Any) -> None:
         import torch
+
         self.dev += torch.stack([out.loss.detach().double(), out.ce_sum.double(), out.z_sum.double()])
         self.host["supervised_tokens"] += out.num_tokens
 
@@ -228,7 +247,8 @@ def _write_run_files(cfg: TrainConfig, engine: Any) -> None:
     base = src if src and os.path.isdir(src) else os.path.dirname(src or "")
     found = ckpt_lib.copy_tokenizer(
         [m.tokenizer, m.init_from, os.path.join(os.path.dirname(base.rstrip("/")), "tokenizer")],
-        os.path.join(out, "tokenizer"))
+        os.path.join(out, "tokenizer"),
+    )
     if found is None:
         log.warning("no tokenizer found (set --tokenizer); exports will not hold one")
 
@@ -243,8 +263,13 @@ class Trainer:
     :meth:`save` writes all three, :meth:`resume_or_start` reads them back.
     """
 
-    def __init__(self, cfg: TrainConfig, dist: DistInfo,
-                 loader_factory: Optional[LoaderFactory] = None, sync_timing: bool = False) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        dist: DistInfo,
+        loader_factory: Optional[LoaderFactory] = None,
+        sync_timing: bool = False,
+    ) -> None:
         import torch
 
         self.cfg, self.dist = cfg, dist
@@ -259,7 +284,8 @@ class Trainer:
         self.engine, ds = build_engine(cfg, dist, fresh_start=self.resume is None)
         self.grad_accum = ds["gradient_accumulation_steps"]
         self.loader = (loader_factory or wds_loader_factory)(
-            cfg, dist.rank, dist.world_size, ds["train_micro_batch_size_per_gpu"])
+            cfg, dist.rank, dist.world_size, ds["train_micro_batch_size_per_gpu"]
+        )
         self.root = ckpt_lib.checkpoint_root(cfg.ckpt.output_dir)
         self.step, self.last_saved = 0, -1
         self.counts: dict = {"samples": Counter(), "tokens": Counter()}
@@ -273,8 +299,7 @@ class Trainer:
             self._sync: Callable[[], Any] = get_accelerator().synchronize
         else:
             self._sync = lambda: None
-        self.image_ids = (self.engine.module.image_ids.cpu() if cfg.loss.mask_image_logits
-                          else None)
+        self.image_ids = self.engine.module.image_ids.cpu() if cfg.loss.mask_image_logits else None
         self.dtype = torch.bfloat16 if ds.get("bf16", {}).get("enabled") else torch.float32
         self.flop_shape = _flop_shape(self.engine)
         self.peak_flops = _peak_flops(cfg, dist.device)
@@ -309,8 +334,9 @@ class Trainer:
         ended = False
         while self.step < self.stop_at:
             # Dropout masks depend on (seed, step, rank) only: a resumed run draws the same ones.
-            torch.manual_seed(self.cfg.data.seed * 1_000_003 + self.step * self.dist.world_size
-                              + self.dist.rank)
+            torch.manual_seed(
+                self.cfg.data.seed * 1_000_003 + self.step * self.dist.world_size + self.dist.rank
+            )
             if not self.train_step(batches):
                 ended = True
                 break
@@ -349,11 +375,14 @@ class Trainer:
 
         labels = batch["labels"]
         if self.image_ids is not None and torch.isin(labels, self.image_ids).any():
-            raise ConfigError("--mask_image_logits is set but a batch has image-token targets "
-                              "(their loss would be infinite); unset it to train generation")
+            raise ConfigError(
+                "--mask_image_logits is set but a batch has image-token targets "
+                "(their loss would be infinite); unset it to train generation"
+            )
         t1 = time.perf_counter()
-        out = self.engine(**model_inputs(batch, self.cfg.model.attn_implementation, self.dtype,
-                                         self.dist.device))
+        out = self.engine(
+            **model_inputs(batch, self.cfg.model.attn_implementation, self.dtype, self.dist.device)
+        )
         self.engine.backward(out.loss)
         self._sync()
         t2 = time.perf_counter()
@@ -373,8 +402,7 @@ class Trainer:
                 self.save()
         stop_after = self.cfg.ckpt.stop_after
         if main and stop_after is not None and self.step == stop_after < self.cfg.ckpt.max_steps:
-            print(f"stopped at step {self.step} (--stop_after), as if killed; rerun to resume",
-                  flush=True)
+            print(f"stopped at step {self.step} (--stop_after), as if killed; rerun to resume", flush=True)
 
     # -- metrics --------------------------------------------------------------------------------
     def log_window(self, writer: Any, bar: Any) -> None:
@@ -396,8 +424,9 @@ class Trainer:
         sums = meter.dev.clone()
         if dist.world_size > 1:
             torch.distributed.all_reduce(sums)
-        host = gather_objects({"h": dict(meter.host), "s": dict(meter.samples),
-                               "t": dict(meter.tokens)}, dist.world_size)
+        host = gather_objects(
+            {"h": dict(meter.host), "s": dict(meter.samples), "t": dict(meter.tokens)}, dist.world_size
+        )
         loss_sum, ce_sum, z_sum = sums.tolist()
         tot: DefaultDict[str, float] = defaultdict(float)
         for h in host:
@@ -410,8 +439,7 @@ class Trainer:
         grad_norm = self.engine.get_global_grad_norm()
         flops = model_flops(*self.flop_shape, tot["real_tokens"], tot["len_sq"])
         flops_per_s = flops / elapsed if elapsed > 0 else 0.0
-        mfu = (flops_per_s / (self.peak_flops * dist.world_size)
-               if self.peak_flops else None)
+        mfu = flops_per_s / (self.peak_flops * dist.world_size) if self.peak_flops else None
         return {
             "step": self.step,
             "loss": loss_sum / max(tot["micro_batches"], 1),
@@ -447,9 +475,9 @@ class Trainer:
 
         dist, root, tag = self.dist, self.root, ckpt_lib.tag_for_step(self.step)
         loader_states = self.loader.gather_state_dicts()["ranks"]  # a collective: every rank
-        state = ckpt_lib.client_state(self.step, loader_states,
-                                      {k: dict(v) for k, v in self.counts.items()},
-                                      dist.world_size)
+        state = ckpt_lib.client_state(
+            self.step, loader_states, {k: dict(v) for k, v in self.counts.items()}, dist.world_size
+        )
         if dist.is_main:  # saving over a tag (after a resume from an older one): unmarked until done
             ckpt_lib.unmark(root, tag)
         self.write_checkpoint(tag, state)
@@ -458,8 +486,11 @@ class Trainer:
         if dist.is_main:
             ckpt_lib.mark_complete(root, tag, self.step, dist.world_size)
             deleted = ckpt_lib.prune_checkpoints(root, self.cfg.ckpt.keep_last)
-            print(f"saved checkpoint {os.path.join(root, tag)}"
-                  + (f" (deleted {', '.join(deleted)})" if deleted else ""), flush=True)
+            print(
+                f"saved checkpoint {os.path.join(root, tag)}"
+                + (f" (deleted {', '.join(deleted)})" if deleted else ""),
+                flush=True,
+            )
         self.last_saved = self.step
 
     def write_checkpoint(self, tag: str, client_state: dict) -> None:
@@ -468,8 +499,9 @@ class Trainer:
         self.engine.save_checkpoint(self.root, tag=tag, client_state=client_state)
 
 
-def train(cfg: TrainConfig, loader_factory: Optional[LoaderFactory] = None,
-          sync_timing: bool = False) -> list[dict]:
+def train(
+    cfg: TrainConfig, loader_factory: Optional[LoaderFactory] = None, sync_timing: bool = False
+) -> list[dict]:
     """Run (or continue) training; returns the metric records rank 0 logged (others: ``[]``).
 
     ``loader_factory`` defaults to :func:`wds_loader_factory`; ``sync_timing`` synchronises the
@@ -486,18 +518,31 @@ def _emit(cfg: TrainConfig, record: dict, writer: Any, bar: Any) -> None:
     total = sum(record["dataset_samples"].values()) or 1
     mix = " ".join(f"{k}={v / total:.2f}" for k, v in sorted(record["dataset_samples"].items()))
     gn = record["grad_norm"]
-    line = (f"step {record['step']} loss {record['loss']:.4f} z {record['z_loss']:.2f} "
-            f"lr {record['lr']:.2e} gnorm {gn if gn is None else round(gn, 3)} "
-            f"tok/s {record['tokens_per_s']:.0f} samp/s {record['samples_per_s']:.1f} "
-            + (f"mfu {record['mfu']:.1%} " if record.get("mfu") is not None else "")
-            + f"pad {record['padding_share']:.1%} wait {record['data_wait_share']:.1%} mix [{mix}]")
+    line = (
+        f"step {record['step']} loss {record['loss']:.4f} z {record['z_loss']:.2f} "
+        f"lr {record['lr']:.2e} gnorm {gn if gn is None else round(gn, 3)} "
+        f"tok/s {record['tokens_per_s']:.0f} samp/s {record['samples_per_s']:.1f} "
+        + (f"mfu {record['mfu']:.1%} " if record.get("mfu") is not None else "")
+        + f"pad {record['padding_share']:.1%} wait {record['data_wait_share']:.1%} mix [{mix}]"
+    )
     if bar is not None:
         bar.write(line)
     else:
         print(line, flush=True)
     if writer is not None:
-        for key in ("loss", "ce", "z_loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s",
-                    "model_tflops_per_s", "mfu", "padding_share", "data_wait_share"):
+        for key in (
+            "loss",
+            "ce",
+            "z_loss",
+            "lr",
+            "grad_norm",
+            "tokens_per_s",
+            "samples_per_s",
+            "model_tflops_per_s",
+            "mfu",
+            "padding_share",
+            "data_wait_share",
+        ):
             if record[key] is not None:
                 writer.add_scalar(f"train/{key}", record[key], record["step"])
         for name, n in record["dataset_samples"].items():

@@ -62,32 +62,52 @@ class ModelConfig:
     """Which Chameleon to train and how it is built."""
 
     init_from: Optional[str] = _opt(
-        None, "Hugging Face folder or hub id of a Chameleon checkpoint to start from")
+        None, "Hugging Face folder or hub id of a Chameleon checkpoint to start from"
+    )
     model_config: Optional[str] = _opt(
-        None, "config.json (or a folder holding one) to build a randomly initialised Chameleon "
-        "instead of --init_from")
+        None,
+        "config.json (or a folder holding one) to build a randomly initialised Chameleon "
+        "instead of --init_from",
+    )
     tokenizer: Optional[str] = _opt(
-        None, "tokenizer folder copied beside exported models (default: --init_from if it holds "
-        "one, else the folder beside --model_config named 'tokenizer')")
-    vq: str = _opt("freeze", "what to do with the VQ image encoder (data is pre-tokenized): "
-                   "'freeze' keeps it (exported models can still encode images), 'drop' deletes it",
-                   choices=("freeze", "drop"))
+        None,
+        "tokenizer folder copied beside exported models (default: --init_from if it holds "
+        "one, else the folder beside --model_config named 'tokenizer')",
+    )
+    vq: str = _opt(
+        "freeze",
+        "what to do with the VQ image encoder (data is pre-tokenized): "
+        "'freeze' keeps it (exported models can still encode images), 'drop' deletes it",
+        choices=("freeze", "drop"),
+    )
     gradient_checkpointing: bool = _opt(True, "activation checkpointing of every decoder layer")
-    residual_dropout: float = _opt(0.0, "dropout on the attention and MLP branch outputs before "
-                                   "they join the residual stream (reference recipe: 0.05)")
-    zero_image_lm_head: bool = _opt(False, "zero the lm_head rows of image tokens at the start "
-                                    "(the reference starting point); ignored when resuming")
+    residual_dropout: float = _opt(
+        0.0,
+        "dropout on the attention and MLP branch outputs before "
+        "they join the residual stream (reference recipe: 0.05)",
+    )
+    zero_image_lm_head: bool = _opt(
+        False,
+        "zero the lm_head rows of image tokens at the start "
+        "(the reference starting point); ignored when resuming",
+    )
     attn_implementation: str = _opt(
-        "sdpa", "transformers attention implementation; with --pack: sdpa/eager use a "
+        "sdpa",
+        "transformers attention implementation; with --pack: sdpa/eager use a "
         "block-diagonal mask, flash_attention_2/3 the variable-length kernel, flex_attention a "
-        "document BlockMask", choices=("sdpa", "eager", "flash_attention_2", "flash_attention_3",
-                                       "flex_attention"))
+        "document BlockMask",
+        choices=("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"),
+    )
 
     def __post_init__(self) -> None:
-        _check((self.init_from is None) != (self.model_config is None),
-               "give exactly one of --init_from (a checkpoint) or --model_config (random init)")
-        _check(0.0 <= self.residual_dropout < 1.0,
-               f"--residual_dropout must be in [0, 1), got {self.residual_dropout}")
+        _check(
+            (self.init_from is None) != (self.model_config is None),
+            "give exactly one of --init_from (a checkpoint) or --model_config (random init)",
+        )
+        _check(
+            0.0 <= self.residual_dropout < 1.0,
+            f"--residual_dropout must be in [0, 1), got {self.residual_dropout}",
+        )
 
 
 @dataclass
@@ -95,15 +115,20 @@ class LossConfig:
     """The reference loss: token-mean cross-entropy over supervised positions plus z-loss."""
 
     z_loss_weight: float = _opt(1e-5, "weight of the z-loss mean(logsumexp(logits)^2)")
-    mask_image_logits: bool = _opt(False, "mask image-token logits (transformers' default; only "
-                                   "for text-only supervision: image targets become impossible)")
-    loss_chunk_size: int = _opt(2048, "supervised positions per lm_head/cross-entropy chunk; "
-                                "bounds the fp32 logits held at once to chunk x vocab")
+    mask_image_logits: bool = _opt(
+        False,
+        "mask image-token logits (transformers' default; only "
+        "for text-only supervision: image targets become impossible)",
+    )
+    loss_chunk_size: int = _opt(
+        2048,
+        "supervised positions per lm_head/cross-entropy chunk; "
+        "bounds the fp32 logits held at once to chunk x vocab",
+    )
 
     def __post_init__(self) -> None:
         _check(self.z_loss_weight >= 0, f"--z_loss_weight must be >= 0, got {self.z_loss_weight}")
-        _check(self.loss_chunk_size > 0,
-               f"--loss_chunk_size must be > 0, got {self.loss_chunk_size}")
+        _check(self.loss_chunk_size > 0, f"--loss_chunk_size must be > 0, got {self.loss_chunk_size}")
 
 
 @dataclass
@@ -119,20 +144,22 @@ class OptimConfig:
     adam_eps: float = _opt(1e-8, "AdamW epsilon")
     weight_decay: float = _opt(0.1, "AdamW weight decay (not applied to norms and biases)")
     grad_clip: Optional[float] = _opt(
-        None, "clip the global gradient norm (default: the DeepSpeed JSON's gradient_clipping "
-        "if a number, else 4.0 as in the reference recipe); 0 disables")
+        None,
+        "clip the global gradient norm (default: the DeepSpeed JSON's gradient_clipping "
+        "if a number, else 4.0 as in the reference recipe); 0 disables",
+    )
 
     def __post_init__(self) -> None:
         _check(self.lr > 0, f"--lr must be > 0, got {self.lr}")
-        _check(0.0 <= self.min_lr_ratio <= 1.0,
-               f"--min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, f"--min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         _check(self.warmup_steps >= 0, f"--warmup_steps must be >= 0, got {self.warmup_steps}")
         _check(0.0 <= self.adam_beta1 < 1.0, f"--adam_beta1 must be in [0, 1), got {self.adam_beta1}")
         _check(0.0 <= self.adam_beta2 < 1.0, f"--adam_beta2 must be in [0, 1), got {self.adam_beta2}")
         _check(self.adam_eps > 0, f"--adam_eps must be > 0, got {self.adam_eps}")
         _check(self.weight_decay >= 0, f"--weight_decay must be >= 0, got {self.weight_decay}")
-        _check(self.grad_clip is None or self.grad_clip >= 0,
-               f"--grad_clip must be >= 0, got {self.grad_clip}")
+        _check(
+            self.grad_clip is None or self.grad_clip >= 0, f"--grad_clip must be >= 0, got {self.grad_clip}"
+        )
 
 
 @dataclass
@@ -142,25 +169,35 @@ class DataSettings:
     data_config: Optional[str] = _opt(None, "data config YAML (datasets and weights)")
     max_seq_len: int = _opt(4096, "truncate samples on the right to this many tokens")
     micro_batch_size: Optional[int] = _opt(
-        None, "samples per rank per forward (default: the DeepSpeed JSON's "
-        "train_micro_batch_size_per_gpu if a number, else 1)")
+        None,
+        "samples per rank per forward (default: the DeepSpeed JSON's "
+        "train_micro_batch_size_per_gpu if a number, else 1)",
+    )
     grad_accum: Optional[int] = _opt(
-        None, "micro-batches per optimizer step (default: derived from --global_batch_size, "
-        "else the JSON's gradient_accumulation_steps if a number, else 1)")
+        None,
+        "micro-batches per optimizer step (default: derived from --global_batch_size, "
+        "else the JSON's gradient_accumulation_steps if a number, else 1)",
+    )
     global_batch_size: Optional[int] = _opt(
-        None, "samples per optimizer step over all ranks = micro_batch_size * grad_accum * world")
+        None, "samples per optimizer step over all ranks = micro_batch_size * grad_accum * world"
+    )
     num_workers: int = _opt(2, "data loader worker processes per rank")
-    pack: bool = _opt(False, "pack several samples into each row of up to --max_seq_len tokens "
-                      "(attention stays inside each sample, positions restart per sample); "
-                      "--micro_batch_size then counts rows. Needs an unbounded mixture")
+    pack: bool = _opt(
+        False,
+        "pack several samples into each row of up to --max_seq_len tokens "
+        "(attention stays inside each sample, positions restart per sample); "
+        "--micro_batch_size then counts rows. Needs an unbounded mixture",
+    )
     pad_id: int = _opt(0, "input id used for right padding (labels are -100 there)")
     seed: int = _opt(0, "seed of the data order, the initialisation and dropout")
     cache_dir: Optional[str] = _opt(
-        None, "cache remote shards whole in this local folder, one per node, shared by its "
-        "ranks and workers (overrides the data config's cache:)")
+        None,
+        "cache remote shards whole in this local folder, one per node, shared by its "
+        "ranks and workers (overrides the data config's cache:)",
+    )
     cache_max_bytes: Optional[str] = _opt(
-        None, "size limit of --cache_dir, e.g. 500G (default 64G); least recently used shards "
-        "are evicted")
+        None, "size limit of --cache_dir, e.g. 500G (default 64G); least recently used shards are evicted"
+    )
 
     def __post_init__(self) -> None:
         _check(self.max_seq_len > 1, f"--max_seq_len must be > 1, got {self.max_seq_len}")
@@ -168,8 +205,7 @@ class DataSettings:
             value = getattr(self, name)
             _check(value is None or value > 0, f"--{name} must be > 0, got {value}")
         _check(self.num_workers >= 0, f"--num_workers must be >= 0, got {self.num_workers}")
-        _check(self.cache_max_bytes is None or bool(self.cache_dir),
-               "--cache_max_bytes needs --cache_dir")
+        _check(self.cache_max_bytes is None or bool(self.cache_dir), "--cache_max_bytes needs --cache_dir")
 
     def io_options(self) -> Any:
         """The ``wds_tools`` I/O options these settings ask for (the shard cache)."""
@@ -180,8 +216,9 @@ class DataSettings:
             return IOOptions()
         if self.cache_max_bytes is None:
             return IOOptions(cache_dir=self.cache_dir)
-        return IOOptions(cache_dir=self.cache_dir,
-                         cache_max_bytes=parse_bytes(self.cache_max_bytes, "--cache_max_bytes"))
+        return IOOptions(
+            cache_dir=self.cache_dir, cache_max_bytes=parse_bytes(self.cache_max_bytes, "--cache_max_bytes")
+        )
 
 
 @dataclass
@@ -190,44 +227,57 @@ class CheckpointConfig:
 
     output_dir: str = _opt("train_out", "folder for checkpoints, logs and the copied tokenizer")
     max_steps: int = _opt(1000, "optimizer steps to train in total (including resumed ones)")
-    save_every: int = _opt(1000, "save a DeepSpeed checkpoint every N optimizer steps (and at the "
-                           "end); 0 saves only at the end")
+    save_every: int = _opt(
+        1000, "save a DeepSpeed checkpoint every N optimizer steps (and at the end); 0 saves only at the end"
+    )
     keep_last: int = _opt(3, "keep the last K checkpoints (0 keeps all)")
     stop_after: Optional[int] = _opt(
-        None, "stop at this global step without the final checkpoint, as if the job were killed "
-        "there (periodic checkpoints still happen); for crash/resume drills")
-    resume: str = _opt("auto", "'auto': continue from the latest checkpoint in "
-                       "--output_dir/checkpoints if any; 'never': refuse to start over one; "
-                       "or a checkpoint folder (a step_* tag folder)")
+        None,
+        "stop at this global step without the final checkpoint, as if the job were killed "
+        "there (periodic checkpoints still happen); for crash/resume drills",
+    )
+    resume: str = _opt(
+        "auto",
+        "'auto': continue from the latest checkpoint in "
+        "--output_dir/checkpoints if any; 'never': refuse to start over one; "
+        "or a checkpoint folder (a step_* tag folder)",
+    )
 
     def __post_init__(self) -> None:
         _check(self.max_steps > 0, f"--max_steps must be > 0, got {self.max_steps}")
         _check(self.save_every >= 0, f"--save_every must be >= 0, got {self.save_every}")
         _check(self.keep_last >= 0, f"--keep_last must be >= 0, got {self.keep_last}")
-        _check(self.stop_after is None or self.stop_after > 0,
-               f"--stop_after must be > 0, got {self.stop_after}")
+        _check(
+            self.stop_after is None or self.stop_after > 0, f"--stop_after must be > 0, got {self.stop_after}"
+        )
 
 
 @dataclass
 class LogConfig:
     """What is logged and where."""
 
-    log_every: int = _opt(10, "reduce and log metrics every N optimizer steps (the only host "
-                          "sync of the loop)")
+    log_every: int = _opt(
+        10, "reduce and log metrics every N optimizer steps (the only host sync of the loop)"
+    )
     tensorboard: bool = _opt(True, "write TensorBoard events to --output_dir/tb when installed")
     peak_tflops: Optional[float] = _opt(
-        None, "peak dense bf16 TFLOP/s of one accelerator, for the MFU estimate (default: known "
-        "GPUs by name: H100/H200 989, A100 312; none on CPU, where MFU is not logged)")
-    progress_bar: str = _opt("auto", "tqdm progress bar on rank 0: auto (when interactive), "
-                             "always (or true), never (or false)",
-                             choices=("auto", "always", "never", "true", "false"))
+        None,
+        "peak dense bf16 TFLOP/s of one accelerator, for the MFU estimate (default: known "
+        "GPUs by name: H100/H200 989, A100 312; none on CPU, where MFU is not logged)",
+    )
+    progress_bar: str = _opt(
+        "auto",
+        "tqdm progress bar on rank 0: auto (when interactive), always (or true), never (or false)",
+        choices=("auto", "always", "never", "true", "false"),
+    )
 
     def __post_init__(self) -> None:
-        self.progress_bar = {"true": "always", "false": "never"}.get(self.progress_bar,
-                                                                     self.progress_bar)
+        self.progress_bar = {"true": "always", "false": "never"}.get(self.progress_bar, self.progress_bar)
         _check(self.log_every > 0, f"--log_every must be > 0, got {self.log_every}")
-        _check(self.peak_tflops is None or self.peak_tflops > 0,
-               f"--peak_tflops must be > 0, got {self.peak_tflops}")
+        _check(
+            self.peak_tflops is None or self.peak_tflops > 0,
+            f"--peak_tflops must be > 0, got {self.peak_tflops}",
+        )
 
 
 @dataclass
@@ -287,14 +337,22 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
         description="Train a Chameleon (Lumina-mGPT) model with DeepSpeed ZeRO-3 on a streamed "
         "WebDataset token mixture.",
     )
-    parser.add_argument("--deepspeed_config", "--deepspeed-config",
-                        default=DEFAULT_DEEPSPEED_CONFIG,
-                        help="DeepSpeed JSON (ZeRO stage, precision, offload): a file, or a config "
-                        f"shipped with the package ({', '.join(SHIPPED_DEEPSPEED_CONFIGS)}); batch "
-                        "and clipping entries may be 'auto' and are filled from the flags below "
-                        "(default: %(default)s)")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
-                        help="set by the deepspeed launcher; ignored (LOCAL_RANK is read instead)")
+    parser.add_argument(
+        "--deepspeed_config",
+        "--deepspeed-config",
+        default=DEFAULT_DEEPSPEED_CONFIG,
+        help="DeepSpeed JSON (ZeRO stage, precision, offload): a file, or a config "
+        f"shipped with the package ({', '.join(SHIPPED_DEEPSPEED_CONFIGS)}); batch "
+        "and clipping entries may be 'auto' and are filled from the flags below "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--local_rank",
+        "--local-rank",
+        type=int,
+        default=None,
+        help="set by the deepspeed launcher; ignored (LOCAL_RANK is read instead)",
+    )
     for section, cls in _SECTIONS.items():
         group = parser.add_argument_group(section, cls.__doc__)
         for f in dataclasses.fields(cls):
@@ -342,8 +400,10 @@ def deepspeed_config_path(value: str) -> str:
         from importlib.resources import files
 
         return str(files("lumina") / "ds_configs" / f"{stem}.json")
-    raise ConfigError(f"--deepspeed_config: no such file {value!r} (shipped configs: "
-                      f"{', '.join(SHIPPED_DEEPSPEED_CONFIGS)})")
+    raise ConfigError(
+        f"--deepspeed_config: no such file {value!r} (shipped configs: "
+        f"{', '.join(SHIPPED_DEEPSPEED_CONFIGS)})"
+    )
 
 
 def load_deepspeed_json(path: str) -> dict:
@@ -355,11 +415,15 @@ def load_deepspeed_json(path: str) -> dict:
             ds = json.load(fh)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"--deepspeed_config {path!r} is not valid JSON: {exc}") from None
-    for owned, flags in (("optimizer", "--lr, --adam_beta1/2, --adam_eps, --weight_decay"),
-                         ("scheduler", "--lr_schedule, --warmup_steps, --min_lr_ratio")):
+    for owned, flags in (
+        ("optimizer", "--lr, --adam_beta1/2, --adam_eps, --weight_decay"),
+        ("scheduler", "--lr_schedule, --warmup_steps, --min_lr_ratio"),
+    ):
         if owned in ds:
-            raise ConfigError(f"--deepspeed_config {path!r} has an '{owned}' section; the trainer "
-                              f"owns it: remove it and set {flags}")
+            raise ConfigError(
+                f"--deepspeed_config {path!r} has an '{owned}' section; the trainer "
+                f"owns it: remove it and set {flags}"
+            )
     if "fp16" in ds and ds["fp16"].get("enabled", False):
         raise ConfigError(f"--deepspeed_config {path!r}: fp16 is not supported, use bf16")
     stage = ds.get("zero_optimization", {}).get("stage", 0)
@@ -386,38 +450,44 @@ def resolve_deepspeed_config(ds: dict, data: DataSettings, optim: OptimConfig, w
 
     def pick(flag_value, json_value, flag, key):
         if flag_value is not None and _concrete(json_value) and int(json_value) != flag_value:
-            raise ConfigError(f"--{flag}={flag_value} disagrees with the DeepSpeed JSON's "
-                              f"{key}={json_value}; set one of them (or make the JSON 'auto')")
+            raise ConfigError(
+                f"--{flag}={flag_value} disagrees with the DeepSpeed JSON's "
+                f"{key}={json_value}; set one of them (or make the JSON 'auto')"
+            )
         if flag_value is not None:
             return flag_value
         return int(json_value) if _concrete(json_value) else None
 
-    micro = pick(data.micro_batch_size, j_micro, "micro_batch_size",
-                 "train_micro_batch_size_per_gpu") or 1
+    micro = pick(data.micro_batch_size, j_micro, "micro_batch_size", "train_micro_batch_size_per_gpu") or 1
     accum = pick(data.grad_accum, j_accum, "grad_accum", "gradient_accumulation_steps")
     glob = pick(data.global_batch_size, j_global, "global_batch_size", "train_batch_size")
     if accum is None and glob is not None:
         if glob % (micro * world_size):
-            raise ConfigError(f"--global_batch_size={glob} is not a multiple of --micro_batch_size "
-                              f"({micro}) x world size ({world_size})")
+            raise ConfigError(
+                f"--global_batch_size={glob} is not a multiple of --micro_batch_size "
+                f"({micro}) x world size ({world_size})"
+            )
         accum = glob // (micro * world_size)
     accum = accum or 1
     if glob is None:
         glob = micro * accum * world_size
     if glob != micro * accum * world_size:
-        raise ConfigError(f"--global_batch_size={glob} != --micro_batch_size ({micro}) x "
-                          f"--grad_accum ({accum}) x world size ({world_size}) = "
-                          f"{micro * accum * world_size}")
+        raise ConfigError(
+            f"--global_batch_size={glob} != --micro_batch_size ({micro}) x "
+            f"--grad_accum ({accum}) x world size ({world_size}) = "
+            f"{micro * accum * world_size}"
+        )
     out["train_micro_batch_size_per_gpu"] = micro
     out["gradient_accumulation_steps"] = accum
     out["train_batch_size"] = glob
 
     j_clip = out.get("gradient_clipping")
     if optim.grad_clip is not None and _concrete(j_clip) and float(j_clip) != optim.grad_clip:
-        raise ConfigError(f"--grad_clip={optim.grad_clip} disagrees with the DeepSpeed JSON's "
-                          f"gradient_clipping={j_clip}; set one of them (or make the JSON 'auto')")
-    clip = optim.grad_clip if optim.grad_clip is not None else (
-        float(j_clip) if _concrete(j_clip) else 4.0)
+        raise ConfigError(
+            f"--grad_clip={optim.grad_clip} disagrees with the DeepSpeed JSON's "
+            f"gradient_clipping={j_clip}; set one of them (or make the JSON 'auto')"
+        )
+    clip = optim.grad_clip if optim.grad_clip is not None else (float(j_clip) if _concrete(j_clip) else 4.0)
     out["gradient_clipping"] = clip
 
     offload = out.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
@@ -431,5 +501,5 @@ def resolve_deepspeed_config(ds: dict, data: DataSettings, optim: OptimConfig, w
         # torch's AdamW: no JIT-compiled op to build on first use (FusedAdam needs nvcc).
         params["torch_adam"] = True
     out["optimizer"] = {"type": "AdamW", "params": params}
-    out.setdefault("steps_per_print", 10 ** 9)
+    out.setdefault("steps_per_print", 10**9)
     return out

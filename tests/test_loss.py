@@ -19,11 +19,25 @@ def _config():
         vocab_map["IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(i)) + "Z"] = 4 + i
     for i in range(37, VOCAB):
         vocab_map[f"t{i}"] = i
-    vq = dict(embed_dim=8, num_embeddings=NUM_IMAGE, latent_channels=32, resolution=64,
-              base_channels=32, channel_multiplier=[1, 1], num_res_blocks=0)
-    return ChameleonConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                           vocabulary_map=vocab_map, vq_config=vq)
+    vq = dict(
+        embed_dim=8,
+        num_embeddings=NUM_IMAGE,
+        latent_channels=32,
+        resolution=64,
+        base_channels=32,
+        channel_multiplier=[1, 1],
+        num_res_blocks=0,
+    )
+    return ChameleonConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocabulary_map=vocab_map,
+        vq_config=vq,
+    )
 
 
 def _independent_loss(logits, labels, z_weight):
@@ -46,8 +60,8 @@ def _batch(seed=0, batch=3, length=17):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, VOCAB, (batch, length), generator=g)
     labels = ids.clone()
-    labels[:, :5] = IGNORE_INDEX          # an unsupervised prompt
-    labels[1, 12:] = IGNORE_INDEX         # right padding of sample 1
+    labels[:, :5] = IGNORE_INDEX  # an unsupervised prompt
+    labels[1, 12:] = IGNORE_INDEX  # right padding of sample 1
     labels[2, 3:9] = torch.arange(4, 10)  # image-code targets
     ids[2, 3:9] = torch.arange(4, 10)
     return ids, labels

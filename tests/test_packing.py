@@ -50,9 +50,11 @@ def _model(model_dir: str, impl: str):
     from lumina.train_config import LossConfig, ModelConfig
 
     torch.manual_seed(0)
-    model, _ = build_model(ModelConfig(init_from=model_dir, attn_implementation=impl,
-                                       gradient_checkpointing=False),
-                           LossConfig(z_loss_weight=1e-4), ds_config=None)
+    model, _ = build_model(
+        ModelConfig(init_from=model_dir, attn_implementation=impl, gradient_checkpointing=False),
+        LossConfig(z_loss_weight=1e-4),
+        ds_config=None,
+    )
     return model.train()
 
 
@@ -250,29 +252,55 @@ def demo_data(tmp_path_factory):
     and captions as two datasets, mixed 70/30, and the tiny Chameleon."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     base = tmp_path_factory.mktemp("packed_demo")
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", NPROC="1",
-               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        NPROC="1",
+        PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
     assets = os.path.join(root, "lumina", "assets", "demo")
+
     def run(cmd, **kw):
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, **kw)
         assert proc.returncode == 0, f"{cmd}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
 
     run([sys.executable, "-m", "lumina.cli", "make-tiny", "--out", str(base / "tiny")], env=env)
     for name in ("captions", "vqa"):
-        run(["bash", os.path.join(root, "scripts", "pre_tokenize.sh"),
-             "--in_filename", os.path.join(assets, f"{name}.json"),
-             "--out_dir", str(base / "data" / name), "--target_size", "256",
-             "--image_root", assets, "--tokenizer", str(base / "tiny" / "tokenizer"),
-             "--vq_model", str(base / "tiny" / "model"), "--batch_size", "4",
-             "--max_samples_per_shard", "4", "--crop", "center"],
-            env=dict(env, PYTHON=sys.executable))
-    (base / "data.yaml").write_text(textwrap.dedent("""\
+        run(
+            [
+                "bash",
+                os.path.join(root, "scripts", "pre_tokenize.sh"),
+                "--in_filename",
+                os.path.join(assets, f"{name}.json"),
+                "--out_dir",
+                str(base / "data" / name),
+                "--target_size",
+                "256",
+                "--image_root",
+                assets,
+                "--tokenizer",
+                str(base / "tiny" / "tokenizer"),
+                "--vq_model",
+                str(base / "tiny" / "model"),
+                "--batch_size",
+                "4",
+                "--max_samples_per_shard",
+                "4",
+                "--crop",
+                "center",
+            ],
+            env=dict(env, PYTHON=sys.executable),
+        )
+    (base / "data.yaml").write_text(
+        textwrap.dedent("""\
         seed: 0
         weight_by: samples
         datasets:
           - {name: captions, manifest: data/captions/index.json, weight: 0.7}
           - {name: vqa, manifest: data/vqa/index.json, weight: 0.3}
-        """))
+        """)
+    )
     ds = json.loads(open(os.path.join(root, "lumina", "ds_configs", "zero3.json")).read())
     ds["bf16"] = {"enabled": False}
     (base / "zero3_fp32.json").write_text(json.dumps(ds))
@@ -282,17 +310,52 @@ def demo_data(tmp_path_factory):
 
 def _packed_run(demo, mode: str) -> dict:
     base, out = demo["base"], demo["base"] / mode
-    cmd = [sys.executable, str(base / "runner.py"), mode, "--pack", "true",
-           "--data_config", str(base / "data.yaml"), "--init_from", str(base / "tiny" / "model"),
-           "--deepspeed_config", str(base / "zero3_fp32.json"), "--output_dir", str(out),
-           "--max_seq_len", "1024", "--micro_batch_size", "2", "--grad_accum", "1",
-           "--lr", "3e-3", "--warmup_steps", "2", "--max_steps", str(PACKED_STEPS + 1),
-           "--stop_after", str(PACKED_STEPS), "--save_every", "0", "--log_every", "1",
-           "--num_workers", "0", "--progress_bar", "never", "--tensorboard", "false"]
-    env = dict(demo["env"], TORCH_EXTENSIONS_DIR=os.environ.get(
-        "TORCH_EXTENSIONS_DIR", os.path.join(demo["root"], ".cache", "torch_extensions")))
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600,
-                          cwd=demo["root"])
+    cmd = [
+        sys.executable,
+        str(base / "runner.py"),
+        mode,
+        "--pack",
+        "true",
+        "--data_config",
+        str(base / "data.yaml"),
+        "--init_from",
+        str(base / "tiny" / "model"),
+        "--deepspeed_config",
+        str(base / "zero3_fp32.json"),
+        "--output_dir",
+        str(out),
+        "--max_seq_len",
+        "1024",
+        "--micro_batch_size",
+        "2",
+        "--grad_accum",
+        "1",
+        "--lr",
+        "3e-3",
+        "--warmup_steps",
+        "2",
+        "--max_steps",
+        str(PACKED_STEPS + 1),
+        "--stop_after",
+        str(PACKED_STEPS),
+        "--save_every",
+        "0",
+        "--log_every",
+        "1",
+        "--num_workers",
+        "0",
+        "--progress_bar",
+        "never",
+        "--tensorboard",
+        "false",
+    ]
+    env = dict(
+        demo["env"],
+        TORCH_EXTENSIONS_DIR=os.environ.get(
+            "TORCH_EXTENSIONS_DIR", os.path.join(demo["root"], ".cache", "torch_extensions")
+        ),
+    )
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=demo["root"])
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     with open(out / "metrics.jsonl") as fh:
         return {r["step"]: r for r in map(json.loads, fh)}
@@ -311,8 +374,10 @@ def test_packed_run_of_the_demo_data_follows_the_unpacked_loss_curve(demo_data):
     pad = sum(packed[s]["padding_share"] for s in steps) / len(steps)
     pad_unpacked = sum(unpacked[s]["padding_share"] for s in steps) / len(steps)
     samples = sum(packed[steps[-1]]["dataset_samples"].values())
-    print(f"\npacked pad {pad:.2%}, unpacked pad {pad_unpacked:.2%} (same {samples} samples), "
-          f"max loss rel diff {max(abs(packed[s]['loss'] / unpacked[s]['loss'] - 1) for s in steps):.2e}")
+    print(
+        f"\npacked pad {pad:.2%}, unpacked pad {pad_unpacked:.2%} (same {samples} samples), "
+        f"max loss rel diff {max(abs(packed[s]['loss'] / unpacked[s]['loss'] - 1) for s in steps):.2e}"
+    )
     assert pad < 0.05 < pad_unpacked
     last = packed[steps[-1]]
     assert last["samples_per_s"] > 0 and last["model_tflops_per_s"] > 0

@@ -8,8 +8,15 @@ import sys
 import pytest
 
 from lumina.train import lr_lambda
-from lumina.train_config import (ConfigError, DataSettings, OptimConfig, build_parser,
-                                 load_deepspeed_json, parse_args, resolve_deepspeed_config)
+from lumina.train_config import (
+    ConfigError,
+    DataSettings,
+    OptimConfig,
+    build_parser,
+    load_deepspeed_json,
+    parse_args,
+    resolve_deepspeed_config,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DS_DIR = os.path.join(ROOT, "ds_configs")
@@ -21,8 +28,12 @@ def test_shipped_deepspeed_configs_load_and_resolve(name, offload):
     assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"]["enabled"]
     # save_16bit_model writes nothing without this flag.
     assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
-    out = resolve_deepspeed_config(ds, DataSettings(micro_batch_size=4, grad_accum=2),
-                                   OptimConfig(lr=3e-4, weight_decay=0.05), world_size=8)
+    out = resolve_deepspeed_config(
+        ds,
+        DataSettings(micro_batch_size=4, grad_accum=2),
+        OptimConfig(lr=3e-4, weight_decay=0.05),
+        world_size=8,
+    )
     assert out["train_micro_batch_size_per_gpu"] == 4
     assert out["gradient_accumulation_steps"] == 2
     assert out["train_batch_size"] == 64
@@ -35,19 +46,25 @@ def test_shipped_deepspeed_configs_load_and_resolve(name, offload):
 
 
 def test_global_batch_derives_accumulation():
-    out = resolve_deepspeed_config({"zero_optimization": {"stage": 3}},
-                                   DataSettings(micro_batch_size=2, global_batch_size=16),
-                                   OptimConfig(), world_size=2)
+    out = resolve_deepspeed_config(
+        {"zero_optimization": {"stage": 3}},
+        DataSettings(micro_batch_size=2, global_batch_size=16),
+        OptimConfig(),
+        world_size=2,
+    )
     assert out["gradient_accumulation_steps"] == 4
 
 
-@pytest.mark.parametrize("data,ds,world,flag", [
-    (DataSettings(micro_batch_size=2, grad_accum=2, global_batch_size=10), {}, 2, "--global_batch_size"),
-    (DataSettings(micro_batch_size=3, global_batch_size=16), {}, 2, "--global_batch_size"),
-    (DataSettings(micro_batch_size=2), {"train_micro_batch_size_per_gpu": 4}, 1, "--micro_batch_size"),
-    (DataSettings(grad_accum=2), {"gradient_accumulation_steps": 3}, 1, "--grad_accum"),
-    (DataSettings(micro_batch_size=1, grad_accum=1), {"train_batch_size": 5}, 2, "--global_batch_size"),
-])
+@pytest.mark.parametrize(
+    "data,ds,world,flag",
+    [
+        (DataSettings(micro_batch_size=2, grad_accum=2, global_batch_size=10), {}, 2, "--global_batch_size"),
+        (DataSettings(micro_batch_size=3, global_batch_size=16), {}, 2, "--global_batch_size"),
+        (DataSettings(micro_batch_size=2), {"train_micro_batch_size_per_gpu": 4}, 1, "--micro_batch_size"),
+        (DataSettings(grad_accum=2), {"gradient_accumulation_steps": 3}, 1, "--grad_accum"),
+        (DataSettings(micro_batch_size=1, grad_accum=1), {"train_batch_size": 5}, 2, "--global_batch_size"),
+    ],
+)
 def test_batch_mismatch_is_an_error_naming_the_flag(data, ds, world, flag):
     ds = {"zero_optimization": {"stage": 3}, **ds}
     with pytest.raises(ConfigError, match=flag):
@@ -55,20 +72,27 @@ def test_batch_mismatch_is_an_error_naming_the_flag(data, ds, world, flag):
 
 
 def test_concrete_json_values_are_used_when_flags_are_absent():
-    ds = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 4,
-          "gradient_accumulation_steps": 2, "gradient_clipping": 1.0}
+    ds = {
+        "zero_optimization": {"stage": 3},
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_accumulation_steps": 2,
+        "gradient_clipping": 1.0,
+    }
     out = resolve_deepspeed_config(ds, DataSettings(), OptimConfig(), world_size=2)
     assert (out["train_batch_size"], out["gradient_clipping"]) == (16, 1.0)
     with pytest.raises(ConfigError, match="--grad_clip"):
         resolve_deepspeed_config(ds, DataSettings(), OptimConfig(grad_clip=2.0), world_size=2)
 
 
-@pytest.mark.parametrize("section,match", [
-    ({"optimizer": {"type": "Adam"}}, "--lr"),
-    ({"scheduler": {"type": "WarmupLR"}}, "--lr_schedule"),
-    ({"fp16": {"enabled": True}}, "bf16"),
-    ({"zero_optimization": {"stage": 2}}, "stage must be 3"),
-])
+@pytest.mark.parametrize(
+    "section,match",
+    [
+        ({"optimizer": {"type": "Adam"}}, "--lr"),
+        ({"scheduler": {"type": "WarmupLR"}}, "--lr_schedule"),
+        ({"fp16": {"enabled": True}}, "bf16"),
+        ({"zero_optimization": {"stage": 2}}, "stage must be 3"),
+    ],
+)
 def test_deepspeed_json_sections_owned_by_the_trainer_are_refused(tmp_path, section, match):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"zero_optimization": {"stage": 3}, **section}))
@@ -76,22 +100,37 @@ def test_deepspeed_json_sections_owned_by_the_trainer_are_refused(tmp_path, sect
         load_deepspeed_json(str(path))
 
 
-@pytest.mark.parametrize("argv,flag", [
-    (["--model_config", "x", "--lr", "-1"], "--lr"),
-    (["--model_config", "x", "--max_steps", "0"], "--max_steps"),
-    (["--model_config", "x", "--micro_batch_size", "0"], "--micro_batch_size"),
-    (["--model_config", "x", "--residual_dropout", "1.5"], "--residual_dropout"),
-    (["--model_config", "x", "--init_from", "y"], "--init_from"),
-    ([], "--init_from"),
-])
+@pytest.mark.parametrize(
+    "argv,flag",
+    [
+        (["--model_config", "x", "--lr", "-1"], "--lr"),
+        (["--model_config", "x", "--max_steps", "0"], "--max_steps"),
+        (["--model_config", "x", "--micro_batch_size", "0"], "--micro_batch_size"),
+        (["--model_config", "x", "--residual_dropout", "1.5"], "--residual_dropout"),
+        (["--model_config", "x", "--init_from", "y"], "--init_from"),
+        ([], "--init_from"),
+    ],
+)
 def test_validation_errors_name_the_flag(argv, flag):
     with pytest.raises(ConfigError, match=flag):
         parse_args(argv)
 
 
 def test_parse_args_fills_sections_and_accepts_launcher_flags():
-    cfg = parse_args(["--init_from", "m", "--local_rank=3", "--gradient_checkpointing", "false",
-                      "--zero_image_lm_head", "--z_loss_weight", "0", "--lr_schedule", "cosine"])
+    cfg = parse_args(
+        [
+            "--init_from",
+            "m",
+            "--local_rank=3",
+            "--gradient_checkpointing",
+            "false",
+            "--zero_image_lm_head",
+            "--z_loss_weight",
+            "0",
+            "--lr_schedule",
+            "cosine",
+        ]
+    )
     assert cfg.model.init_from == "m" and cfg.model.gradient_checkpointing is False
     assert cfg.model.zero_image_lm_head is True and cfg.loss.z_loss_weight == 0.0
     assert cfg.optim.lr_schedule == "cosine"
@@ -99,8 +138,20 @@ def test_parse_args_fills_sections_and_accepts_launcher_flags():
 
 
 def test_lr_schedule_warmup_then_cosine_or_constant():
-    cfg = parse_args(["--init_from", "m", "--warmup_steps", "4", "--max_steps", "14",
-                      "--lr_schedule", "cosine", "--min_lr_ratio", "0.1"])
+    cfg = parse_args(
+        [
+            "--init_from",
+            "m",
+            "--warmup_steps",
+            "4",
+            "--max_steps",
+            "14",
+            "--lr_schedule",
+            "cosine",
+            "--min_lr_ratio",
+            "0.1",
+        ]
+    )
     fn = lr_lambda(cfg)
     assert [fn(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert fn(4) == pytest.approx(1.0) and fn(9) == pytest.approx(0.55) and fn(14) == pytest.approx(0.1)
@@ -109,8 +160,9 @@ def test_lr_schedule_warmup_then_cosine_or_constant():
 
 
 def test_cli_help_lists_every_flag():
-    out = subprocess.run([sys.executable, "-m", "lumina.train", "--help"], capture_output=True,
-                         text=True, cwd=ROOT, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "lumina.train", "--help"], capture_output=True, text=True, cwd=ROOT, check=True
+    ).stdout
     for action in build_parser()._actions:
         for opt in action.option_strings:
             assert opt in out
@@ -118,8 +170,12 @@ def test_cli_help_lists_every_flag():
 
 
 def test_cli_bad_flag_is_one_line_exit_2():
-    proc = subprocess.run([sys.executable, "-m", "lumina.train", "--init_from", "m", "--lr", "0"],
-                          capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lumina.train", "--init_from", "m", "--lr", "0"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == "lumina-train: error: --lr must be > 0, got 0.0"
 
@@ -153,15 +209,18 @@ def test_resume_resolution(tmp_path):
 def test_default_deepspeed_config_resolves_from_any_folder(tmp_path):
     """The default (and ``ds_configs/NAME.json``) name the configs shipped inside the package, so
     a run started from another folder (or after ``pip install``) finds them."""
-    code = ("from lumina.train_config import load_deepspeed_json, parse_args; "
-            "cfg = parse_args(['--init_from', 'm']); "
-            "a = load_deepspeed_json(cfg.deepspeed_config); "
-            "b = load_deepspeed_json('ds_configs/zero3_offload.json'); "
-            "print(cfg.deepspeed_config, a['zero_optimization']['stage'], "
-            "b['zero_optimization']['offload_optimizer']['device'])")
+    code = (
+        "from lumina.train_config import load_deepspeed_json, parse_args; "
+        "cfg = parse_args(['--init_from', 'm']); "
+        "a = load_deepspeed_json(cfg.deepspeed_config); "
+        "b = load_deepspeed_json('ds_configs/zero3_offload.json'); "
+        "print(cfg.deepspeed_config, a['zero_optimization']['stage'], "
+        "b['zero_optimization']['offload_optimizer']['device'])"
+    )
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=tmp_path, env=env, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env, check=True
+    ).stdout
     assert out.split() == ["zero3", "3", "cpu"]
     with pytest.raises(ConfigError, match=r"no such file 'nope\.json' \(shipped configs: zero3, "):
         load_deepspeed_json("nope.json")

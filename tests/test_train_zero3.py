@@ -60,13 +60,12 @@ def _write_dataset(root, name, vocab, image_ids, num_samples, seed):
             n = int(rng.integers(SEQ_LEN - 8, SEQ_LEN + 1))
             ids = rng.integers(5, vocab, n)
             if name == "generation":  # a text prompt, then an "image" of code tokens
-                ids[n // 2:] = rng.choice(image_ids, n - n // 2)
+                ids[n // 2 :] = rng.choice(image_ids, n - n // 2)
             labels = ids.copy()
             labels[: n // 2 if name == "generation" else n // 4] = -100
             w.write(f"{name}-{i:04d}", ids, labels=labels)
     merge(out)
     return os.path.join(out, "index.json")
-
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +77,14 @@ def tiny(tmp_path_factory):
 
     base = tmp_path_factory.mktemp("tiny")
     tok = build_tiny_tokenizer(str(base / "tokenizer"), num_image_tokens=64, bpe_vocab_size=256)
-    model = build_tiny_chameleon(str(base / "model"), tok, hidden_size=32, intermediate_size=64,
-                                 num_attention_heads=2, num_key_value_heads=2)
+    model = build_tiny_chameleon(
+        str(base / "model"),
+        tok,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
     worker = base / "worker.py"
     worker.write_text(WORKER)
     config = AutoConfig.from_pretrained(model)
@@ -87,63 +92,121 @@ def tiny(tmp_path_factory):
     data = base / "data"
     _write_dataset(str(data), "captions", vocab, image_ids, 8, seed=1)
     _write_dataset(str(data), "generation", vocab, image_ids, 8, seed=2)
-    (data / "mix.yaml").write_text(textwrap.dedent("""\
+    (data / "mix.yaml").write_text(
+        textwrap.dedent("""\
         seed: 0
         weight_by: samples
         datasets:
           - {name: captions, manifest: captions/index.json, weight: 0.5}
           - {name: generation, manifest: generation/index.json, weight: 0.5}
-        """))
-    (data / "once.yaml").write_text(textwrap.dedent("""\
+        """)
+    )
+    (data / "once.yaml").write_text(
+        textwrap.dedent("""\
         seed: 0
         datasets:
           - {name: captions, manifest: captions/index.json, weight: 0.5, max_epochs: 1}
           - {name: generation, manifest: generation/index.json, weight: 0.5, max_epochs: 1}
-        """))
-    return {"model": model, "worker": str(worker), "base": base, "vocab": vocab,
-            "data_config": str(data / "mix.yaml"), "bounded_config": str(data / "once.yaml")}
+        """)
+    )
+    return {
+        "model": model,
+        "worker": str(worker),
+        "base": base,
+        "vocab": vocab,
+        "data_config": str(data / "mix.yaml"),
+        "bounded_config": str(data / "once.yaml"),
+    }
 
 
 def _env(tmp_root):
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),
-               TORCH_EXTENSIONS_DIR=env.get("TORCH_EXTENSIONS_DIR",
-                                            os.path.join(os.path.expanduser("~"), ".cache",
-                                                         "torch_extensions")))
+    env.update(
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),
+        TORCH_EXTENSIONS_DIR=env.get(
+            "TORCH_EXTENSIONS_DIR", os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions")
+        ),
+    )
     return env
 
 
 def _run(cmd, out_dir):
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(out_dir), capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(out_dir), capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
-        errors = [line for line in proc.stderr.splitlines()
-                  if any(w in line for w in ("Error", "error:", "what()", "Traceback"))]
-        raise AssertionError(f"{' '.join(cmd)}\nexit {proc.returncode}\n{proc.stdout[-3000:]}\n"
-                             + "\n".join(errors[:40]) + f"\n...\n{proc.stderr[-4000:]}")
+        errors = [
+            line
+            for line in proc.stderr.splitlines()
+            if any(w in line for w in ("Error", "error:", "what()", "Traceback"))
+        ]
+        raise AssertionError(
+            f"{' '.join(cmd)}\nexit {proc.returncode}\n{proc.stdout[-3000:]}\n"
+            + "\n".join(errors[:40])
+            + f"\n...\n{proc.stderr[-4000:]}"
+        )
     return proc
 
 
 def _common_flags(tiny, out_dir):
-    return ["--deepspeed_config", os.path.join(ROOT, "ds_configs", "zero3.json"),
-            "--init_from", tiny["model"], "--output_dir", str(out_dir), "--micro_batch_size", "2",
-            "--max_seq_len", str(SEQ_LEN), "--lr", "3e-3", "--warmup_steps", "1",
-            "--log_every", "1", "--num_workers", "1", "--progress_bar", "never",
-            "--z_loss_weight", "1e-4"]
+    return [
+        "--deepspeed_config",
+        os.path.join(ROOT, "ds_configs", "zero3.json"),
+        "--init_from",
+        tiny["model"],
+        "--output_dir",
+        str(out_dir),
+        "--micro_batch_size",
+        "2",
+        "--max_seq_len",
+        str(SEQ_LEN),
+        "--lr",
+        "3e-3",
+        "--warmup_steps",
+        "1",
+        "--log_every",
+        "1",
+        "--num_workers",
+        "1",
+        "--progress_bar",
+        "never",
+        "--z_loss_weight",
+        "1e-4",
+    ]
 
 
 def _train(tiny, out_dir, *flags):
     """``torchrun --nproc_per_node 2 -m lumina.train`` on the two-dataset mixture."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "lumina.train", "--data_config", tiny["data_config"],
-           *_common_flags(tiny, out_dir), *flags]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "lumina.train",
+        "--data_config",
+        tiny["data_config"],
+        *_common_flags(tiny, out_dir),
+        *flags,
+    ]
     return _run(cmd, out_dir)
 
 
 def _engine_logits(tiny, ckpt_root, tag, dump):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           tiny["worker"], str(ckpt_root), tag, str(dump), str(tiny["vocab"]), str(SEQ_LEN),
-           *_common_flags(tiny, dump.parent / "unused")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        tiny["worker"],
+        str(ckpt_root),
+        tag,
+        str(dump),
+        str(tiny["vocab"]),
+        str(SEQ_LEN),
+        *_common_flags(tiny, dump.parent / "unused"),
+    ]
     return _run(cmd, dump.parent)
 
 
@@ -220,8 +283,9 @@ def test_export_loads_with_from_pretrained_and_gives_the_engine_logits(tiny, str
     batch = engine["batch"]
     with torch.no_grad():
         hf = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        hidden = model.model(input_ids=batch["input_ids"],
-                             attention_mask=batch["attention_mask"]).last_hidden_state
+        hidden = model.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).last_hidden_state
         unmasked = model.lm_head(hidden).float()
     real = batch["attention_mask"].bool()
     torch.testing.assert_close(unmasked[real], engine["logits"][real], rtol=0, atol=1e-2)
@@ -230,8 +294,9 @@ def test_export_loads_with_from_pretrained_and_gives_the_engine_logits(tiny, str
 
     text_cols = torch.ones(model.config.vocab_size, dtype=torch.bool)
     text_cols[image_token_ids(model.config)] = False
-    torch.testing.assert_close(hf.float()[real][:, text_cols], engine["logits"][real][:, text_cols],
-                               rtol=0, atol=1e-2)
+    torch.testing.assert_close(
+        hf.float()[real][:, text_cols], engine["logits"][real][:, text_cols], rtol=0, atol=1e-2
+    )
     # And the weights moved away from the starting point.
     start = ChameleonForConditionalGeneration.from_pretrained(tiny["model"])
     assert not torch.equal(start.lm_head.weight.bfloat16(), model.lm_head.weight)
@@ -250,9 +315,22 @@ def test_optimizer_offload_config_trains_like_zero3(tiny, straight):
 
 def test_gpu_benchmark_runs_in_tiny_mode():
     """benchmarks/bench_train_gpu.py (run on GPUs for the docs) works end to end on CPU."""
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_train_gpu.py"),
-                           "--tiny", "--warmup", "1", "--steps", "1"], cwd=ROOT,
-                          env=_env(ROOT), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "benchmarks", "bench_train_gpu.py"),
+            "--tiny",
+            "--warmup",
+            "1",
+            "--steps",
+            "1",
+        ],
+        cwd=ROOT,
+        env=_env(ROOT),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| bare ZeRO-3 loop" in proc.stdout and "| lumina trainer" in proc.stdout
 
@@ -260,8 +338,18 @@ def test_gpu_benchmark_runs_in_tiny_mode():
 def test_bounded_mixture_ends_training_with_a_checkpoint(tiny):
     """One epoch of each dataset, with gradient accumulation: every sample once, then stop."""
     out = tiny["base"] / "bounded"
-    proc = _train(tiny, out, "--data_config", tiny["bounded_config"], "--max_steps", "100",
-                  "--save_every", "0", "--grad_accum", "2")
+    proc = _train(
+        tiny,
+        out,
+        "--data_config",
+        tiny["bounded_config"],
+        "--max_steps",
+        "100",
+        "--save_every",
+        "0",
+        "--grad_accum",
+        "2",
+    )
     assert "the data ended after step 2" in proc.stdout
     m = _metrics(out)
     assert sorted(m) == [1, 2]  # 16 samples = 2 steps x 2 micro-batches x 2 ranks x 2 samples
