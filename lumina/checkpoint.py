@@ -38,6 +38,8 @@ import re
 import shutil
 from typing import Any, Optional
 
+from wds_tools.contract import write_json_atomic
+
 __all__ = [
     "CLIENT_STATE_VERSION",
     "check_client_state",
@@ -68,21 +70,12 @@ def tag_for_step(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def _write_json_atomic(path: str, doc: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(doc, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def use_markers(root: str) -> None:
     """Declare that ``root``'s checkpoints carry completion markers (a fresh run, before saving)."""
     os.makedirs(root, exist_ok=True)
     path = os.path.join(root, ROOT_MARKER_NAME)
     if not os.path.isfile(path):
-        _write_json_atomic(path, {"marker": MARKER_NAME, "version": 1})
+        write_json_atomic(path, {"marker": MARKER_NAME, "version": 1}, indent=1)
 
 
 def _uses_markers(root: str, tags: list[str]) -> bool:
@@ -111,7 +104,7 @@ def mark_complete(root: str, tag: str, step: int, world_size: int) -> dict:
             full = os.path.join(dirpath, name)
             files[os.path.relpath(full, folder)] = os.path.getsize(full)
     doc = {"tag": tag, "step": step, "world_size": world_size, "files": dict(sorted(files.items()))}
-    _write_json_atomic(os.path.join(folder, MARKER_NAME), doc)
+    write_json_atomic(os.path.join(folder, MARKER_NAME), doc, indent=1)
     return doc
 
 

@@ -10,7 +10,6 @@ a stream, and the manifest is put last, in one atomic write.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import posixpath
@@ -19,11 +18,10 @@ from typing import Any, Dict, List, Optional
 from tqdm import tqdm
 
 from . import io as wio
-from .contract import check_index, is_count
+from .contract import check_index, is_count, sha256_file, sha256_url, write_json_atomic
 from .format import FORMAT_NAME, FORMAT_VERSION, FormatError, check_version
-from .writer import write_json_atomic
 
-__all__ = ["merge", "MergeError", "sha256_file"]
+__all__ = ["merge", "MergeError"]
 
 
 class MergeError(FormatError):
@@ -33,16 +31,6 @@ class MergeError(FormatError):
         self.problems = problems
         more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
         super().__init__(f"cannot merge: {problems[0]}{more}")
-
-
-def sha256_file(path: str, bufsize: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(bufsize)
-            if not b:
-                return h.hexdigest()
-            h.update(b)
 
 
 class _LocalTree:
@@ -101,11 +89,7 @@ class _StoreTree:
         return wio.read_json(path)
 
     def sha256(self, path: str) -> str:
-        h = hashlib.sha256()
-        with wio.open_range(path) as f:
-            for b in iter(lambda: f.read(8 << 20), b""):
-                h.update(b)
-        return h.hexdigest()
+        return sha256_url(path)[0]
 
     def base(self, save_path: str) -> str:
         return posixpath.dirname(save_path)

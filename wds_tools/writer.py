@@ -24,24 +24,23 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from .format import (END_OF_ARCHIVE, FORMAT_NAME, FORMAT_VERSION, FormatError, check_key,
-                     check_version, encode_sample, labels_to_spans, mask_to_spans, num_in_spans,
-                     shard_index_name, token_dtype)
+from .contract import done_marker_name, rank_object_re, shard_name, write_json_atomic
+from .format import (
+    END_OF_ARCHIVE,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    FormatError,
+    check_key,
+    check_version,
+    encode_sample,
+    labels_to_spans,
+    mask_to_spans,
+    num_in_spans,
+    shard_index_name,
+    token_dtype,
+)
 
-__all__ = ["ShardWriter", "rank_files", "done_marker_name", "write_json_atomic"]
-
-
-def done_marker_name(prefix: str, rank: int) -> str:
-    return f"{prefix}-r{rank:05d}.done.json"
-
-
-def _shard_name(prefix: str, rank: int, shard_id: int) -> str:
-    return f"{prefix}-r{rank:05d}-{shard_id:06d}.tar"
-
-
-def _rank_object_re(prefix: str, rank: int) -> "re.Pattern[str]":
-    """Names of one rank's objects: group 1 is the shard id (absent for rank-level files)."""
-    return re.compile(rf"^{re.escape(prefix)}-r{rank:05d}(?:-(\d{{6}}))?\.")
+__all__ = ["ShardWriter", "rank_files"]
 
 
 def rank_files(out_dir: str, prefix: str, rank: int) -> Dict[str, List[str]]:
@@ -50,15 +49,6 @@ def rank_files(out_dir: str, prefix: str, rank: int) -> Dict[str, List[str]]:
     return {"indexes": sorted(glob.glob(base + "-*.idx.json")),
             "shards": sorted(glob.glob(base + "-*.tar")),
             "tmp": sorted(glob.glob(base + "-*.tmp"))}
-
-
-def write_json_atomic(path: str, doc: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, separators=(",", ":"))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class ShardWriter:
@@ -174,7 +164,7 @@ class ShardWriter:
         there whole); everything else of this rank there is deleted."""
         store = self.store
         assert store is not None
-        pattern = _rank_object_re(self.prefix, self.rank)
+        pattern = rank_object_re(self.prefix, self.rank)
         base = f"{self.prefix}-r{self.rank:05d}"
         objects = {n: size for n, size in store.list(base) if pattern.match(n)}
         if objects and not resume:
@@ -183,7 +173,7 @@ class ShardWriter:
         store.abort_uploads(base)
         sid = 0
         while True:
-            name = _shard_name(self.prefix, self.rank, sid)
+            name = shard_name(self.prefix, self.rank, sid)
             index_name = shard_index_name(name)
             if index_name not in objects:
                 break
@@ -264,7 +254,7 @@ class ShardWriter:
         return a.astype(self.dtype, copy=False)
 
     def _open_shard(self) -> None:
-        self._name = _shard_name(self.prefix, self.rank, self._next_shard)
+        self._name = shard_name(self.prefix, self.rank, self._next_shard)
         self._path = os.path.join(self.out_dir, self._name)
         self._f = open(self._path + ".tmp", "wb")
         self._sha = hashlib.sha256()
