@@ -17,6 +17,7 @@ write, so this measures CPU, not disk). Prints a table and, with ``--docs``, rep
 
     python benchmarks/bench_reader.py                 # 20,000 samples x ~2,400 tokens
     python benchmarks/bench_reader.py --samples 500 --repeat 1 --no-docs   # smoke
+    python benchmarks/bench_reader.py --profile 20 --no-docs   # + where iter_samples spends
 """
 from __future__ import annotations
 
@@ -126,6 +127,28 @@ def mmap_pass(manifest: str):
     return run
 
 
+def profile_pass(manifest: str, top: int) -> str:
+    """cProfile of one ``iter_samples`` pass that touches what a training step needs (ids and
+    labels): the ``top`` functions by own time. Profiling inflates per-call costs, so read it
+    for shares, not speed."""
+    import cProfile
+    import io
+    import pstats
+
+    from wds_tools.reader import iter_samples
+
+    def run() -> None:
+        for s in iter_samples(manifest):
+            s["input_ids"], s["labels"]
+
+    run()  # page cache and imports warm
+    prof = cProfile.Profile()
+    prof.runcall(run)
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(top)
+    return out.getvalue()
+
+
 def format_table(rows: List[Dict], nbytes: int, base: str) -> str:
     ref = next(r for r in rows if r["name"] == base)
     lines = ["| reader | samples/s | Mtokens/s | MB/s | vs plain webdataset |",
@@ -167,6 +190,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--dir", default=None, help="dataset folder (default: a temp folder, removed)")
     p.add_argument("--docs", default=DOCS, help="markdown file to update")
     p.add_argument("--no-docs", action="store_true", help="print only")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="also print the N functions iter_samples spends most time in (cProfile)")
     args = p.parse_args(argv)
 
     tmp = None
@@ -191,6 +216,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             rows.append(r)
             print(f"  {name}: {r['samples'] / r['seconds']:,.0f} samples/s", file=sys.stderr)
         table = format_table(rows, nbytes, rows[0]["name"])
+        if args.profile:
+            print(profile_pass(manifest, args.profile), file=sys.stderr)
         n = rows[0]["samples"]
         body = (f"`python benchmarks/bench_reader.py --samples {args.samples} --tokens "
                 f"{args.tokens} --repeat {args.repeat}`: {n:,} samples, "
