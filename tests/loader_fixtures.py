@@ -7,7 +7,7 @@ vary (``min_len``..``max_len``); the first ``len // 4`` positions are unsupervis
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import numpy as np
 import yaml

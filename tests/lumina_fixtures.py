@@ -1,7 +1,7 @@
 """Shared, cached tiny artifacts for the lumina tests (no network).
 
-Import the fixtures into a test module (``from lumina_fixtures import tiny_dirs``); the artifacts
-are built once per test process, whichever module asks first.
+The ``tiny_dirs`` fixture (in ``conftest.py``) builds them once per test process, whichever
+module asks first.
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ import functools
 import shutil
 import tempfile
 from pathlib import Path
-
-import pytest
 
 
 @functools.lru_cache(maxsize=None)
@@ -25,11 +23,6 @@ def build_tiny_dirs() -> tuple[str, str]:
     tok = build_tiny_tokenizer(str(root / "tokenizer"))
     model = build_tiny_chameleon(str(root / "model"), tok)
     return tok, model
-
-
-@pytest.fixture(scope="session")
-def tiny_dirs() -> tuple[str, str]:
-    return build_tiny_dirs()
 
 
 def slow_adapter(item):

@@ -1,6 +1,7 @@
 """Real servers on 127.0.0.1 for the remote-source tests: nginx, moto's S3, a fault proxy.
 
-Import the fixtures into a test module (``from servers import nginx, s3, remote_dataset``).
+The pytest fixtures built on them (``nginx``, ``s3``, ``s3_env``, ``remote_dataset``) are in
+``conftest.py``.
 Everything is session-scoped and listens on a free loopback port; nothing leaves the machine.
 
 - ``remote_dataset``: a small format-v1 dataset folder (3 shards) built once per session.
@@ -28,10 +29,9 @@ import time
 from typing import List, Optional
 
 import numpy as np
-import pytest
 
 __all__ = ["free_port", "NginxServer", "MotoS3Server", "FaultProxy", "make_dataset", "S3FaultProxy",
-           "find_nginx", "ScriptedHTTPServer", "remote_dataset", "nginx", "s3", "s3_env", "DATASET_NAME"]
+           "find_nginx", "ScriptedHTTPServer", "DATASET_NAME", "BUCKET", "two_dataset_config"]
 
 DATASET_NAME = "ds"
 BUCKET = "wds-test"
@@ -605,55 +605,6 @@ def two_dataset_config(folder, name: str, base: str, *, seed: int, weights=(0.5,
     with open(path, "w") as f:
         yaml.safe_dump(doc, f)
     return path
-
-
-# --- pytest fixtures --------------------------------------------------------------------------
-
-@pytest.fixture(scope="session")
-def remote_dataset(tmp_path_factory) -> str:
-    """Folder ``.../www`` holding two dataset folders, ``ds/`` and ``ds2/`` (3 shards, 300
-    samples each, equal shard file names, different content)."""
-    www = tmp_path_factory.mktemp("www")
-    make_dataset(str(www / DATASET_NAME))
-    make_dataset(str(www / (DATASET_NAME + "2")), seed=1, key_prefix="t")
-    return str(www)
-
-
-@pytest.fixture(scope="session")
-def nginx(remote_dataset):
-    """A running :class:`NginxServer` whose root holds ``ds/`` (skips without nginx)."""
-    if find_nginx() is None:
-        pytest.skip("nginx is not installed (apt-get install -y nginx; CI installs it)")
-    with NginxServer(remote_dataset) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="session")
-def s3(remote_dataset):
-    """A running :class:`MotoS3Server` with ``ds/`` and ``ds2/`` uploaded to
-    ``s3://wds-test/``."""
-    pytest.importorskip("boto3")
-    pytest.importorskip("moto.server", reason="moto[server] is not installed (pip install "
-                        "'moto[server]'; CI installs it)")
-    with MotoS3Server() as srv:
-        for name in (DATASET_NAME, DATASET_NAME + "2"):
-            srv.upload_folder(os.path.join(remote_dataset, name), BUCKET, name)
-        srv.bucket = BUCKET
-        yield srv
-
-
-@pytest.fixture
-def s3_env(s3, monkeypatch):
-    """The standard AWS environment pointing at the moto server, for one test."""
-    for k in ("AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE",
-              "AWS_ENDPOINT_URL_S3", "AWS_REGION"):
-        monkeypatch.delenv(k, raising=False)
-    for k, v in s3.env.items():
-        monkeypatch.setenv(k, v)
-    from wds_tools import io as wio
-    wio.reset_clients()   # clients cache the environment they were made in
-    yield s3
-    wio.reset_clients()
 
 
 if __name__ == "__main__":  # manual check: python tests/servers.py

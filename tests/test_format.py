@@ -15,7 +15,7 @@ import webdataset as wds
 
 from wds_tools.format import FormatError, token_dtype
 from wds_tools.merge import MergeError, merge
-from wds_tools.reader import Shard, ReadStats, iter_samples, iter_tar, load_manifest, open_shards
+from wds_tools.reader import ReadStats, Shard, iter_samples, iter_tar, load_manifest, open_shards
 from wds_tools.writer import ShardWriter
 
 
@@ -43,7 +43,7 @@ def test_round_trip_through_reader_and_plain_webdataset(tmp_path, vocab, dtype):
     assert m["dtype"] == np.dtype(dtype).name and m["num_samples"] == 30 and m["num_shards"] == 5
     got = list(iter_samples(str(tmp_path / "index.json")))
     assert [s["__key__"] for s in got] == [k for k, *_ in samples]
-    for s, (key, ids, labels, meta) in zip(got, samples):
+    for s, (_key, ids, labels, meta) in zip(got, samples):
         assert s["input_ids"].dtype == dtype
         np.testing.assert_array_equal(s["input_ids"], ids)
         np.testing.assert_array_equal(s["labels"], labels)
@@ -52,7 +52,7 @@ def test_round_trip_through_reader_and_plain_webdataset(tmp_path, vocab, dtype):
     urls = sorted(str(p) for p in tmp_path.glob("*.tar"))
     plain = list(wds.WebDataset(urls, shardshuffle=False).decode())
     assert [s["__key__"] for s in plain] == [k for k, *_ in samples]
-    for s, (key, ids, labels, meta) in zip(plain, samples):
+    for s, (_key, ids, _labels, _meta) in zip(plain, samples):
         np.testing.assert_array_equal(s["input_ids.npy"], ids)
         assert s["json"]["meta"] == meta
         mask = np.zeros(ids.size, bool)
@@ -413,7 +413,7 @@ def test_reader_labels_are_never_overwritten_by_recycling(tmp_path):
     streamed = []
     for s in iter_samples(str(tmp_path / "index.json")):           # each dropped at once
         streamed.append(s["labels"].copy())
-    for s, v, c, (_, ids, labels, _) in zip(held, views, streamed, samples):
+    for s, v, c, (_, _ids, labels, _) in zip(held, views, streamed, samples):
         np.testing.assert_array_equal(s["labels"], labels)
         np.testing.assert_array_equal(v, labels[:3])
         np.testing.assert_array_equal(c, labels)

@@ -15,9 +15,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from lumina_fixtures import png_header_only, smooth_image, tiny_dirs  # noqa: F401  (fixture)
 from PIL import Image
-from reliability_log import record
 
 from lumina.conversation import BadItem, parse_conversation
 from lumina.input_items import JsonLine
@@ -28,6 +26,9 @@ from wds_tools.merge import merge
 from wds_tools.reader import iter_samples, load_manifest, open_shards
 from wds_tools.verify import verify
 from wds_tools.writer import ShardWriter
+
+from lumina_fixtures import png_header_only, smooth_image
+from reliability_log import record
 
 pytestmark = pytest.mark.reliability
 

@@ -9,12 +9,13 @@ import os
 
 import numpy as np
 import pytest
-from loader_fixtures import make_dataset
 
 from wds_tools.format import spans_to_labels
 from wds_tools.reader import iter_samples
 from wds_tools.wds import hf_features
 from wds_tools.writer import ShardWriter
+
+from loader_fixtures import make_dataset
 
 datasets = pytest.importorskip("datasets")
 

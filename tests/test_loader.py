@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from loader_fixtures import decode_row, key_number, make_dataset, write_config
 from wds_tools.config import load_data_config
 from wds_tools.format import FormatError
 from wds_tools.loader import build_loader
+
+from loader_fixtures import key_number, make_dataset, write_config
 
 SIZES = {"big": 3000, "mid": 300, "tiny": 40}
 
@@ -158,6 +159,7 @@ def _distributed_worker(rank, world, cfg_path, port, out_dir):
 @pytest.mark.slow
 def test_two_ranks_two_workers_equal_batches_disjoint_complete(data, tmp_path):
     import socket
+
     import torch.multiprocessing as mp
 
     root, m = data

@@ -14,10 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from lumina_fixtures import mixed_items, png_header_only, tiny_dirs  # noqa: F401  (fixture)
 from PIL import Image
 
-from lumina.pre_tokenize import PreTokenizeConfig, main as pre_tokenize_main, run_config
+from lumina.pre_tokenize import PreTokenizeConfig, run_config
+from lumina.pre_tokenize import main as pre_tokenize_main
+
+from lumina_fixtures import mixed_items, png_header_only
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO = TESTS_DIR.parent
@@ -83,7 +85,8 @@ def test_one_rank_writes_every_item_in_order(one_rank, dataset):
 def test_matches_reference_semantics(one_rank, dataset, tiny_dirs):
     """The CLI path (writer, reader, batching across items) keeps the reference tokens."""
     import torch
-    from test_lumina_fidelity import TARGET as FID_TARGET, ref_process_item
+    from test_lumina_fidelity import TARGET as FID_TARGET
+    from test_lumina_fidelity import ref_process_item
     from transformers import AutoTokenizer, ChameleonForConditionalGeneration
 
     assert FID_TARGET == TARGET

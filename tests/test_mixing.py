@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from wds_tools.config import DataConfig, DatasetConfig, ShuffleConfig, parse_data_config
+from wds_tools.config import DatasetConfig, ShuffleConfig, parse_data_config
 from wds_tools.mixing import DatasetPlan, EpochSlice, Mixer
 
 

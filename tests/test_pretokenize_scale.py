@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from lumina_fixtures import tiny_dirs  # noqa: F401  (fixture)
-from servers import NginxServer, find_nginx, remote_dataset, s3, s3_env  # noqa: F401  (fixtures)
 
 from lumina.pre_tokenize import PreTokenizeConfig, run_config
+
+from servers import NginxServer, find_nginx
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO = TESTS_DIR.parent
@@ -147,10 +147,10 @@ def test_missing_and_corrupt_raw_shards_are_one_error_each(tmp_path, raw_corpus)
 def test_caption_key_and_template(raw_corpus, tiny_dirs, tmp_path):
     """--caption_key reads only that .json field; --template shapes the human turn."""
     from transformers import AutoTokenizer
-    from wds_tools.merge import merge
-    from wds_tools.reader import iter_samples
 
     from lumina.item_processing import check_template
+    from wds_tools.merge import merge
+    from wds_tools.reader import iter_samples
 
     with pytest.raises(ValueError, match="caption"):
         check_template("Draw {w}x{h}")
@@ -193,9 +193,8 @@ def test_damaged_raw_shards_never_crash_the_reader(tmp_path, raw_corpus):
 
 
 def test_multi_file_jsonl_rank_opens_only_its_files(tmp_path, monkeypatch, tiny_dirs):
-    from wds_tools import io as wio
-
     from lumina.input_items import InputSpec, iter_inputs
+    from wds_tools import io as wio
 
     for f in range(4):
         (tmp_path / f"part-{f}.jsonl").write_text("".join(
@@ -222,9 +221,8 @@ def test_multi_file_jsonl_rank_opens_only_its_files(tmp_path, monkeypatch, tiny_
     opened.clear()
     summary = run_config(_cfg(tiny_dirs, pattern, tmp_path / "out", splits=2, rank=1))
     assert summary.num_ok == 6 and sorted(set(opened)) == ["part-1.jsonl", "part-3.jsonl"]
-    from wds_tools.reader import iter_samples
-
     from wds_tools.merge import merge
+    from wds_tools.reader import iter_samples
     merge(str(tmp_path / "out"), allow_incomplete=True)
     keys = [s["__key__"] for s in iter_samples(str(tmp_path / "out" / "index.json"))]
     assert keys == ["000001000000000", "000001000000001", "000001000000002",
@@ -277,6 +275,7 @@ def _assert_no_partial_objects(names: dict) -> None:
 @pytest.mark.parametrize("source", ["http", "s3"])
 def test_raw_shards_two_ranks_to_s3_merge_and_verify(source, raw_corpus, raw_nginx, s3, s3_env, tiny_dirs, tmp_path):
     from transformers import AutoTokenizer
+
     from wds_tools.merge import merge
 
     run_id = uuid.uuid4().hex[:8]

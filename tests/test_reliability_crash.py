@@ -29,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from lumina_fixtures import mixed_items, tiny_dirs  # noqa: F401  (fixture)
+
+from lumina_fixtures import mixed_items
 from reliability_log import record
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -56,8 +57,13 @@ def _fake_ckpt(root: Path, step: int, files=("model.pt", "optim_r0.pt", "optim_r
 
 
 def test_latest_resolution_ignores_incomplete_checkpoints(tmp_path):
-    from lumina.checkpoint import (find_latest, list_checkpoints, prune_checkpoints, resolve_resume,
-                                   use_markers)
+    from lumina.checkpoint import (
+        find_latest,
+        list_checkpoints,
+        prune_checkpoints,
+        resolve_resume,
+        use_markers,
+    )
     from lumina.train_config import ConfigError
 
     root = tmp_path / "checkpoints"

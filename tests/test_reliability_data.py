@@ -11,7 +11,6 @@ import shutil
 
 import numpy as np
 import pytest
-from reliability_log import record
 
 from wds_tools.config import parse_data_config
 from wds_tools.format import FormatError
@@ -20,6 +19,8 @@ from wds_tools.merge import MergeError, merge
 from wds_tools.reader import ReadStats, Shard, iter_samples
 from wds_tools.verify import verify
 from wds_tools.writer import ShardWriter
+
+from reliability_log import record
 
 pytestmark = pytest.mark.reliability
 

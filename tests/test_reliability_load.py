@@ -109,7 +109,7 @@ if __name__ == "__main__":
 import yaml  # noqa: E402
 
 from reliability_log import record  # noqa: E402
-from servers import BUCKET, nginx, remote_dataset, s3  # noqa: E402,F401
+from servers import BUCKET  # noqa: E402
 
 psutil = pytest.importorskip("psutil")
 pytest.importorskip("torch")

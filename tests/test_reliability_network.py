@@ -10,7 +10,6 @@ proxy or server actually injected. Figures go to ``reliability_log.record`` (cat
 """
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import time
@@ -19,10 +18,10 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from reliability_log import record
-from servers import (BUCKET, FaultProxy, S3FaultProxy, ScriptedHTTPServer,  # noqa: F401
-                     nginx, remote_dataset, s3, s3_env, two_dataset_config)
 from wds_tools import io as wio
+
+from reliability_log import record
+from servers import BUCKET, FaultProxy, S3FaultProxy, ScriptedHTTPServer, two_dataset_config
 
 torch = pytest.importorskip("torch")
 loader_mod = pytest.importorskip("wds_tools.loader")

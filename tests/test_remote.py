@@ -15,7 +15,7 @@ from wds_tools import io as wio
 from wds_tools.cache import ShardCache
 from wds_tools.reader import Shard, iter_samples, load_manifest
 
-from servers import BUCKET, FaultProxy, ScriptedHTTPServer, nginx, remote_dataset, s3, s3_env  # noqa: F401
+from servers import BUCKET, FaultProxy, ScriptedHTTPServer
 
 pytestmark = pytest.mark.network
 

@@ -28,6 +28,7 @@ def test_bench_reader_smoke(tmp_path, capsys):
 @pytest.mark.slow
 def test_bench_stream_smoke(capsys):
     import bench_stream
+
     from servers import find_nginx
     if find_nginx() is None:
         pytest.skip("nginx is not installed (apt-get install -y nginx; CI installs it)")

@@ -2,13 +2,11 @@
 also through connection cuts and through DataLoader worker processes."""
 from __future__ import annotations
 
-import os
-
 import pytest
 
-from servers import (BUCKET, FaultProxy, nginx, remote_dataset, s3, s3_env,  # noqa: F401
-                     two_dataset_config)
 from wds_tools import io as wio
+
+from servers import BUCKET, FaultProxy, two_dataset_config
 
 pytestmark = pytest.mark.network
 torch = pytest.importorskip("torch")

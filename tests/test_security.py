@@ -11,16 +11,17 @@ import pickle
 
 import numpy as np
 import pytest
-from reliability_log import record
 
 from wds_tools import io as wio
 from wds_tools.config import config_summary, load_data_config, parse_data_config
-from wds_tools.format import FormatError, _member, tar_header
+from wds_tools.format import FormatError, _member
 from wds_tools.loader import iter_mixed as loader_samples
 from wds_tools.merge import merge
 from wds_tools.reader import Shard, iter_samples, iter_tar, load_manifest, open_shards
 from wds_tools.verify import verify
 from wds_tools.writer import ShardWriter
+
+from reliability_log import record
 
 pytestmark = pytest.mark.reliability
 
@@ -190,9 +191,10 @@ def test_manifest_entries_cannot_leave_the_dataset_folder(tmp_path, field, caplo
         d["shards"][1][field] = bad
         json.dump(d, open(man, "w"))
         strict = None if not bad.startswith("/") else False
-        for call in (lambda: load_manifest(man, allow_outside_root=strict),
-                     lambda: open_shards(man, allow_outside_root=strict),
-                     lambda: list(iter_samples(man, on_error="skip", allow_outside_root=strict))):
+        for call in (lambda s=strict: load_manifest(man, allow_outside_root=s),
+                     lambda s=strict: open_shards(man, allow_outside_root=s),
+                     lambda s=strict: list(iter_samples(man, on_error="skip",
+                                                        allow_outside_root=s))):
             with pytest.raises(FormatError, match=r"shards\[1\]\.%s" % field) as e:
                 call()
             msg = str(e.value)
@@ -222,7 +224,7 @@ def test_manifest_entries_cannot_leave_the_dataset_folder(tmp_path, field, caplo
 
 
 def test_shard_index_cannot_name_a_shard_outside(tmp_path):
-    man = _small_dataset(tmp_path / "ds")
+    _small_dataset(tmp_path / "ds")
     idx = os.path.join(str(tmp_path / "ds"), "shard-r00000-000000.idx.json")
     doc = json.load(open(idx))
     n = 0

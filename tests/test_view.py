@@ -18,14 +18,13 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "benchmarks"))
-from servers import BUCKET, nginx, remote_dataset, s3, s3_env  # noqa: E402,F401
-from view_fixtures import (NUM_SAMPLES, GrayRenderer, build_tokenizer,  # noqa: E402
-                           make_view_dataset)
-
 from wds_tools.reader import Shard, load_manifest  # noqa: E402
 from wds_tools.view import charts  # noqa: E402
 from wds_tools.view.data import open_dataset, open_source  # noqa: E402
 from wds_tools.view.server import App, Viewer, load_renderer  # noqa: E402
+
+from servers import BUCKET  # noqa: E402
+from view_fixtures import NUM_SAMPLES, GrayRenderer, build_tokenizer, make_view_dataset  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -244,6 +243,7 @@ def test_single_shard_and_shard_index_sources(data):
 
 def test_overview_reads_a_bounded_sample_of_shards(tmp_path):
     from bench_stream import write_big_manifest
+
     from servers import make_dataset
 
     folder = str(tmp_path / "big")
@@ -294,9 +294,9 @@ def test_renderer_failure_is_an_error_picture(data):
 # --- data config ------------------------------------------------------------------------------
 
 def test_mixture_page_has_the_numbers_of_wds_tools_mix(tmp_path):
-    from loader_fixtures import make_dataset, write_config
-
     from wds_tools.mix_cli import dry_run
+
+    from loader_fixtures import make_dataset, write_config
 
     a = make_dataset(str(tmp_path), "a", 0, 60, samples_per_shard=20)
     b = make_dataset(str(tmp_path), "b", 1, 40, samples_per_shard=20)
@@ -431,11 +431,12 @@ def test_lumina_view_draws_the_tiny_vqgan_pictures():
     import argparse
 
     from PIL import Image
-    from view_fixtures import tiny_lumina_dataset
 
     from lumina import tiny
     from lumina import view as lumina_view
     from wds_tools.view import build_app
+
+    from view_fixtures import tiny_lumina_dataset
 
     manifest, root = tiny_lumina_dataset()
     p = argparse.ArgumentParser()

@@ -15,8 +15,7 @@ import time
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from view_fixtures import (HOSTILE, build_tokenizer, load_gray_renderer,  # noqa: E402
-                           make_view_dataset)
+from view_fixtures import HOSTILE, build_tokenizer, load_gray_renderer, make_view_dataset  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -155,11 +154,12 @@ def test_tiny_vqgan_pictures_in_the_browser(browser, tmp_path):
     import argparse
 
     from selenium.webdriver.common.by import By
-    from view_fixtures import tiny_lumina_dataset
 
     from lumina import view as lumina_view
     from wds_tools.view import build_app
     from wds_tools.view.server import Viewer
+
+    from view_fixtures import tiny_lumina_dataset
 
     manifest, root = tiny_lumina_dataset()
     p = argparse.ArgumentParser()

@@ -16,13 +16,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from loader_fixtures import make_dataset
-from servers import BUCKET, nginx, remote_dataset, s3, s3_env  # noqa: F401
 
 from wds_tools.format import FormatError
 from wds_tools.reader import iter_samples
-from wds_tools.wds import (decode_tokens, pad_collate, register_gopen, select_members,
-                           shard_urls, token_pipeline)
+from wds_tools.wds import (
+    decode_tokens,
+    pad_collate,
+    register_gopen,
+    select_members,
+    shard_urls,
+    token_pipeline,
+)
+
+from loader_fixtures import make_dataset
+from servers import BUCKET
 
 wds = pytest.importorskip("webdataset")
 
