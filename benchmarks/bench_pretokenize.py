@@ -37,7 +37,9 @@ DEMO = REPO / "lumina" / "assets" / "demo"
 
 def build_artifacts(root: Path, vq_config: str) -> tuple[str, str]:
     tok = build_tiny_tokenizer(str(root / "tokenizer"), num_image_tokens=8192 if vq_config == "real" else 512)
-    model = build_tiny_chameleon(str(root / "model"), tok, **({"vq_config": "real"} if vq_config == "real" else {}))
+    model = build_tiny_chameleon(
+        str(root / "model"), tok, **({"vq_config": "real"} if vq_config == "real" else {})
+    )
     return tok, model
 
 
@@ -50,13 +52,27 @@ def build_items(path: Path, num_items: int) -> str:
 
 def end_to_end(args, tok: str, model: str, in_file: str, out_dir: Path) -> dict:
     cfg = PreTokenizeConfig(
-        in_filename=in_file, out_dir=str(out_dir), tokenizer=tok, vq_model=model, target_size=args.target_size,
-        batch_size=args.batch_size, precision=args.precision, device=args.device, num_workers=args.num_workers,
-        image_root=str(DEMO), progress=False,
+        in_filename=in_file,
+        out_dir=str(out_dir),
+        tokenizer=tok,
+        vq_model=model,
+        target_size=args.target_size,
+        batch_size=args.batch_size,
+        precision=args.precision,
+        device=args.device,
+        num_workers=args.num_workers,
+        image_root=str(DEMO),
+        progress=False,
     )
     s = run_config(cfg)
-    return {"items": s.num_items, "images": s.num_images, "seconds": s.seconds, "items_per_s": s.items_per_s,
-            "encode_seconds": s.encode_seconds, "failed": s.num_failed}
+    return {
+        "items": s.num_items,
+        "images": s.num_images,
+        "seconds": s.seconds,
+        "items_per_s": s.items_per_s,
+        "encode_seconds": s.encode_seconds,
+        "failed": s.num_failed,
+    }
 
 
 def _sync(device: str) -> None:
@@ -74,13 +90,20 @@ def encoder_rows(args, tok: str, model: str) -> list[dict]:
 
     sizes = crop_size_list(args.target_size)
     photos = sorted(DEMO.glob("*.jpg"))
-    crops = [prepare_image(str(photos[i % len(photos)]), [(args.target_size, args.target_size)], None).pixels
-             for i in range(args.encoder_images)]
+    crops = [
+        prepare_image(str(photos[i % len(photos)]), [(args.target_size, args.target_size)], None).pixels
+        for i in range(args.encoder_images)
+    ]
     assert crops[0].shape[:2] == (args.target_size, args.target_size) and (args.target_size,) * 2 in sizes
     tokenizer = AutoTokenizer.from_pretrained(tok)
     rows, reference_codes = [], None
-    chosen = args.precision if args.precision != "auto" else ("bf16" if args.device.startswith("cuda") else "fp32")
-    variants = [("batch 1, fp32 (reference)", "fp32", 1), (f"batch {args.batch_size}, fp32", "fp32", args.batch_size)]
+    chosen = (
+        args.precision if args.precision != "auto" else ("bf16" if args.device.startswith("cuda") else "fp32")
+    )
+    variants = [
+        ("batch 1, fp32 (reference)", "fp32", 1),
+        (f"batch {args.batch_size}, fp32", "fp32", args.batch_size),
+    ]
     if chosen != "fp32":
         variants.append((f"batch {args.batch_size}, {chosen}", chosen, args.batch_size))
     for label, precision, batch in variants:
@@ -92,8 +115,16 @@ def encoder_rows(args, tok: str, model: str) -> list[dict]:
         _sync(args.device)
         seconds = time.perf_counter() - t0
         reference_codes = codes if reference_codes is None else reference_codes
-        rows.append({"encoder": label, "precision": precision, "images": len(crops), "seconds": seconds,
-                     "images_per_s": len(crops) / seconds, "codes_equal": float((codes == reference_codes).mean())})
+        rows.append(
+            {
+                "encoder": label,
+                "precision": precision,
+                "images": len(crops),
+                "seconds": seconds,
+                "images_per_s": len(crops) / seconds,
+                "codes_equal": float((codes == reference_codes).mean()),
+            }
+        )
     base = rows[0]["images_per_s"]
     for r in rows:
         r["speedup"] = r["images_per_s"] / base
@@ -111,21 +142,33 @@ def table(args, e2e: dict, rows: list[dict]) -> str:
         f"{e2e['items_per_s']:.2f} items/s | | |",
     ]
     for r in rows:
-        lines.append(f"| encoder: {r['encoder']} | {r['images']} | {r['seconds']:.2f} | "
-                     f"{r['images_per_s']:.2f} images/s | {r['speedup']:.2f}x | {r['codes_equal']:.4f} |")
+        lines.append(
+            f"| encoder: {r['encoder']} | {r['images']} | {r['seconds']:.2f} | "
+            f"{r['images_per_s']:.2f} images/s | {r['speedup']:.2f}x | {r['codes_equal']:.4f} |"
+        )
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--vq_config", choices=["tiny", "real"], default="tiny", help="tiny VQ, or the real-size architecture (random weights)")
+    p.add_argument(
+        "--vq_config",
+        choices=["tiny", "real"],
+        default="tiny",
+        help="tiny VQ, or the real-size architecture (random weights)",
+    )
     p.add_argument("--target_size", type=int, default=256, help="image target size T")
     p.add_argument("--num_items", type=int, default=48, help="items in the end-to-end run")
     p.add_argument("--encoder_images", type=int, default=32, help="crops in the encoder comparison")
     p.add_argument("--batch_size", type=int, default=8, help="batched encoder batch size")
     p.add_argument("--num_workers", type=int, default=2, help="prep worker processes in the end-to-end run")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="end-to-end and batched-encoder precision")
+    p.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="end-to-end and batched-encoder precision",
+    )
     p.add_argument("--keep", default=None, help="keep the artifacts and output in this folder")
     args = p.parse_args(argv)
     root = Path(args.keep or tempfile.mkdtemp(prefix="bench_pretok_"))

@@ -40,6 +40,7 @@ DEMO = REPO / "lumina" / "assets" / "demo"
 
 # --- speed ------------------------------------------------------------------------------------
 
+
 def build_inputs(root: Path, num_items: int, per_shard: int) -> tuple[str, str]:
     """A JSON list naming local photos and raw shards of the same photos and captions."""
     import webdataset as wds
@@ -52,10 +53,15 @@ def build_inputs(root: Path, num_items: int, per_shard: int) -> tuple[str, str]:
     num_shards = (num_items + per_shard - 1) // per_shard
     for s in range(num_shards):
         with wds.TarWriter(str(raw / f"{s:05d}.tar")) as tw:
-            for j, it in enumerate(items[s * per_shard:(s + 1) * per_shard]):
+            for j, it in enumerate(items[s * per_shard : (s + 1) * per_shard]):
                 caption = it["conversations"][0]["value"].split("prompt:\n", 1)[1]
-                tw.write({"__key__": f"{s:05d}{j:04d}", "jpg": (DEMO / it["image"][0]).read_bytes(),
-                          "txt": caption})
+                tw.write(
+                    {
+                        "__key__": f"{s:05d}{j:04d}",
+                        "jpg": (DEMO / it["image"][0]).read_bytes(),
+                        "txt": caption,
+                    }
+                )
     return str(root / "items.json"), f"{{00000..{num_shards - 1:05d}}}.tar"
 
 
@@ -64,10 +70,18 @@ def run_once(args, tok: str, model: str, in_filename: str, out: Path) -> float:
 
     if out.exists():
         shutil.rmtree(out)
-    cfg = PreTokenizeConfig(in_filename=in_filename, out_dir=str(out), tokenizer=tok, vq_model=model,
-                            target_size=args.target_size, batch_size=args.batch_size,
-                            num_workers=args.num_workers, image_root=str(DEMO), progress=False,
-                            device="cpu")
+    cfg = PreTokenizeConfig(
+        in_filename=in_filename,
+        out_dir=str(out),
+        tokenizer=tok,
+        vq_model=model,
+        target_size=args.target_size,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        image_root=str(DEMO),
+        progress=False,
+        device="cpu",
+    )
     s = run_config(cfg)
     assert s.num_failed == 0 and s.num_ok == args.num_items, s.line()
     return s.items_per_s
@@ -88,9 +102,9 @@ def read_once(url_pattern: str) -> tuple[float, float]:
 
 
 def speed(args) -> None:
-    from servers import NginxServer
-
     from lumina.tiny import build_tiny_chameleon, build_tiny_tokenizer
+
+    from servers import NginxServer
 
     root = Path(tempfile.mkdtemp(prefix="bench_raw_"))
     try:
@@ -98,9 +112,11 @@ def speed(args) -> None:
         model = build_tiny_chameleon(str(root / "model"), tok)
         items_json, pattern = build_inputs(root, args.num_items, args.per_shard)
         with NginxServer(str(root / "www")) as srv:
-            ways = {"JSON list + local image files": items_json,
-                    "raw shards, local disk": str(root / "www" / "raw" / pattern),
-                    "raw shards, nginx (http://127.0.0.1)": f"{srv.url}/raw/{pattern}"}
+            ways = {
+                "JSON list + local image files": items_json,
+                "raw shards, local disk": str(root / "www" / "raw" / pattern),
+                "raw shards, nginx (http://127.0.0.1)": f"{srv.url}/raw/{pattern}",
+            }
             rates: dict = {k: [] for k in ways}
             reads: dict = {k: [] for k in list(ways)[1:]}
             for _ in range(args.repeats):  # interleaved, so drifts of a shared machine hit all
@@ -109,9 +125,13 @@ def speed(args) -> None:
                     if name in reads:
                         for _ in range(5):
                             reads[name].append(read_once(src))
-        print(f"\nnum_items={args.num_items} per_shard={args.per_shard} target_size={args.target_size} "
-              f"batch_size={args.batch_size} num_workers={args.num_workers} repeats={args.repeats} (median)\n")
-        print("| input | pipeline items/s | ratio to JSON + files | raw reader samples/s | reader MB/s | reader ratio to local |")
+        print(
+            f"\nnum_items={args.num_items} per_shard={args.per_shard} target_size={args.target_size} "
+            f"batch_size={args.batch_size} num_workers={args.num_workers} repeats={args.repeats} (median)\n"
+        )
+        print(
+            "| input | pipeline items/s | ratio to JSON + files | raw reader samples/s | reader MB/s | reader ratio to local |"
+        )
         print("|---|---:|---:|---:|---:|---:|")
         base = statistics.median(rates["JSON list + local image files"])
         local_read = statistics.median(r[0] for r in reads["raw shards, local disk"])
@@ -160,8 +180,12 @@ print(json.dumps({{"items": n, "peak_rss_mb": int(hwm) / 1024}}))
 
 
 def probe(mode: str, arg: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", PROBE.format(repo=str(REPO)), mode, arg],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE.format(repo=str(REPO)), mode, arg],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -209,15 +233,28 @@ def memory(args) -> None:
         for lines in (small, args.lines):
             one, parts = write_jsonl(root, lines, 100)
             rows.append(("JSONL, one file split by line (rank 0 of 8)", lines, probe("jsonl_by_line", one)))
-            rows.append(("JSONL, 100 files split by file (all of them, one rank)", lines,
-                         probe("jsonl_by_file", parts)))
+            rows.append(
+                (
+                    "JSONL, 100 files split by file (all of them, one rank)",
+                    lines,
+                    probe("jsonl_by_file", parts),
+                )
+            )
             os.remove(one)
             shutil.rmtree(Path(parts).parent)
         for n in (max(args.shards // 10, 10), args.shards):
             rows.append(("raw shards by brace pattern (one rank)", n, probe("raw", write_shards(root, n))))
         for n in (args.writer_samples // 10, args.writer_samples):
-            rows.append(("ShardWriter, increasing_keys (pre-tokenizer)", n, probe("writer_increasing", str(n))))
-        rows.append(("ShardWriter, set of keys (default)", args.writer_samples, probe("writer_set", str(args.writer_samples))))
+            rows.append(
+                ("ShardWriter, increasing_keys (pre-tokenizer)", n, probe("writer_increasing", str(n)))
+            )
+        rows.append(
+            (
+                "ShardWriter, set of keys (default)",
+                args.writer_samples,
+                probe("writer_set", str(args.writer_samples)),
+            )
+        )
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print("\n| input side of one rank | input size | items seen | peak RSS MB |")
@@ -234,7 +271,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2, help="interleaved repeats of each way (speed)")
     p.add_argument("--target_size", type=int, default=256)
     p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--num_workers", type=int, default=0, help="0 = decode inline (less noise on a shared machine)")
+    p.add_argument(
+        "--num_workers", type=int, default=0, help="0 = decode inline (less noise on a shared machine)"
+    )
     p.add_argument("--lines", type=int, default=10_000_000, help="JSONL lines (memory)")
     p.add_argument("--shards", type=int, default=10_000, help="raw shards (memory)")
     p.add_argument("--writer_samples", type=int, default=1_000_000, help="samples written (memory)")

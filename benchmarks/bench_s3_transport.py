@@ -16,6 +16,7 @@ About ``--total`` MB per size; best of ``--repeat`` passes after a warm-up pass.
     python benchmarks/bench_s3_transport.py
     python benchmarks/bench_s3_transport.py --sizes 1,4 --total 8 --repeat 1 --no-docs   # smoke
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,8 +50,9 @@ def best_seconds(fn: Callable[[], None], repeat: int) -> float:
 
 def measure(sizes: List[int], total_mb: int, repeat: int) -> List[str]:
     """Table rows, one per object size: moto in its own process, objects uploaded, both read."""
-    from servers import MotoS3Server
     from wds_tools import io as wio
+
+    from servers import MotoS3Server
 
     rows = []
     with MotoS3Server(process=True) as moto:
@@ -66,15 +68,15 @@ def measure(sizes: List[int], total_mb: int, repeat: int) -> List[str]:
             for k in keys:
                 c.put_object(Bucket=BUCKET, Key=k, Body=body)
             del body
-            presigned = [c.generate_presigned_url("get_object", ExpiresIn=3600,
-                                                  Params={"Bucket": BUCKET, "Key": k})
-                         for k in keys]
+            presigned = [
+                c.generate_presigned_url("get_object", ExpiresIn=3600, Params={"Bucket": BUCKET, "Key": k})
+                for k in keys
+            ]
 
-            def curl() -> None:
-                subprocess.run(["curl", "-s", "-f", *presigned], stdout=subprocess.DEVNULL,
-                               check=True)
+            def curl(presigned: List[str] = presigned) -> None:
+                subprocess.run(["curl", "-s", "-f", *presigned], stdout=subprocess.DEVNULL, check=True)
 
-            def ours() -> None:
+            def ours(keys: List[str] = keys) -> None:
                 for k in keys:
                     with wio.open_range(f"s3://{BUCKET}/{k}", 0, None, opts) as f:
                         while f.read(4 << 20):
@@ -82,9 +84,11 @@ def measure(sizes: List[int], total_mb: int, repeat: int) -> List[str]:
 
             nbytes = n * (mb << 20)
             t_curl, t_ours = best_seconds(curl, repeat), best_seconds(ours, repeat)
-            rows.append(f"| {mb} MB x {n} | {nbytes / t_curl / 1e6:,.0f} | "
-                        f"{nbytes / t_ours / 1e6:,.0f} | {t_curl / t_ours:.0%} | "
-                        f"{(t_ours - t_curl) / n * 1e3:+.2f} ms |")
+            rows.append(
+                f"| {mb} MB x {n} | {nbytes / t_curl / 1e6:,.0f} | "
+                f"{nbytes / t_ours / 1e6:,.0f} | {t_curl / t_ours:.0%} | "
+                f"{(t_ours - t_curl) / n * 1e3:+.2f} ms |"
+            )
             print(f"  {mb} MB: curl {t_curl:.3f}s, wds_tools {t_ours:.3f}s", file=sys.stderr)
             for k in keys:
                 c.delete_object(Bucket=BUCKET, Key=k)
@@ -107,15 +111,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         rows = measure([int(s) for s in args.sizes.split(",") if s], args.total, args.repeat)
     finally:
         _restore_environ(saved_env)
-    table = ("| objects | curl MB/s | wds_tools.io MB/s | wds_tools / curl | extra time per "
-             "object |\n|---|---:|---:|---:|---:|\n" + "\n".join(rows))
+    table = (
+        "| objects | curl MB/s | wds_tools.io MB/s | wds_tools / curl | extra time per "
+        "object |\n|---|---:|---:|---:|---:|\n" + "\n".join(rows)
+    )
     print(table)
     if not args.no_docs:
-        write_docs("bench_s3_transport",
-                   f"`python benchmarks/bench_s3_transport.py --sizes {args.sizes} --total "
-                   f"{args.total} --repeat {args.repeat}`: moto S3 in its own process on "
-                   f"127.0.0.1, random bytes, best of {args.repeat} passes; {machine()}; "
-                   f"{time.strftime('%Y-%m-%d')}.\n\n{table}", args.docs)
+        write_docs(
+            "bench_s3_transport",
+            f"`python benchmarks/bench_s3_transport.py --sizes {args.sizes} --total "
+            f"{args.total} --repeat {args.repeat}`: moto S3 in its own process on "
+            f"127.0.0.1, random bytes, best of {args.repeat} passes; {machine()}; "
+            f"{time.strftime('%Y-%m-%d')}.\n\n{table}",
+            args.docs,
+        )
         print(f"updated {args.docs}", file=sys.stderr)
     return 0
 

@@ -20,6 +20,7 @@ Prints a table and, unless ``--no-docs``, replaces the ``bench_view`` section of
     python benchmarks/bench_view.py
     python benchmarks/bench_view.py --samples 2000 --big-shards 100 --no-docs   # smoke
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,9 +75,22 @@ def rss_mb(pid: int) -> float:
 def run_viewer(manifest: str, stats_shards: int) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     t0 = time.perf_counter()
-    p = subprocess.Popen([sys.executable, "-m", "wds_tools.view", manifest, "--port", "0",
-                          "--stats-shards", str(stats_shards)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "wds_tools.view",
+            manifest,
+            "--port",
+            "0",
+            "--stats-shards",
+            str(stats_shards),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         url = None
         while url is None:
@@ -99,8 +113,13 @@ def run_viewer(manifest: str, stats_shards: int) -> dict:
         for name, (_, status, _) in rows.items():
             if status != 200:
                 raise RuntimeError(f"{name}: HTTP {status}")
-        return {"t_url": t_url, "t_first": t_first, "rows": rows, "rss_start": rss_start,
-                "peak": peak_mb(p.pid)}
+        return {
+            "t_url": t_url,
+            "t_first": t_first,
+            "rows": rows,
+            "rss_start": rss_start,
+            "peak": peak_mb(p.pid),
+        }
     finally:
         p.terminate()
         p.wait(10)
@@ -109,12 +128,14 @@ def run_viewer(manifest: str, stats_shards: int) -> dict:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--samples", type=int, default=4_000, help="samples in the real dataset")
     ap.add_argument("--tokens", type=int, default=2_400, help="mean tokens per sample")
-    ap.add_argument("--big-shards", type=int, default=10_000,
-                    help="entries (of 1,000 samples) in the synthetic manifest")
+    ap.add_argument(
+        "--big-shards", type=int, default=10_000, help="entries (of 1,000 samples) in the synthetic manifest"
+    )
     ap.add_argument("--stats-shards", type=int, default=16, help="the viewer's --stats-shards")
     ap.add_argument("--repeat", type=int, default=3, help="fresh viewer processes; the best counts")
     ap.add_argument("--docs", default=DOCS, help="markdown file to update")
@@ -131,27 +152,31 @@ def main(argv: Optional[List[str]] = None) -> int:
         runs = [run_viewer(big, args.stats_shards) for _ in range(args.repeat)]
         best = min(runs, key=lambda r: r["t_first"])
         peak = max(r["peak"] for r in runs)
-        lines = ["| measure | value | target |", "|---|---:|---:|",
-                 f"| launch to URL printed (imports, manifest of {args.big_shards:,} shards) | "
-                 f"{best['t_url']:.2f} s | - |",
-                 f"| launch to first overview answered | {best['t_first']:.2f} s | - |"]
+        lines = [
+            "| measure | value | target |",
+            "|---|---:|---:|",
+            f"| launch to URL printed (imports, manifest of {args.big_shards:,} shards) | "
+            f"{best['t_url']:.2f} s | - |",
+            f"| launch to first overview answered | {best['t_first']:.2f} s | - |",
+        ]
         for name, (sec, _, nbytes) in best["rows"].items():
             target = f"< {TARGET_OVERVIEW_S:.0f} s" if name == "overview (first request)" else "-"
             lines.append(f"| {name} | {sec * 1000:,.0f} ms ({nbytes / 1024:,.0f} KiB) | {target} |")
         lines.append(f"| RSS after start | {best['rss_start']:.0f} MB | - |")
-        lines.append(f"| peak RSS (VmHWM), worst of {len(runs)} | {peak:.0f} MB | "
-                     f"< {TARGET_RSS_MB} MB |")
+        lines.append(f"| peak RSS (VmHWM), worst of {len(runs)} | {peak:.0f} MB | < {TARGET_RSS_MB} MB |")
         table = "\n".join(lines)
         ov = best["rows"]["overview (first request)"][0]
-        verdict = ("met" if ov < TARGET_OVERVIEW_S and peak < TARGET_RSS_MB else "NOT met")
-        body = (f"`python benchmarks/bench_view.py --samples {args.samples} --tokens {args.tokens} "
-                f"--big-shards {args.big_shards} --repeat {args.repeat}`: a manifest of "
-                f"{n:,} samples ({args.big_shards:,} shard entries cycling over "
-                f"{-(-args.samples // 1000)} real shards of 1,000 samples of ~{args.tokens:,} "
-                f"tokens), a fresh `wds-tools view` process per run (best of {len(runs)}), "
-                f"`--stats-shards {args.stats_shards}`; {machine()}; "
-                f"{time.strftime('%Y-%m-%d')}. Targets (overview < 1 s, < 300 MB): {verdict}."
-                f"\n\n{table}")
+        verdict = "met" if ov < TARGET_OVERVIEW_S and peak < TARGET_RSS_MB else "NOT met"
+        body = (
+            f"`python benchmarks/bench_view.py --samples {args.samples} --tokens {args.tokens} "
+            f"--big-shards {args.big_shards} --repeat {args.repeat}`: a manifest of "
+            f"{n:,} samples ({args.big_shards:,} shard entries cycling over "
+            f"{-(-args.samples // 1000)} real shards of 1,000 samples of ~{args.tokens:,} "
+            f"tokens), a fresh `wds-tools view` process per run (best of {len(runs)}), "
+            f"`--stats-shards {args.stats_shards}`; {machine()}; "
+            f"{time.strftime('%Y-%m-%d')}. Targets (overview < 1 s, < 300 MB): {verdict}."
+            f"\n\n{table}"
+        )
         print(table)
         if not args.no_docs:
             write_docs("bench_view", body, args.docs)

@@ -16,10 +16,15 @@ __all__ = ["SUBCOMMANDS", "build_parser", "main"]
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "pre-tokenize": ("lumina.pre_tokenize", "conversations + images -> format-v1 token shards (one rank)"),
-    "convert-records": ("lumina.convert_records", "the reference's pickle output (record.json) -> format-v1 shards"),
+    "convert-records": (
+        "lumina.convert_records",
+        "the reference's pickle output (record.json) -> format-v1 shards",
+    ),
     "make-tiny": ("lumina.tiny", "build the tiny offline tokenizer and Chameleon checkpoint"),
-    "train": ("lumina.train", "train a Chameleon with DeepSpeed ZeRO-3 on a streamed mixture "
-              "(launch with deepspeed/torchrun)"),
+    "train": (
+        "lumina.train",
+        "train a Chameleon with DeepSpeed ZeRO-3 on a streamed mixture (launch with deepspeed/torchrun)",
+    ),
     "export": ("lumina.export", "export a training checkpoint to a Hugging Face folder"),
     "view": ("lumina.view", "browse datasets in a local web app, image tokens drawn by the VQGAN"),
     "render": ("lumina.render", "decode a sample's image tokens to PNG files (Chameleon VQGAN)"),

@@ -34,7 +34,9 @@ class _PlainUnpickler(pickle.Unpickler):
     """Builtin containers and numbers only: refuses every class or function reference."""
 
     def find_class(self, module: str, name: str) -> Any:
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: legacy items hold only lists and ints")
+        raise pickle.UnpicklingError(
+            f"refusing to load {module}.{name}: legacy items hold only lists and ints"
+        )
 
 
 def load_legacy_item(path: str) -> dict:
@@ -51,7 +53,9 @@ def load_legacy_item(path: str) -> dict:
 def read_records(record: str) -> list[dict]:
     """The record list: ``record.json``, one ``*-record.jsonl``, or a folder of them (rank order)."""
     if os.path.isdir(record):
-        files = sorted((f for f in os.listdir(record) if _RECORD_JSONL.match(f)), key=lambda f: int(f.split("-")[0]))
+        files = sorted(
+            (f for f in os.listdir(record) if _RECORD_JSONL.match(f)), key=lambda f: int(f.split("-")[0])
+        )
         if not files:
             raise ValueError(f"--record {record}: no N-of-M-record.jsonl files in this folder")
         return [r for f in files for r in _read_jsonl(os.path.join(record, f))]
@@ -131,18 +135,31 @@ def convert_records(
     if tokenizer:
         ids, vocab_size, identity = _tokenizer_info(tokenizer)
     base = record if os.path.isdir(record) else os.path.dirname(os.path.abspath(record))
-    writer = ShardWriter(out_dir, vocab_size=vocab_size, max_samples=max_samples_per_shard,
-                         max_bytes=max_shard_bytes, tokenizer=identity, resume=True)
-    errors = ErrorLog(os.path.join(out_dir, errors_file_name(0)), keep_below=writer.resume_cursor,
-                      source=os.path.basename(record))
+    writer = ShardWriter(
+        out_dir,
+        vocab_size=vocab_size,
+        max_samples=max_samples_per_shard,
+        max_bytes=max_shard_bytes,
+        tokenizer=identity,
+        resume=True,
+    )
+    errors = ErrorLog(
+        os.path.join(out_dir, errors_file_name(0)),
+        keep_below=writer.resume_cursor,
+        source=os.path.basename(record),
+    )
     with writer:
         for position, rec, item in _iter_items(records, base, writer.resume_cursor):
             if isinstance(item, Exception):
-                errors.write({"index": position, "reason": "bad_record", "message": f"{type(item).__name__}: {item}"})
+                errors.write(
+                    {"index": position, "reason": "bad_record", "message": f"{type(item).__name__}: {item}"}
+                )
             else:
                 _write_item(writer, position, rec, item, ids, errors)
             writer.cursor = position + 1
-        writer.close(extra={"num_failed": errors.num_failed, "source": os.path.basename(record), "legacy": True})
+        writer.close(
+            extra={"num_failed": errors.num_failed, "source": os.path.basename(record), "legacy": True}
+        )
     errors.close()
     result = {"num_records": len(records), "num_samples": writer.num_samples, "num_failed": errors.num_failed}
     if merge:
@@ -157,9 +174,16 @@ def _write_item(writer, position: int, rec: dict, item: dict, ids: Optional[dict
 
     record_id = item.get("id", rec.get("id"))
     tokens = np.asarray(item["token"], dtype=np.int64)
-    meta = {"source": "legacy", "index": record_id, "legacy_file": rec.get("file"), "images": _image_blocks(tokens, ids)}
+    meta = {
+        "source": "legacy",
+        "index": record_id,
+        "legacy_file": rec.get("file"),
+        "images": _image_blocks(tokens, ids),
+    }
     try:
-        writer.write(_key(record_id, position), tokens, labels=np.asarray(item["label"], dtype=np.int64), meta=meta)
+        writer.write(
+            _key(record_id, position), tokens, labels=np.asarray(item["label"], dtype=np.int64), meta=meta
+        )
     except (FormatError, ValueError) as e:
         errors.write({"index": position, "reason": "bad_record", "message": str(e)})
 
@@ -171,31 +195,58 @@ def _tokenizer_info(name: str) -> tuple[dict, int, dict]:
     from lumina.text_tokens import lookup_token_id
 
     tok = AutoTokenizer.from_pretrained(name)
-    ids = {"start": lookup_token_id(tok, "<racm3:break>"), "end": lookup_token_id(tok, "<eoss>"),
-           "grid0": lookup_token_id(tok, "<reserved08800>")}
+    ids = {
+        "start": lookup_token_id(tok, "<racm3:break>"),
+        "end": lookup_token_id(tok, "<eoss>"),
+        "grid0": lookup_token_id(tok, "<reserved08800>"),
+    }
     return ids, len(tok), tokenizer_identity(name, tok)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--record", required=True, help="the reference's record.json, a N-of-M-record.jsonl, or the folder holding them")
+    p.add_argument(
+        "--record",
+        required=True,
+        help="the reference's record.json, a N-of-M-record.jsonl, or the folder holding them",
+    )
     p.add_argument("--out_dir", required=True, help="output folder for format-v1 shards and index.json")
-    p.add_argument("--tokenizer", default=None, help="tokenizer (folder or hub id): vocabulary size, identity, and image blocks in the metadata")
-    p.add_argument("--vocab_size", type=int, default=65536, help="vocabulary size when no --tokenizer is given (Chameleon: 65536)")
-    p.add_argument("--max_samples_per_shard", type=int, default=1000, help="a shard is completed at this many samples")
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer (folder or hub id): vocabulary size, identity, and image blocks in the metadata",
+    )
+    p.add_argument(
+        "--vocab_size",
+        type=int,
+        default=65536,
+        help="vocabulary size when no --tokenizer is given (Chameleon: 65536)",
+    )
+    p.add_argument(
+        "--max_samples_per_shard", type=int, default=1000, help="a shard is completed at this many samples"
+    )
     p.add_argument("--max_shard_mb", type=float, default=256, help="... or at this many MiB")
     p.add_argument("--no_merge", action="store_true", help="do not write index.json at the end")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        result = convert_records(args.record, args.out_dir, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-                                 max_samples_per_shard=args.max_samples_per_shard,
-                                 max_shard_bytes=int(args.max_shard_mb * (1 << 20)), merge=not args.no_merge)
+        result = convert_records(
+            args.record,
+            args.out_dir,
+            tokenizer=args.tokenizer,
+            vocab_size=args.vocab_size,
+            max_samples_per_shard=args.max_samples_per_shard,
+            max_shard_bytes=int(args.max_shard_mb * (1 << 20)),
+            merge=not args.no_merge,
+        )
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"converted {result['num_samples']} of {result['num_records']} records "
-          f"({result['num_failed']} failed) into {args.out_dir}", file=sys.stderr)
+    print(
+        f"converted {result['num_samples']} of {result['num_records']} records "
+        f"({result['num_failed']} failed) into {args.out_dir}",
+        file=sys.stderr,
+    )
     return 1 if result["num_samples"] == 0 and result["num_failed"] else 0
 
 

@@ -25,9 +25,8 @@ from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
 import braceexpand
 
-from wds_tools import io as wio
-
 from lumina.raw_shards import SOURCE_STRIDE, iter_raw_items, shard_name
+from wds_tools import io as wio
 
 __all__ = [
     "InputSpec",
@@ -70,8 +69,10 @@ class InputSpec:
         """Refuse mixed kinds and missing local files (remote inputs are checked when read)."""
         for url in self.urls():
             if _kind(url) != self.kind:
-                raise ValueError(f"--in_filename: {wio.redact(url)!r} is not a {self.kind} input like "
-                                 f"{wio.redact(self.first)!r} (one kind per run)")
+                raise ValueError(
+                    f"--in_filename: {wio.redact(url)!r} is not a {self.kind} input like "
+                    f"{wio.redact(self.first)!r} (one kind per run)"
+                )
             if not wio.is_remote(url) and not os.path.isfile(wio.local_path(url)):
                 raise ValueError(f"--in_filename {url!r}: no such file")
 
@@ -99,8 +100,9 @@ def _kind(url: str) -> str:
     raise ValueError(f"--in_filename {path!r}: expected .json, .jsonl or .tar (raw image-text shards) inputs")
 
 
-def iter_inputs(spec: InputSpec, splits: int, rank: int, start: int = 0,
-                state: Optional[dict] = None) -> Iterator[tuple[int, Any, str]]:
+def iter_inputs(
+    spec: InputSpec, splits: int, rank: int, start: int = 0, state: Optional[dict] = None
+) -> Iterator[tuple[int, Any, str]]:
     """``(index, raw_item, source)`` of this rank, from input index ``start`` on."""
     if spec.kind == "raw":
         for index, sample in iter_raw_items(spec.urls(), splits, rank, start, state):
@@ -113,7 +115,9 @@ def iter_inputs(spec: InputSpec, splits: int, rank: int, start: int = 0,
             yield index, item, source
 
 
-def iter_file_items(urls: Iterable[str], splits: int, rank: int, start: int = 0) -> Iterator[tuple[int, Any, str]]:
+def iter_file_items(
+    urls: Iterable[str], splits: int, rank: int, start: int = 0
+) -> Iterator[tuple[int, Any, str]]:
     """Several files: file ``f`` is rank ``f % splits``'s; the others are never opened."""
     for file_no, url in enumerate(urls):
         if file_no % splits != rank or (file_no + 1) * SOURCE_STRIDE <= start:
@@ -121,8 +125,10 @@ def iter_file_items(urls: Iterable[str], splits: int, rank: int, start: int = 0)
         base, source = file_no * SOURCE_STRIDE, shard_name(url)
         for j, item in iter_rank_items(url, 1, 0, max(0, start - base)):
             if j >= SOURCE_STRIDE:
-                raise ValueError(f"{wio.redact(url)}: more than {SOURCE_STRIDE} items in one input file "
-                                 "(split it into several files)")
+                raise ValueError(
+                    f"{wio.redact(url)}: more than {SOURCE_STRIDE} items in one input file "
+                    "(split it into several files)"
+                )
             yield base + j, item, source
 
 

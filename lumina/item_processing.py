@@ -20,8 +20,14 @@ from typing import Any, Callable, Optional, Union
 import numpy as np
 
 from lumina.conversation import IMAGE_MARKER, BadItem, Conversation, parse_conversation, to_standard_item
+from lumina.image_processing import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    PreparedImage,
+    crop_rng,
+    crop_size_list,
+    prepare_image,
+)
 from lumina.input_items import JsonLine
-from lumina.image_processing import DEFAULT_MAX_IMAGE_PIXELS, PreparedImage, crop_rng, crop_size_list, prepare_image
 from lumina.raw_shards import SOURCE_STRIDE, RawSample, caption_of
 from lumina.text_tokens import IGNORE_INDEX, TextIds, ensure_placeholder, tokenize_conversation
 
@@ -50,8 +56,10 @@ def check_template(template: str) -> str:
     except ValueError as e:
         raise ValueError(f"--template {template!r}: {e}") from None
     if "caption" not in fields or not fields <= set(TEMPLATE_FIELDS):
-        raise ValueError(f"--template {template!r}: must contain {{caption}} and only the fields "
-                         f"{{w}}, {{h}}, {{caption}} (double braces for literal ones)")
+        raise ValueError(
+            f"--template {template!r}: must contain {{caption}} and only the fields "
+            f"{{w}}, {{h}}, {{caption}} (double braces for literal ones)"
+        )
     return template
 
 
@@ -135,7 +143,9 @@ class ItemPreparer:
         self.crop_sizes = crop_size_list(settings.target_size)
         self.adapter = load_adapter(settings.adapter)
 
-    def __call__(self, index: int, raw_item: Any, source: Optional[str] = None) -> Union[PreparedItem, ItemFailure]:
+    def __call__(
+        self, index: int, raw_item: Any, source: Optional[str] = None
+    ) -> Union[PreparedItem, ItemFailure]:
         if isinstance(raw_item, RawSample):
             return self._raw(index, raw_item)  # the adapter, if any, sees the RawSample there
         result = self._standard(index, raw_item)
@@ -168,8 +178,15 @@ class ItemPreparer:
     def _raw(self, index: int, sample: RawSample) -> Union[PreparedItem, ItemFailure]:
         """A raw image-text sample -> the template's text-to-image conversation."""
         s = self.settings
-        cursor: dict[str, Any] = {"next_cursor": index + 1, "source": sample.shard,
-                  "cursor_state": {"shard_no": sample.shard_no, "position": sample.position + 1, "byte": sample.end}}
+        cursor: dict[str, Any] = {
+            "next_cursor": index + 1,
+            "source": sample.shard,
+            "cursor_state": {
+                "shard_no": sample.shard_no,
+                "position": sample.position + 1,
+                "byte": sample.end,
+            },
+        }
         if sample.error is not None:  # the rest of the shard is skipped: resume at the next shard
             cursor.update(next_cursor=(sample.shard_no + 1) * SOURCE_STRIDE, cursor_state=None)
             return ItemFailure(index, sample.error[0], sample.error[1], **cursor)
@@ -178,13 +195,19 @@ class ItemPreparer:
             if self.settings.adapter:
                 sample = self.adapter(sample)  # e.g. a caption cleaner; must return a RawSample
                 if not isinstance(sample, RawSample):
-                    raise TypeError(f"--adapter returned {type(sample).__name__} for a raw sample, not a RawSample")
+                    raise TypeError(
+                        f"--adapter returned {type(sample).__name__} for a raw sample, not a RawSample"
+                    )
             if sample.oversize:
-                raise BadItem("oversize_image", f"{sample.shard}: member {sample.oversize} is too large to read")
+                raise BadItem(
+                    "oversize_image", f"{sample.shard}: member {sample.oversize} is too large to read"
+                )
             image = sample.image_member()
             if image is None:
-                raise BadItem("missing_image", f"{sample.shard}: sample {sample.key!r} has no image member "
-                              "(jpg, jpeg, png, webp)")
+                raise BadItem(
+                    "missing_image",
+                    f"{sample.shard}: sample {sample.key!r} has no image member (jpg, jpeg, png, webp)",
+                )
             caption = self._caption(sample)
             rng = crop_rng(s.seed, index, 0) if s.crop == "random" else None
             name = f"{sample.shard}:{sample.key}.{image[0]}"
@@ -203,11 +226,18 @@ class ItemPreparer:
         try:
             caption = caption_of(sample, self.settings.caption_key)
         except (ValueError, UnicodeDecodeError) as e:
-            raise BadItem("malformed_item", f"{sample.shard}: sample {sample.key!r}: unreadable caption "
-                          f"member: {e}") from None
+            raise BadItem(
+                "malformed_item", f"{sample.shard}: sample {sample.key!r}: unreadable caption member: {e}"
+            ) from None
         if caption is None:
-            where = f"field {self.settings.caption_key!r} of .json" if self.settings.caption_key else ".txt or .json 'caption'"
-            raise BadItem("missing_caption", f"{sample.shard}: sample {sample.key!r} has no caption ({where})")
+            where = (
+                f"field {self.settings.caption_key!r} of .json"
+                if self.settings.caption_key
+                else ".txt or .json 'caption'"
+            )
+            raise BadItem(
+                "missing_caption", f"{sample.shard}: sample {sample.key!r} has no caption ({where})"
+            )
         return caption
 
 

@@ -184,10 +184,10 @@ def tokenizer_identity(name: str, tokenizer: Any) -> dict:
 def run_config(cfg: PreTokenizeConfig) -> RunSummary:
     """Run one rank to completion (or resume it); return its summary."""
     from transformers import AutoTokenizer
-    from wds_tools.store import open_store
-    from wds_tools.writer import ShardWriter
 
     from lumina.vq_encoder import VQEncoder
+    from wds_tools.store import open_store
+    from wds_tools.writer import ShardWriter
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
     vocab_size = len(tokenizer)  # before the placeholder, which is never stored
@@ -195,7 +195,11 @@ def run_config(cfg: PreTokenizeConfig) -> RunSummary:
     placeholder = lookup_token_id(tokenizer, "<|image|>")
     device, precision = cfg.resolved_device(), cfg.resolved_precision()
     encoder = VQEncoder.from_pretrained(
-        cfg.vq_model, tokenizer, device=device, precision=precision, pixel_scaling=cfg.pixel_scaling,
+        cfg.vq_model,
+        tokenizer,
+        device=device,
+        precision=precision,
+        pixel_scaling=cfg.pixel_scaling,
         rescale_factor=cfg.rescale_factor,
     )
     spec = cfg.inputs()
@@ -221,11 +225,14 @@ def run_config(cfg: PreTokenizeConfig) -> RunSummary:
         _restore_errors(cfg, store, errors_path)
     errors = ErrorLog(errors_path, keep_below=start, source=source)
     if store is not None:  # each shard goes up with the errors of the items before its cursor
-        writer.before_publish = lambda name: [p for p in [errors.take_new(
-            os.path.join(local_dir, name[: -len(".tar")] + ".errors.jsonl"))] if p]
+        writer.before_publish = lambda name: [
+            p for p in [errors.take_new(os.path.join(local_dir, name[: -len(".tar")] + ".errors.jsonl"))] if p
+        ]
     summary = RunSummary(rank=cfg.rank, splits=cfg.splits, source=source, resumed_from=start)
     if start:
-        logger.info("rank %d: resuming at input index %d (%d samples kept)", cfg.rank, start, writer.num_samples)
+        logger.info(
+            "rank %d: resuming at input index %d (%d samples kept)", cfg.rank, start, writer.num_samples
+        )
     try:
         _process(cfg, spec, writer, errors, encoder, placeholder, summary)
         writer.finish_shard()
@@ -256,12 +263,16 @@ def _restore_errors(cfg: PreTokenizeConfig, store, errors_path: str) -> None:
 def _process(cfg, spec, writer, errors, encoder, placeholder, summary) -> None:
     from tqdm import tqdm
 
-    batcher = OrderedBucketEncoder(encoder.encode_blocks, cfg.batch_size, cfg.max_pending or 8 * cfg.batch_size)
+    batcher = OrderedBucketEncoder(
+        encoder.encode_blocks, cfg.batch_size, cfg.max_pending or 8 * cfg.batch_size
+    )
     items = iter_inputs(spec, cfg.splits, cfg.rank, start=writer.resume_cursor, state=writer.resume_state)
     key_format = "{:015d}" if spec.multi else "{:09d}"
     total = _num_items(cfg, spec)
     prepared = ordered_map(ItemPreparer, cfg.item_settings(), items, cfg.num_workers)
-    bar = tqdm(total=total, unit="item", desc=f"rank {cfg.rank}", disable=not cfg.progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=total, unit="item", desc=f"rank {cfg.rank}", disable=not cfg.progress, dynamic_ncols=True
+    )
     t0 = time.perf_counter()
 
     def emit(results) -> None:
@@ -276,7 +287,9 @@ def _process(cfg, spec, writer, errors, encoder, placeholder, summary) -> None:
     bar.close()
     summary.seconds = time.perf_counter() - t0
     summary.encode_seconds, summary.num_images, summary.num_batches = (
-        batcher.encode_seconds, batcher.num_images, batcher.num_batches
+        batcher.encode_seconds,
+        batcher.num_images,
+        batcher.num_batches,
     )
 
 
@@ -311,7 +324,9 @@ def _marker_extra(cfg: PreTokenizeConfig, summary: RunSummary, precision: str) -
         "crop": cfg.crop,
         "seed": cfg.seed,
         "precision": precision,
-        "pixel_scaling": cfg.pixel_scaling if cfg.rescale_factor is None else f"transformers x{cfg.rescale_factor}",
+        "pixel_scaling": cfg.pixel_scaling
+        if cfg.rescale_factor is None
+        else f"transformers x{cfg.rescale_factor}",
     }
 
 
@@ -321,46 +336,139 @@ def _marker_extra(cfg: PreTokenizeConfig, summary: RunSummary, precision: str) -
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The reference's flags plus this project's; shared by ``lumina pre-tokenize``."""
-    p.add_argument("--splits", type=int, default=1, help="number of ranks the input is split into (item i -> rank i %% splits)")
+    p.add_argument(
+        "--splits",
+        type=int,
+        default=1,
+        help="number of ranks the input is split into (item i -> rank i %% splits)",
+    )
     p.add_argument("--rank", type=int, default=0, help="this process's rank, 0 <= rank < splits")
-    p.add_argument("--in_filename", required=True, nargs="+", help="inputs: a .json list or .jsonl file (split by item), several of them or a brace pattern (split by file), or raw image-text tar shards (URLs or brace patterns, local, https://, s3://; split by shard)")
-    p.add_argument("--out_dir", required=True, help="output folder or s3://bucket/prefix for shards, indexes and errors-r*.jsonl")
-    p.add_argument("--staging_dir", default=None, help="local folder where shards are written before they go up whole (default for s3:// output: the temp folder)")
-    p.add_argument("--template", default=DEFAULT_TEMPLATE, help="raw shards: the human turn, with {w}x{h} (the crop's size) and {caption} (default: Lumina-mGPT's generation prompt)")
-    p.add_argument("--caption_key", default=None, help="raw shards: take the caption from this field of KEY.json (default: KEY.txt, else the json's 'caption')")
-    p.add_argument("--target_size", type=int, default=512, help="image target size T (512, 768, 1024); crops have area near T^2")
+    p.add_argument(
+        "--in_filename",
+        required=True,
+        nargs="+",
+        help="inputs: a .json list or .jsonl file (split by item), several of them or a brace pattern (split by file), or raw image-text tar shards (URLs or brace patterns, local, https://, s3://; split by shard)",
+    )
+    p.add_argument(
+        "--out_dir",
+        required=True,
+        help="output folder or s3://bucket/prefix for shards, indexes and errors-r*.jsonl",
+    )
+    p.add_argument(
+        "--staging_dir",
+        default=None,
+        help="local folder where shards are written before they go up whole (default for s3:// output: the temp folder)",
+    )
+    p.add_argument(
+        "--template",
+        default=DEFAULT_TEMPLATE,
+        help="raw shards: the human turn, with {w}x{h} (the crop's size) and {caption} (default: Lumina-mGPT's generation prompt)",
+    )
+    p.add_argument(
+        "--caption_key",
+        default=None,
+        help="raw shards: take the caption from this field of KEY.json (default: KEY.txt, else the json's 'caption')",
+    )
+    p.add_argument(
+        "--target_size",
+        type=int,
+        default=512,
+        help="image target size T (512, 768, 1024); crops have area near T^2",
+    )
     p.add_argument("--tokenizer", default=DEFAULT_CHECKPOINT, help="text tokenizer: local folder or hub id")
-    p.add_argument("--vq_model", default=DEFAULT_CHECKPOINT, help="Chameleon checkpoint (full model or ChameleonVQVAE): folder or hub id")
+    p.add_argument(
+        "--vq_model",
+        default=DEFAULT_CHECKPOINT,
+        help="Chameleon checkpoint (full model or ChameleonVQVAE): folder or hub id",
+    )
     p.add_argument("--batch_size", type=int, default=8, help="images of one crop size encoded together")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="VQ encoder precision (auto: bf16 on CUDA as the reference, fp32 on CPU)")
+    p.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="VQ encoder precision (auto: bf16 on CUDA as the reference, fp32 on CPU)",
+    )
     p.add_argument("--device", default="auto", help="encoder device: auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--num_workers", type=int, default=2, help="background processes decoding and cropping images (0 = inline)")
-    p.add_argument("--crop", choices=["random", "center"], default="random", help="crop offset: random (seeded per item) or center")
+    p.add_argument(
+        "--num_workers",
+        type=int,
+        default=2,
+        help="background processes decoding and cropping images (0 = inline)",
+    )
+    p.add_argument(
+        "--crop",
+        choices=["random", "center"],
+        default="random",
+        help="crop offset: random (seeded per item) or center",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the per-item crop offsets")
-    p.add_argument("--image_root", default=None, help="folder that relative image paths are relative to (default: the current directory)")
-    p.add_argument("--max_image_pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS, help="images with more pixels are bad items (decompression-bomb guard)")
-    p.add_argument("--adapter", default=None, help="module:function converting your item format to the standard one (see lumina.conversation.to_standard_item)")
-    p.add_argument("--pixel_scaling", choices=PIXEL_SCALINGS, default="lumina", help="pixels to encoder input: lumina = x / 255 * 2 - 1, exactly [-1, 1], as Lumina-mGPT's own image tokenizer; transformers = x * 0.0078 - 1, as ChameleonImageProcessor (white is 0.989)")
-    p.add_argument("--rescale_factor", type=float, default=None, help="transformers scaling with this factor: x * F - 1 (implies --pixel_scaling transformers; kept for compatibility)")
-    p.add_argument("--max_samples_per_shard", type=int, default=1000, help="a shard is completed at this many samples")
+    p.add_argument(
+        "--image_root",
+        default=None,
+        help="folder that relative image paths are relative to (default: the current directory)",
+    )
+    p.add_argument(
+        "--max_image_pixels",
+        type=int,
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+        help="images with more pixels are bad items (decompression-bomb guard)",
+    )
+    p.add_argument(
+        "--adapter",
+        default=None,
+        help="module:function converting your item format to the standard one (see lumina.conversation.to_standard_item)",
+    )
+    p.add_argument(
+        "--pixel_scaling",
+        choices=PIXEL_SCALINGS,
+        default="lumina",
+        help="pixels to encoder input: lumina = x / 255 * 2 - 1, exactly [-1, 1], as Lumina-mGPT's own image tokenizer; transformers = x * 0.0078 - 1, as ChameleonImageProcessor (white is 0.989)",
+    )
+    p.add_argument(
+        "--rescale_factor",
+        type=float,
+        default=None,
+        help="transformers scaling with this factor: x * F - 1 (implies --pixel_scaling transformers; kept for compatibility)",
+    )
+    p.add_argument(
+        "--max_samples_per_shard", type=int, default=1000, help="a shard is completed at this many samples"
+    )
     p.add_argument("--max_shard_mb", type=float, default=256, help="... or at this many MiB")
     p.add_argument("--prefix", default="shard", help="shard file name prefix")
-    p.add_argument("--max_pending", type=int, default=0, help="items that may wait for a full batch (0 = 8 x batch_size)")
+    p.add_argument(
+        "--max_pending", type=int, default=0, help="items that may wait for a full batch (0 = 8 x batch_size)"
+    )
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
 
 
 def config_from_args(args: argparse.Namespace) -> PreTokenizeConfig:
     inputs = [args.in_filename] if isinstance(args.in_filename, str) else list(args.in_filename)
     return PreTokenizeConfig(
-        in_filename=inputs[0] if len(inputs) == 1 else inputs, out_dir=args.out_dir, splits=args.splits, rank=args.rank,
-        tokenizer=args.tokenizer, vq_model=args.vq_model, target_size=args.target_size,
-        batch_size=args.batch_size, precision=args.precision, device=args.device,
-        num_workers=args.num_workers, crop=args.crop, seed=args.seed, image_root=args.image_root,
-        max_image_pixels=args.max_image_pixels, adapter=args.adapter, rescale_factor=args.rescale_factor,
+        in_filename=inputs[0] if len(inputs) == 1 else inputs,
+        out_dir=args.out_dir,
+        splits=args.splits,
+        rank=args.rank,
+        tokenizer=args.tokenizer,
+        vq_model=args.vq_model,
+        target_size=args.target_size,
+        batch_size=args.batch_size,
+        precision=args.precision,
+        device=args.device,
+        num_workers=args.num_workers,
+        crop=args.crop,
+        seed=args.seed,
+        image_root=args.image_root,
+        max_image_pixels=args.max_image_pixels,
+        adapter=args.adapter,
+        rescale_factor=args.rescale_factor,
         pixel_scaling=args.pixel_scaling,
-        max_samples_per_shard=args.max_samples_per_shard, max_shard_bytes=int(args.max_shard_mb * (1 << 20)),
-        prefix=args.prefix, max_pending=args.max_pending, progress=not args.no_progress,
-        template=args.template.replace("\\n", "\n"), caption_key=args.caption_key,
+        max_samples_per_shard=args.max_samples_per_shard,
+        max_shard_bytes=int(args.max_shard_mb * (1 << 20)),
+        prefix=args.prefix,
+        max_pending=args.max_pending,
+        progress=not args.no_progress,
+        template=args.template.replace("\\n", "\n"),
+        caption_key=args.caption_key,
         staging_dir=args.staging_dir,
     )
 
@@ -378,7 +486,9 @@ def run(args: argparse.Namespace) -> int:
     print(summary.line(), file=sys.stderr)
     _write_summary(cfg, summary)
     if summary.all_failed:
-        print(f"error: every item of rank {cfg.rank} failed; see {errors_file_name(cfg.rank)}", file=sys.stderr)
+        print(
+            f"error: every item of rank {cfg.rank} failed; see {errors_file_name(cfg.rank)}", file=sys.stderr
+        )
         return 1
     return 0
 

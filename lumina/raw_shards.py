@@ -120,7 +120,9 @@ def iter_tar_members(f, where: str, start: int = 0) -> Iterator[tuple[str, int, 
         first = pos if first is None else first
         if kind in (b"x", b"g", b"L"):
             if size > MAX_EXTENDED_HEADER:
-                raise FormatError(f"{where}: extended tar header of {size} bytes at byte {pos} (corrupt shard)")
+                raise FormatError(
+                    f"{where}: extended tar header of {size} bytes at byte {pos} (corrupt shard)"
+                )
             header = _read_exact(f, padded(size), where, pos)[:size]
             pos += BLOCK + padded(size)
             if kind == b"x":
@@ -216,14 +218,17 @@ def iter_raw_items(
         if start > base:
             position = start - base
             if not state or state.get("shard_no") != shard_no or state.get("position") != position:
-                raise ValueError(f"cannot resume inside raw shard {shard_name(url)} at sample {position}: "
-                                 "the saved resume state does not name it (was the input list changed?)")
+                raise ValueError(
+                    f"cannot resume inside raw shard {shard_name(url)} at sample {position}: "
+                    "the saved resume state does not name it (was the input list changed?)"
+                )
             byte = int(state["byte"])
         yield from _shard_items(url, shard_no, base, position, byte, opts)
 
 
-def _shard_items(url: str, shard_no: int, base: int, position: int, byte: int,
-                 opts: wio.IOOptions) -> Iterator[tuple[int, RawSample]]:
+def _shard_items(
+    url: str, shard_no: int, base: int, position: int, byte: int, opts: wio.IOOptions
+) -> Iterator[tuple[int, RawSample]]:
     name, where = shard_name(url), wio.redact(url)
     try:
         with wio.open_range(url, byte, None, opts) as f:
@@ -234,10 +239,19 @@ def _shard_items(url: str, shard_no: int, base: int, position: int, byte: int,
     except FileNotFoundError as e:
         yield base + position, _failed(name, shard_no, position, "missing_shard", wio.scrub(str(e)))
     except (FormatError, OSError) as e:
-        yield base + position, _failed(name, shard_no, position, "unreadable_shard",
-                                       f"{where}: rest of the shard skipped: {wio.scrub(str(e))}")
+        yield (
+            base + position,
+            _failed(
+                name,
+                shard_no,
+                position,
+                "unreadable_shard",
+                f"{where}: rest of the shard skipped: {wio.scrub(str(e))}",
+            ),
+        )
 
 
 def _failed(name: str, shard_no: int, position: int, reason: str, message: str) -> RawSample:
-    return RawSample(key="", shard=name, members={}, shard_no=shard_no, position=position,
-                     error=(reason, message))
+    return RawSample(
+        key="", shard=name, members={}, shard_no=shard_no, position=position, error=(reason, message)
+    )

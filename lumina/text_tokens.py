@@ -82,7 +82,9 @@ class TextIds:
         """Call :func:`ensure_placeholder` first."""
         bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         if bos is None:
-            raise ValueError("the text tokenizer has neither a BOS nor an EOS token; the reference prepends BOS")
+            raise ValueError(
+                "the text tokenizer has neither a BOS nor an EOS token; the reference prepends BOS"
+            )
         return cls(
             bos=bos,
             end_of_turn=lookup_token_id(tokenizer, END_OF_TURN),
@@ -125,5 +127,7 @@ def tokenize_conversation(conv: Conversation, tokenizer: Any, ids: TextIds) -> t
         raise BadItem("nothing_to_predict", "no assistant turn to train on")
     num_placeholders = int((tokens == ids.placeholder).sum())
     if num_placeholders != len(conv.images):
-        raise BadItem("image_count_mismatch", f"{num_placeholders} placeholder tokens but {len(conv.images)} images")
+        raise BadItem(
+            "image_count_mismatch", f"{num_placeholders} placeholder tokens but {len(conv.images)} images"
+        )
     return tokens, labels

@@ -28,10 +28,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from wds_tools.view import add_arguments as view_arguments
 
     view_arguments(p)
-    p.add_argument("--vq", metavar="FOLDER",
-                   help="VQGAN folder (vqgan.yaml + vqgan.ckpt/.safetensors + vocabulary): "
-                        f"Lumina-mGPT's {DEFAULT_VQ} (default, when it exists) or a make-tiny "
-                        "output folder; without one, image blocks are drawn as placeholders")
+    p.add_argument(
+        "--vq",
+        metavar="FOLDER",
+        help="VQGAN folder (vqgan.yaml + vqgan.ckpt/.safetensors + vocabulary): "
+        f"Lumina-mGPT's {DEFAULT_VQ} (default, when it exists) or a make-tiny "
+        "output folder; without one, image blocks are drawn as placeholders",
+    )
     p.add_argument("--device", help="decoder device (default: cuda if available, else cpu)")
 
 
@@ -49,18 +52,22 @@ def renderer_from_args(args: argparse.Namespace) -> Any:
     if args.vq and args.renderer:
         raise ValueError("give --vq or --renderer, not both")
     if args.renderer:
-        return None   # the generic flags: wds-tools view loads it
+        return None  # the generic flags: wds-tools view loads it
     path = args.vq or (DEFAULT_VQ if os.path.isdir(DEFAULT_VQ) else None)
     if path is None:
-        print(f"lumina view: no --vq (and no {DEFAULT_VQ}): image blocks are drawn as "
-              "placeholders", file=sys.stderr)
+        print(
+            f"lumina view: no --vq (and no {DEFAULT_VQ}): image blocks are drawn as placeholders",
+            file=sys.stderr,
+        )
         return None
     folder = _vq_folder(path)
     if folder is None:
         raise ValueError(f"--vq {path}: no vqgan.yaml there (nor in vq/ or tokenizer/ below it)")
     if not args.tokenizer:
-        args.tokenizer = next((os.path.join(folder, f) for f in _TOKENIZER_FILES
-                               if os.path.isfile(os.path.join(folder, f))), None)
+        args.tokenizer = next(
+            (os.path.join(folder, f) for f in _TOKENIZER_FILES if os.path.isfile(os.path.join(folder, f))),
+            None,
+        )
     from lumina.render import load_renderer
 
     return load_renderer(folder, device=args.device)

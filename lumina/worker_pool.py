@@ -53,7 +53,9 @@ def ordered_map(
         return
     max_inflight = max_inflight or 4 * num_workers
     ctx = multiprocessing.get_context("spawn")  # no fork of a process holding torch/CUDA state
-    with ProcessPoolExecutor(num_workers, mp_context=ctx, initializer=_init_worker, initargs=(factory, arg, os.getpid())) as pool:
+    with ProcessPoolExecutor(
+        num_workers, mp_context=ctx, initializer=_init_worker, initargs=(factory, arg, os.getpid())
+    ) as pool:
         inflight: deque = deque()
         for task in tasks:
             inflight.append(pool.submit(_call, task))

@@ -4,6 +4,7 @@ Every sample's first three tokens encode (dataset number, sample number // 65536
 % 65536), so a test can check that a batch row holds the sample its key names. Sample lengths
 vary (``min_len``..``max_len``); the first ``len // 4`` positions are unsupervised.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,9 +25,17 @@ def sample_tokens(ds: int, i: int, length: int, rng: np.random.Generator) -> np.
     return ids[:length]
 
 
-def make_dataset(root: str, name: str, ds: int, num_samples: int, shard_sizes: Sequence[int] = (),
-                 samples_per_shard: int = 0, min_len: int = 4, max_len: int = 64,
-                 seed: int = 0) -> str:
+def make_dataset(
+    root: str,
+    name: str,
+    ds: int,
+    num_samples: int,
+    shard_sizes: Sequence[int] = (),
+    samples_per_shard: int = 0,
+    min_len: int = 4,
+    max_len: int = 64,
+    seed: int = 0,
+) -> str:
     """Write a dataset of ``num_samples`` samples; shards hold ``shard_sizes`` samples each
     (uneven on purpose) or ``samples_per_shard``. Returns the manifest path."""
     out = os.path.join(root, name)
@@ -38,13 +47,12 @@ def make_dataset(root: str, name: str, ds: int, num_samples: int, shard_sizes: S
     assert sum(sizes) == num_samples
     i = 0
     for rank, size in enumerate(sizes):  # one writer "rank" per shard gives any shard sizes
-        with ShardWriter(out, vocab_size=VOCAB, rank=rank, world_size=len(sizes),
-                         max_samples=size) as w:
+        with ShardWriter(out, vocab_size=VOCAB, rank=rank, world_size=len(sizes), max_samples=size) as w:
             for _ in range(size):
                 n = int(rng.integers(min_len, max_len + 1))
                 ids = sample_tokens(ds, i, n, rng)
                 labels = ids.astype(np.int64)
-                labels[:n // 4] = -100
+                labels[: n // 4] = -100
                 w.write(f"{name}-{i:06d}", ids, labels=labels)
                 i += 1
     merge(out)

@@ -39,7 +39,10 @@ def smooth_image(h: int, w: int, seed: int, channels: int = 3):
 
     rs = np.random.RandomState(seed)
     yy, xx = np.mgrid[0:h, 0:w]
-    planes = [127 + 120 * np.sin(xx / rs.uniform(5, 40) + yy / rs.uniform(5, 40) + rs.uniform(0, 6)) for _ in range(channels)]
+    planes = [
+        127 + 120 * np.sin(xx / rs.uniform(5, 40) + yy / rs.uniform(5, 40) + rs.uniform(0, 6))
+        for _ in range(channels)
+    ]
     return (np.stack(planes, -1) + rs.randint(-6, 7, (h, w, channels))).clip(0, 255).astype(np.uint8)
 
 
@@ -68,9 +71,29 @@ def mixed_items(image_dir, n: int = 12) -> list:
         Image.fromarray(smooth_image(h, w, k)).save(p)
         paths.append(str(p))
     kinds = [
-        lambda i: {"conversations": [{"from": "human", "value": f"Question {i}?"}, {"from": "gpt", "value": f"Answer {i}."}]},
-        lambda i: {"conversations": [{"from": "human", "value": f"<|image|> What is {i}?"}, {"from": "gpt", "value": "A pattern."}], "image": paths[i % 4]},
-        lambda i: {"conversations": [{"from": "human", "value": f"Draw {i}"}, {"from": "assistant", "value": "<|image|>"}], "image": [paths[(i + 1) % 4]]},
-        lambda i: {"conversations": [{"from": "human", "value": "Compare."}, {"from": "gpt", "value": "Same."}], "image": [paths[i % 4], paths[(i + 2) % 4]]},
+        lambda i: {
+            "conversations": [
+                {"from": "human", "value": f"Question {i}?"},
+                {"from": "gpt", "value": f"Answer {i}."},
+            ]
+        },
+        lambda i: {
+            "conversations": [
+                {"from": "human", "value": f"<|image|> What is {i}?"},
+                {"from": "gpt", "value": "A pattern."},
+            ],
+            "image": paths[i % 4],
+        },
+        lambda i: {
+            "conversations": [
+                {"from": "human", "value": f"Draw {i}"},
+                {"from": "assistant", "value": "<|image|>"},
+            ],
+            "image": [paths[(i + 1) % 4]],
+        },
+        lambda i: {
+            "conversations": [{"from": "human", "value": "Compare."}, {"from": "gpt", "value": "Same."}],
+            "image": [paths[i % 4], paths[(i + 2) % 4]],
+        },
     ]
     return [dict(kinds[i % 4](i), id=f"item-{i}") for i in range(n)]

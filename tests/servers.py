@@ -13,6 +13,7 @@ Everything is session-scoped and listens on a free loopback port; nothing leaves
 
 These servers are also used by ``benchmarks/bench_stream.py`` (the classes, not the fixtures).
 """
+
 from __future__ import annotations
 
 import http.client
@@ -30,8 +31,19 @@ from typing import List, Optional
 
 import numpy as np
 
-__all__ = ["free_port", "NginxServer", "MotoS3Server", "FaultProxy", "make_dataset", "S3FaultProxy",
-           "find_nginx", "ScriptedHTTPServer", "DATASET_NAME", "BUCKET", "two_dataset_config"]
+__all__ = [
+    "free_port",
+    "NginxServer",
+    "MotoS3Server",
+    "FaultProxy",
+    "make_dataset",
+    "S3FaultProxy",
+    "find_nginx",
+    "ScriptedHTTPServer",
+    "DATASET_NAME",
+    "BUCKET",
+    "two_dataset_config",
+]
 
 DATASET_NAME = "ds"
 BUCKET = "wds-test"
@@ -58,15 +70,22 @@ def _wait_port(port: int, proc: Optional[subprocess.Popen] = None, timeout: floa
 
 # --- datasets ---------------------------------------------------------------------------------
 
-def make_dataset(out_dir: str, num_samples: int = 300, max_samples: int = 100, seed: int = 0,
-                 min_tokens: int = 20, max_tokens: int = 400, key_prefix: str = "s") -> str:
+
+def make_dataset(
+    out_dir: str,
+    num_samples: int = 300,
+    max_samples: int = 100,
+    seed: int = 0,
+    min_tokens: int = 20,
+    max_tokens: int = 400,
+    key_prefix: str = "s",
+) -> str:
     """A format-v1 dataset with random tokens, labels and metadata; returns the manifest path."""
     from wds_tools.merge import merge
     from wds_tools.writer import ShardWriter
 
     rng = np.random.default_rng(seed)
-    with ShardWriter(out_dir, vocab_size=65536, max_samples=max_samples,
-                     tokenizer="test-tokenizer") as w:
+    with ShardWriter(out_dir, vocab_size=65536, max_samples=max_samples, tokenizer="test-tokenizer") as w:
         for i in range(num_samples):
             n = int(rng.integers(min_tokens, max_tokens + 1))
             ids = rng.integers(0, 65536, n)
@@ -78,10 +97,16 @@ def make_dataset(out_dir: str, num_samples: int = 300, max_samples: int = 100, s
 
 # --- nginx ------------------------------------------------------------------------------------
 
+
 def find_nginx() -> Optional[str]:
     return shutil.which("nginx") or next(
-        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/local/nginx/sbin/nginx")
-         if os.path.exists(p)), None)
+        (
+            p
+            for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/local/nginx/sbin/nginx")
+            if os.path.exists(p)
+        ),
+        None,
+    )
 
 
 _NGINX_CONF = """\
@@ -133,8 +158,9 @@ class NginxServer:
         conf = os.path.join(self.tmp, "nginx.conf")
         with open(conf, "w") as f:
             f.write(_NGINX_CONF.format(user=user, tmp=self.tmp, port=self.port, root=self.root))
-        self.proc = subprocess.Popen([self.binary, "-p", self.tmp, "-c", conf],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            [self.binary, "-p", self.tmp, "-c", conf], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
         try:
             _wait_port(self.port, self.proc)
         except RuntimeError as e:
@@ -163,8 +189,12 @@ class NginxServer:
 
 # --- moto S3 ----------------------------------------------------------------------------------
 
-FAKE_AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing-key-id", "AWS_SECRET_ACCESS_KEY": "testing-secret",
-                "AWS_DEFAULT_REGION": "us-east-1", "AWS_SESSION_TOKEN": "testing-session-token"}
+FAKE_AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing-key-id",
+    "AWS_SECRET_ACCESS_KEY": "testing-secret",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_SESSION_TOKEN": "testing-session-token",
+}
 
 
 class MotoS3Server:
@@ -178,8 +208,8 @@ class MotoS3Server:
         self._server = None
         if not process:
             from moto.server import ThreadedMotoServer
-            self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port,
-                                              verbose=False)
+
+            self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
 
     @property
     def endpoint(self) -> str:
@@ -195,7 +225,9 @@ class MotoS3Server:
         else:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
         _wait_port(self.port, self.proc, timeout=30)
         return self
 
@@ -212,10 +244,12 @@ class MotoS3Server:
 
     def client(self):
         import boto3
+
         return boto3.session.Session(
             aws_access_key_id=FAKE_AWS_ENV["AWS_ACCESS_KEY_ID"],
             aws_secret_access_key=FAKE_AWS_ENV["AWS_SECRET_ACCESS_KEY"],
-            region_name=FAKE_AWS_ENV["AWS_DEFAULT_REGION"]).client("s3", endpoint_url=self.endpoint)
+            region_name=FAKE_AWS_ENV["AWS_DEFAULT_REGION"],
+        ).client("s3", endpoint_url=self.endpoint)
 
     def upload_folder(self, folder: str, bucket: str, prefix: str) -> None:
         c = self.client()
@@ -237,6 +271,7 @@ class MotoS3Server:
 
 # --- fault proxy ------------------------------------------------------------------------------
 
+
 class FaultProxy:
     """A TCP proxy to ``127.0.0.1:target_port`` that breaks server->client streams.
 
@@ -250,15 +285,24 @@ class FaultProxy:
     ``faults_done`` counts the faults injected.
     """
 
-    def __init__(self, target_port: int, after_bytes: int = 100_000, faults: int = 3,
-                 mode: str = "cut", trickle_bytes: int = 4096, trickle_delay: float = 0.01,
-                 trickle_span: int = 32768):
+    def __init__(
+        self,
+        target_port: int,
+        after_bytes: int = 100_000,
+        faults: int = 3,
+        mode: str = "cut",
+        trickle_bytes: int = 4096,
+        trickle_delay: float = 0.01,
+        trickle_span: int = 32768,
+    ):
         if mode not in ("cut", "stall", "close", "trickle"):
             raise ValueError("mode must be 'cut', 'stall', 'close' or 'trickle'")
-        self.target_port, self.after_bytes, self.faults, self.mode = (
-            target_port, after_bytes, faults, mode)
+        self.target_port, self.after_bytes, self.faults, self.mode = (target_port, after_bytes, faults, mode)
         self.trickle_bytes, self.trickle_delay, self.trickle_span = (
-            trickle_bytes, trickle_delay, trickle_span)
+            trickle_bytes,
+            trickle_delay,
+            trickle_span,
+        )
         self.faults_done = 0
         self.connections = 0
         self._lock = threading.Lock()
@@ -326,13 +370,13 @@ class FaultProxy:
                     break
                 if armed and sent + len(data) > self.after_bytes:
                     if self._take_fault():
-                        dst.sendall(data[:max(0, self.after_bytes - sent)])
-                        if self.mode == "trickle":   # a slow stretch, then normal again
-                            if not self._trickle(src, dst, data[max(0, self.after_bytes - sent):]):
+                        dst.sendall(data[: max(0, self.after_bytes - sent)])
+                        if self.mode == "trickle":  # a slow stretch, then normal again
+                            if not self._trickle(src, dst, data[max(0, self.after_bytes - sent) :]):
                                 break
                             sent = 0
                             continue
-                        if self.mode == "close":   # orderly FIN: the body ends short
+                        if self.mode == "close":  # orderly FIN: the body ends short
                             for s in (dst, src):
                                 try:
                                     s.shutdown(socket.SHUT_RDWR)
@@ -341,7 +385,7 @@ class FaultProxy:
                                 s.close()
                             return
                         if self.mode == "stall":
-                            self._stop.wait()   # hold the connection open, send nothing
+                            self._stop.wait()  # hold the connection open, send nothing
                         _hard_close(src)
                         _hard_close(dst)
                         return
@@ -355,7 +399,6 @@ class FaultProxy:
         except OSError:
             pass
 
-
     def _trickle(self, src: socket.socket, dst: socket.socket, pending: bytes) -> bool:
         """``trickle_span`` bytes of this connection, slowly (``trickle_bytes`` every
         ``trickle_delay`` s); False when the upstream closed meanwhile."""
@@ -365,7 +408,10 @@ class FaultProxy:
                 pending = src.recv(min(65536, left))
                 if not pending:
                     return False
-            piece, pending = pending[:min(self.trickle_bytes, left)], pending[min(self.trickle_bytes, left):]
+            piece, pending = (
+                pending[: min(self.trickle_bytes, left)],
+                pending[min(self.trickle_bytes, left) :],
+            )
             dst.sendall(piece)
             left -= len(piece)
             time.sleep(self.trickle_delay)
@@ -390,6 +436,7 @@ def _hard_close(s: socket.socket) -> None:
 
 # --- a scripted HTTP server --------------------------------------------------------------------
 
+
 class _QuietHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
@@ -403,6 +450,7 @@ class _ThreadedHTTP:
     Fault schedule shared by the subclasses: ``fail_all`` fails every request, ``fail_every=N``
     (> 0) every N-th; failures take the next code of ``fail_codes`` (cycled) and count in
     ``errors_sent``."""
+
     fail_all, fail_every, fail_codes, errors_sent = False, 0, [500], 0
 
     def _periodic_fault(self, n: int) -> Optional[int]:
@@ -446,8 +494,16 @@ class ScriptedHTTPServer(_ThreadedHTTP):
     answers HEAD with 405 Method Not Allowed, like some object gateways.
     """
 
-    def __init__(self, root: str, errors=(), honour_ranges: bool = True, fail_every: int = 0,
-                 fail_codes=(500, 503), fail_all: bool = False, allow_head: bool = True):
+    def __init__(
+        self,
+        root: str,
+        errors=(),
+        honour_ranges: bool = True,
+        fail_every: int = 0,
+        fail_codes=(500, 503),
+        fail_all: bool = False,
+        allow_head: bool = True,
+    ):
         outer = self
         self.root, self.errors, self.honour_ranges = root, list(errors), honour_ranges
         self.allow_head = allow_head
@@ -496,7 +552,7 @@ class ScriptedHTTPServer(_ThreadedHTTP):
                     data = f.read()
                 rng = self.headers.get("Range")
                 if rng and outer.honour_ranges:
-                    a, _, b = rng[len("bytes="):].partition("-")
+                    a, _, b = rng[len("bytes=") :].partition("-")
                     a, b = int(a), min(int(b) if b else len(data) - 1, len(data) - 1)
                     if a >= len(data):
                         self.send_response(416)
@@ -505,7 +561,7 @@ class ScriptedHTTPServer(_ThreadedHTTP):
                         return
                     self.send_response(206)
                     self.send_header("Content-Range", f"bytes {a}-{b}/{len(data)}")
-                    data = data[a:b + 1]
+                    data = data[a : b + 1]
                 else:
                     self.send_response(200)
                 self.send_header("Content-Length", str(len(data)))
@@ -519,10 +575,14 @@ class ScriptedHTTPServer(_ThreadedHTTP):
 
 # --- an S3 front that throttles -----------------------------------------------------------------
 
-_S3_ERROR_XML = ('<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
-                 '<Message>{msg}</Message><RequestId>reliability-{n}</RequestId></Error>')
-_S3_ERRORS = {503: ("SlowDown", "Please reduce your request rate."),
-              500: ("InternalError", "We encountered an internal error. Please try again.")}
+_S3_ERROR_XML = (
+    '<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
+    "<Message>{msg}</Message><RequestId>reliability-{n}</RequestId></Error>"
+)
+_S3_ERRORS = {
+    503: ("SlowDown", "Please reduce your request rate."),
+    500: ("InternalError", "We encountered an internal error. Please try again."),
+}
 
 
 class S3FaultProxy(_ThreadedHTTP):
@@ -534,8 +594,7 @@ class S3FaultProxy(_ThreadedHTTP):
     so the client may sign for this host). Point ``AWS_ENDPOINT_URL`` at ``url``.
     ``errors_sent`` counts the injected answers, ``requests`` all requests."""
 
-    def __init__(self, target_port: int, fail_every: int = 3, codes=(503, 500),
-                 fail_all: bool = False):
+    def __init__(self, target_port: int, fail_every: int = 3, codes=(503, 500), fail_all: bool = False):
         outer = self
         self.target_port, self.fail_every, self.fail_codes = target_port, fail_every, list(codes)
         self.fail_all = fail_all
@@ -564,15 +623,22 @@ class S3FaultProxy(_ThreadedHTTP):
                     return
                 conn = http.client.HTTPConnection("127.0.0.1", outer.target_port, timeout=30)
                 try:
-                    headers = {k: v for k, v in self.headers.items()
-                               if k.lower() not in ("connection", "keep-alive")}
+                    headers = {
+                        k: v for k, v in self.headers.items() if k.lower() not in ("connection", "keep-alive")
+                    }
                     conn.request(self.command, self.path, body=body or None, headers=headers)
                     r = conn.getresponse()
                     data = r.read()
                     self.send_response(r.status)
                     for k, v in r.getheaders():
-                        if k.lower() not in ("connection", "keep-alive", "transfer-encoding",
-                                             "content-length", "server", "date"):
+                        if k.lower() not in (
+                            "connection",
+                            "keep-alive",
+                            "transfer-encoding",
+                            "content-length",
+                            "server",
+                            "date",
+                        ):
                             self.send_header(k, v)
                     length = r.getheader("Content-Length")
                     if self.command == "HEAD" and length is not None:
@@ -590,17 +656,32 @@ class S3FaultProxy(_ThreadedHTTP):
         self._serve(Handler)
 
 
-def two_dataset_config(folder, name: str, base: str, *, seed: int, weights=(0.5, 0.5),
-                       on_error: str = "fail") -> str:
+def two_dataset_config(
+    folder, name: str, base: str, *, seed: int, weights=(0.5, 0.5), on_error: str = "fail"
+) -> str:
     """``folder/NAME.yaml``: a one-epoch mixture of ``BASE/ds`` and ``BASE/ds2`` (the
     ``remote_dataset`` layout, wherever it is served from) with shard and sample shuffling."""
     import yaml
-    doc = {"seed": seed, "on_error": on_error,
-           "shuffle": {"shards": True, "samples": True, "block_size": 16, "window_blocks": 4},
-           "datasets": [{"name": "a", "manifest": f"{base}/{DATASET_NAME}/index.json",
-                         "weight": weights[0], "max_epochs": 1},
-                        {"name": "b", "manifest": f"{base}/{DATASET_NAME}2/index.json",
-                         "weight": weights[1], "max_epochs": 1}]}
+
+    doc = {
+        "seed": seed,
+        "on_error": on_error,
+        "shuffle": {"shards": True, "samples": True, "block_size": 16, "window_blocks": 4},
+        "datasets": [
+            {
+                "name": "a",
+                "manifest": f"{base}/{DATASET_NAME}/index.json",
+                "weight": weights[0],
+                "max_epochs": 1,
+            },
+            {
+                "name": "b",
+                "manifest": f"{base}/{DATASET_NAME}2/index.json",
+                "weight": weights[1],
+                "max_epochs": 1,
+            },
+        ],
+    }
     path = os.path.join(str(folder), f"{name}.yaml")
     with open(path, "w") as f:
         yaml.safe_dump(doc, f)

@@ -1,4 +1,5 @@
 """Collation: right padding, truncation, labels from spans, packing with boundaries."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -30,8 +31,11 @@ def test_rows_for_packing_is_greedy_in_order():
 
 
 def test_pack_batch_position_ids_segments_and_no_cross_document_labels():
-    ids = [np.array([10, 11, 12], np.uint16), np.array([20, 21], np.uint16),
-           np.array([30, 31, 32, 33, 34, 35], np.uint16)]
+    ids = [
+        np.array([10, 11, 12], np.uint16),
+        np.array([20, 21], np.uint16),
+        np.array([30, 31, 32, 33, 34, 35], np.uint16),
+    ]
     spans = [[[0, 3]], [[0, 2]], [[2, 6]]]
     arr, counts = pack_batch(ids, spans, [[0, 1], [2]], max_seq_len=5)
     inp, lab, att, pos, seg = arr
@@ -47,6 +51,7 @@ def test_pack_batch_position_ids_segments_and_no_cross_document_labels():
 
 def test_compact_batches_expand_to_exactly_pad_and_pack_batch():
     from wds_tools.collate import compact_layout, expand, pack_compact, pad_compact
+
     rng = np.random.default_rng(0)
     for trial in range(200):
         b, limit = int(rng.integers(1, 6)), int(rng.integers(1, 40))
@@ -68,8 +73,7 @@ def test_compact_batches_expand_to_exactly_pad_and_pack_batch():
         rows = rows_for_packing([min(len(x), limit) for x in ids], limit, b)
         k = sum(len(r) for r in rows)
         ref, _ = pack_batch(ids[:k], spans[:k], rows, limit, pad_id)
-        arrays = {n: np.full(s, 99).astype(d)
-                  for n, s, d in compact_layout(ids[:k], ref.shape, True)}
+        arrays = {n: np.full(s, 99).astype(d) for n, s, d in compact_layout(ids[:k], ref.shape, True)}
         pack_compact(ids[:k], spans[:k], rows, limit, arrays)
         got = expand(arrays, pad_id)
         assert got.dtype == np.int64 and got.shape == ref.shape

@@ -1,4 +1,5 @@
 """Format v1: writer/reader round trips, byte-range reads, crash safety, errors, no pickle."""
+
 import io
 import json
 import os
@@ -52,7 +53,7 @@ def test_round_trip_through_reader_and_plain_webdataset(tmp_path, vocab, dtype):
     urls = sorted(str(p) for p in tmp_path.glob("*.tar"))
     plain = list(wds.WebDataset(urls, shardshuffle=False).decode())
     assert [s["__key__"] for s in plain] == [k for k, *_ in samples]
-    for s, (_key, ids, _labels, _meta) in zip(plain, samples):
+    for s, (_key, ids, labels, meta) in zip(plain, samples):
         np.testing.assert_array_equal(s["input_ids.npy"], ids)
         assert s["json"]["meta"] == meta
         mask = np.zeros(ids.size, bool)
@@ -63,8 +64,9 @@ def test_round_trip_through_reader_and_plain_webdataset(tmp_path, vocab, dtype):
 
 def test_tar_tf_lists_members(tmp_path):
     write_dataset(tmp_path, make_samples(3, 1000), 1000)
-    out = subprocess.run(["tar", "tf", str(tmp_path / "shard-r00000-000000.tar")],
-                         capture_output=True, text=True, check=True).stdout.split()
+    out = subprocess.run(
+        ["tar", "tf", str(tmp_path / "shard-r00000-000000.tar")], capture_output=True, text=True, check=True
+    ).stdout.split()
     assert out == [f"item-{i:05d}.{s}" for i in range(3) for s in ("input_ids.npy", "json")]
 
 
@@ -100,10 +102,22 @@ def test_storage_under_2_8_bytes_per_token(tmp_path):
             ntext = int(rng.integers(20, 120))
             ids = rng.integers(0, 65536, size=ntext + 2356)
             labels = np.where(np.arange(ids.size) >= ntext, ids, -100)
-            meta = {"source": "captions.json", "index": i, "id": f"laion-{i:08d}",
-                    "images": [{"offset": ntext, "h": 768, "w": 768, "grid": [48, 48],
-                                "num_tokens": 2356, "crop": [12, 0, 780, 768],
-                                "orig_size": [1024, 768]}]}
+            meta = {
+                "source": "captions.json",
+                "index": i,
+                "id": f"laion-{i:08d}",
+                "images": [
+                    {
+                        "offset": ntext,
+                        "h": 768,
+                        "w": 768,
+                        "grid": [48, 48],
+                        "num_tokens": 2356,
+                        "crop": [12, 0, 780, 768],
+                        "orig_size": [1024, 768],
+                    }
+                ],
+            }
             w.write(f"{i:05d}_{i:09d}", ids, labels=labels, meta=meta)
     m = merge(str(tmp_path))
     on_disk = sum(p.stat().st_size for p in tmp_path.iterdir())  # shards, indexes, manifest
@@ -118,8 +132,9 @@ def test_ranks_write_one_folder_and_merge(tmp_path):
             for key, ids, labels, meta in samples[r::3]:
                 w.write(key, ids, labels=labels, meta=meta)
     m = merge(str(tmp_path))
-    assert sorted(s["__key__"] for s in iter_samples(str(tmp_path / "index.json"))) == \
-        sorted(k for k, *_ in samples)
+    assert sorted(s["__key__"] for s in iter_samples(str(tmp_path / "index.json"))) == sorted(
+        k for k, *_ in samples
+    )
     assert [r["rank"] for r in m["ranks"]] == [0, 1, 2]
 
 
@@ -127,9 +142,19 @@ def test_concat_record_cli_with_reference_flags(tmp_path):
     for r in range(2):  # shards in sub-folders, as some pre-tokenizers lay them out
         with ShardWriter(str(tmp_path / f"part{r}"), vocab_size=500, rank=r, world_size=2) as w:
             w.write(f"k{r}", [1, 2, 3], labels=[-100, 2, 3])
-    out = subprocess.run([sys.executable, "-m", "wds_tools.concat_record", "--sub_record_dir",
-                          str(tmp_path), "--save_path", str(tmp_path / "index.json")],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "wds_tools.concat_record",
+            "--sub_record_dir",
+            str(tmp_path),
+            "--save_path",
+            str(tmp_path / "index.json"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     assert [s["__key__"] for s in iter_samples(str(tmp_path / "index.json"))] == ["k0", "k1"]
 
@@ -200,16 +225,20 @@ def test_writer_refuses_existing_rank_without_resume(tmp_path):
 
 # --- bad input ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kwargs,message", [
-    ({"input_ids": [1, 2, 65536]}, "token id 65536 is outside the vocabulary"),
-    ({"input_ids": [1, -1]}, "token id -1 is outside the vocabulary"),
-    ({"input_ids": [1, 2, 3], "labels": [1, 2]}, "labels have length 2 but input_ids 3"),
-    ({"input_ids": [1, 2, 3], "mask": [True]}, "mask has length 1 but input_ids 3"),
-    ({"input_ids": [1, 2, 3], "labels": [1, 5, 3]}, "label at position 1 is 5"),
-    ({"input_ids": []}, "non-empty 1-D"),
-    ({"input_ids": [1.5]}, "must be integers"),
-    ({"input_ids": [1], "meta": {"x": float("nan")}}, "not JSON-serializable"),
-])
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"input_ids": [1, 2, 65536]}, "token id 65536 is outside the vocabulary"),
+        ({"input_ids": [1, -1]}, "token id -1 is outside the vocabulary"),
+        ({"input_ids": [1, 2, 3], "labels": [1, 2]}, "labels have length 2 but input_ids 3"),
+        ({"input_ids": [1, 2, 3], "mask": [True]}, "mask has length 1 but input_ids 3"),
+        ({"input_ids": [1, 2, 3], "labels": [1, 5, 3]}, "label at position 1 is 5"),
+        ({"input_ids": []}, "non-empty 1-D"),
+        ({"input_ids": [1.5]}, "must be integers"),
+        ({"input_ids": [1], "meta": {"x": float("nan")}}, "not JSON-serializable"),
+    ],
+)
 def test_writer_rejects_bad_samples(tmp_path, kwargs, message):
     with ShardWriter(str(tmp_path), vocab_size=65536) as w:
         ids = kwargs.pop("input_ids")
@@ -272,6 +301,7 @@ def test_truncated_shard_never_yields_partial_sample(tmp_path):
 
 def test_checksum_mismatch_reported_by_verify(tmp_path):
     from wds_tools.verify import verify
+
     write_dataset(tmp_path, make_samples(10, 1000), 1000, max_samples=5)
     assert verify(str(tmp_path / "index.json"))["ok"]
     with open(tmp_path / "shard-r00000-000001.tar", "r+b") as f:
@@ -293,6 +323,7 @@ def test_index_that_disagrees_with_tar_is_detected(tmp_path):
 
 
 # --- no pickle ----------------------------------------------------------------------------
+
 
 class _Evil:
     def __init__(self, path):
@@ -330,6 +361,7 @@ def test_pickle_members_are_never_unpickled(tmp_path):
         next(it)
     # The indexed path reads raw bytes; an object .npy is rejected by its header check.
     from wds_tools.format import decode_sample
+
     data = shard.read_bytes()
     with tarfile.open(shard) as tf:
         off = next(m.offset for m in tf.getmembers() if m.name == "b.input_ids.npy")
@@ -345,6 +377,7 @@ def test_token_dtype():
 
 # --- block decode ---------------------------------------------------------------------------
 
+
 def _shard_bytes(tmp_path, samples, vocab, max_samples=1000):
     write_dataset(tmp_path, samples, vocab, max_samples=max_samples)
     sh = open_shards(str(tmp_path / "index.json"))[0]
@@ -354,13 +387,16 @@ def _shard_bytes(tmp_path, samples, vocab, max_samples=1000):
 def _block_vs_one(sh, buf):
     """decode_block over the whole shard agrees with decode_ids_spans sample by sample."""
     from wds_tools.format import decode_block, decode_ids_spans
+
     buf = bytes(buf)
-    ids, spans, metas, errors = decode_block(buf, sh.offsets, sh.lengths, sh.keys, sh.num_tokens,
-                                             sh.dtype, "w")
+    ids, spans, metas, errors = decode_block(
+        buf, sh.offsets, sh.lengths, sh.keys, sh.num_tokens, sh.dtype, "w"
+    )
     for i in range(len(sh)):
         try:
-            want = decode_ids_spans(buf, sh.offsets[i], sh.lengths[i], sh.keys[i],
-                                    sh.num_tokens[i], sh.dtype, "w")
+            want = decode_ids_spans(
+                buf, sh.offsets[i], sh.lengths[i], sh.keys[i], sh.num_tokens[i], sh.dtype, "w"
+            )
         except FormatError as e:
             assert i in errors and str(errors[i]) == str(e) and ids[i] is None
             continue
@@ -384,22 +420,23 @@ def test_decode_block_corrupt_samples_match_the_exact_path(tmp_path):
     samples = make_samples(12, 65536, min_len=50, max_len=120)
     sh, buf = _shard_bytes(tmp_path, samples, 65536)
     o = sh.offsets
-    buf[o[1]] ^= 1                                   # key of the ids member
-    buf[o[2] + 258] = ord("X")                       # ustar magic
-    buf[o[3] + 512 + 1] = 0                          # npy magic
-    j4 = o[4] + sh.lengths[4] - 1024                 # JSON header of a one-block JSON member
-    buf[j4 + 124:j4 + 135] = b"       1234"          # odd but valid octal: exact path decides
+    buf[o[1]] ^= 1  # key of the ids member
+    buf[o[2] + 258] = ord("X")  # ustar magic
+    buf[o[3] + 512 + 1] = 0  # npy magic
+    j4 = o[4] + sh.lengths[4] - 1024  # JSON header of a one-block JSON member
+    buf[j4 + 124 : j4 + 135] = b"       1234"  # odd but valid octal: exact path decides
     j5 = o[5] + sh.lengths[5] - 512
-    buf[j5] = ord("[")                               # JSON is not an object
+    buf[j5] = ord("[")  # JSON is not an object
     j6 = o[6] + sh.lengths[6] - 512
-    buf[j6:j6 + 2] = b" {"                           # leading whitespace: refused by both
+    buf[j6 : j6 + 2] = b" {"  # leading whitespace: refused by both
     j7 = o[7] + sh.lengths[7] - 512
-    buf[j7 + 1:j7 + 13] = b'"supervisedX'            # no "supervised" key
+    buf[j7 + 1 : j7 + 13] = b'"supervisedX'  # no "supervised" key
     errors = _block_vs_one(sh, buf)
     assert {1, 2, 3, 5, 6, 7} <= set(errors) and 0 not in errors and 8 not in errors
     # a buffer cut inside sample 9: samples before it decode, the rest are errors
     from wds_tools.format import decode_block
-    cut = bytes(buf[:o[9] + 700])
+
+    cut = bytes(buf[: o[9] + 700])
     ids, _, _, errors = decode_block(cut, o, sh.lengths, sh.keys, sh.num_tokens, sh.dtype)
     assert ids[8] is not None and all(ids[i] is None for i in (9, 10, 11))
     assert "truncated" in str(errors[9])
@@ -408,10 +445,10 @@ def test_decode_block_corrupt_samples_match_the_exact_path(tmp_path):
 def test_reader_labels_are_never_overwritten_by_recycling(tmp_path):
     samples = make_samples(50, 65536, min_len=1, max_len=3000)
     write_dataset(tmp_path, samples, 65536, max_samples=20)
-    held = list(iter_samples(str(tmp_path / "index.json")))        # every sample held
+    held = list(iter_samples(str(tmp_path / "index.json")))  # every sample held
     views = [s["labels"][:3] for s in iter_samples(str(tmp_path / "index.json"))]  # views only
     streamed = []
-    for s in iter_samples(str(tmp_path / "index.json")):           # each dropped at once
+    for s in iter_samples(str(tmp_path / "index.json")):  # each dropped at once
         streamed.append(s["labels"].copy())
     for s, v, c, (_, _ids, labels, _) in zip(held, views, streamed, samples):
         np.testing.assert_array_equal(s["labels"], labels)

@@ -1,11 +1,11 @@
 """GPU checks (skipped without CUDA): the chunked loss on the device agrees with the CPU."""
+
 import pytest
 import torch
 
 from lumina.loss import chunked_lm_loss
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])

@@ -2,6 +2,7 @@
 offline): columns ``input_ids.npy`` and ``json``, ids equal to the reader's, labels rebuilt from
 the ``json`` column's ``supervised`` spans; ``wds_tools.wds.hf_features`` keeps metadata whose
 schema changes after the first samples (which the builder's inference drops or fails on)."""
+
 from __future__ import annotations
 
 import glob
@@ -25,12 +26,18 @@ def load(tmp_path, monkeypatch):
     """``load_dataset("webdataset", ...)`` offline, with its cache in ``tmp_path``."""
     for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
         monkeypatch.setenv(k, "1")
-        if hasattr(datasets.config, k):      # read at import: set it where it is kept, too
+        if hasattr(datasets.config, k):  # read at import: set it where it is kept, too
             monkeypatch.setattr(datasets.config, k, True)
 
     def _load(tars, **kw):
-        return datasets.load_dataset("webdataset", data_files={"train": tars}, split="train",
-                                     cache_dir=str(tmp_path / "hf_cache"), **kw)
+        return datasets.load_dataset(
+            "webdataset",
+            data_files={"train": tars},
+            split="train",
+            cache_dir=str(tmp_path / "hf_cache"),
+            **kw,
+        )
+
     return _load
 
 
@@ -45,7 +52,7 @@ def test_load_dataset_webdataset_reads_ids_and_supervision(tmp_path, load):
         assert row["__key__"] == r["__key__"]
         ids = np.asarray(row["input_ids.npy"], dtype=np.uint16)
         np.testing.assert_array_equal(ids, r["input_ids"])
-        labels = spans_to_labels(ids, row["json"]["supervised"])   # as docs/streaming.md says
+        labels = spans_to_labels(ids, row["json"]["supervised"])  # as docs/streaming.md says
         np.testing.assert_array_equal(labels, r["labels"])
 
 

@@ -1,4 +1,5 @@
 """wds_tools.io without servers: URLs, redaction, pipe refusal, local ranges, resume logic."""
+
 from __future__ import annotations
 
 import io
@@ -16,39 +17,50 @@ SECRET = "s3cr3tSIGNATURE"
 
 # --- URLs -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("url,expected", [
-    ("https://user:pw@host.example:8443/a/b.tar?X-Amz-Signature=abc#frag",
-     "https://host.example:8443/a/b.tar"),
-    ("http://127.0.0.1/ds/index.json", "http://127.0.0.1/ds/index.json"),
-    ("s3://bucket/key/x.tar?versionId=3", "s3://bucket/key/x.tar"),
-    ("http://[::1]:8080/x", "http://[::1]:8080/x"),
-    ("/local/path/x.tar", "/local/path/x.tar"),
-])
+
+@pytest.mark.parametrize(
+    "url,expected",
+    [
+        (
+            "https://user:pw@host.example:8443/a/b.tar?X-Amz-Signature=abc#frag",
+            "https://host.example:8443/a/b.tar",
+        ),
+        ("http://127.0.0.1/ds/index.json", "http://127.0.0.1/ds/index.json"),
+        ("s3://bucket/key/x.tar?versionId=3", "s3://bucket/key/x.tar"),
+        ("http://[::1]:8080/x", "http://[::1]:8080/x"),
+        ("/local/path/x.tar", "/local/path/x.tar"),
+    ],
+)
 def test_redact(url, expected):
     assert wio.redact(url) == expected
 
 
 def test_scrub_removes_credentials_from_free_text():
-    text = (f"HTTPConnectionPool(host='h', port=1): Max retries exceeded with url: "
-            f"/ds/x.tar?X-Amz-Credential=AKIAABCDEFGHIJKLMNOP&X-Amz-Signature={SECRET} "
-            f"(https://bob:{SECRET}@h/x) token={SECRET} key AKIAABCDEFGHIJKLMNOP")
+    text = (
+        f"HTTPConnectionPool(host='h', port=1): Max retries exceeded with url: "
+        f"/ds/x.tar?X-Amz-Credential=AKIAABCDEFGHIJKLMNOP&X-Amz-Signature={SECRET} "
+        f"(https://bob:{SECRET}@h/x) token={SECRET} key AKIAABCDEFGHIJKLMNOP"
+    )
     out = wio.scrub(text)
     assert SECRET not in out and "AKIAABCDEFGHIJKLMNOP" not in out and "bob" not in out
     assert "/ds/x.tar" in out
     assert wio.scrub("object truncated?") == "object truncated?"
 
 
-@pytest.mark.parametrize("base,rel,expected", [
-    ("/data/ds/index.json", "shard-0.tar", "/data/ds/shard-0.tar"),
-    ("/data/ds/index.json", "../other/s.tar", "/data/other/s.tar"),
-    ("file:///data/ds/index.json", "s.tar", "/data/ds/s.tar"),
-    ("http://h:1/a/ds/index.json", "s.tar", "http://h:1/a/ds/s.tar"),
-    ("http://h:1/a/ds/index.json", "../b/s.tar", "http://h:1/a/b/s.tar"),
-    ("s3://bkt/a/ds/index.json", "s.tar", "s3://bkt/a/ds/s.tar"),
-    ("s3://bkt/a/ds/index.json", "../b/s.tar", "s3://bkt/a/b/s.tar"),
-    ("s3://bkt/index.json", "s.tar", "s3://bkt/s.tar"),
-    ("/data/index.json", "s3://other/s.tar", "s3://other/s.tar"),
-])
+@pytest.mark.parametrize(
+    "base,rel,expected",
+    [
+        ("/data/ds/index.json", "shard-0.tar", "/data/ds/shard-0.tar"),
+        ("/data/ds/index.json", "../other/s.tar", "/data/other/s.tar"),
+        ("file:///data/ds/index.json", "s.tar", "/data/ds/s.tar"),
+        ("http://h:1/a/ds/index.json", "s.tar", "http://h:1/a/ds/s.tar"),
+        ("http://h:1/a/ds/index.json", "../b/s.tar", "http://h:1/a/b/s.tar"),
+        ("s3://bkt/a/ds/index.json", "s.tar", "s3://bkt/a/ds/s.tar"),
+        ("s3://bkt/a/ds/index.json", "../b/s.tar", "s3://bkt/a/b/s.tar"),
+        ("s3://bkt/index.json", "s.tar", "s3://bkt/s.tar"),
+        ("/data/index.json", "s3://other/s.tar", "s3://other/s.tar"),
+    ],
+)
 def test_join_url(base, rel, expected):
     assert wio.join_url(base, rel) == expected
 
@@ -59,6 +71,7 @@ def test_join_url_refuses_to_leave_the_bucket():
 
 
 # --- pipe: and schemes ------------------------------------------------------------------------
+
 
 def test_pipe_refused_by_default(tmp_path):
     marker = tmp_path / "ran"
@@ -90,6 +103,7 @@ def test_options_validated():
 
 # --- local ------------------------------------------------------------------------------------
 
+
 def test_local_ranges(tmp_path):
     p = tmp_path / "obj"
     data = bytes(range(256)) * 40
@@ -109,6 +123,7 @@ def test_local_ranges(tmp_path):
 
 
 # --- resume logic with a scripted opener --------------------------------------------------------
+
 
 class _Body:
     def __init__(self, data: bytes, fail_after: int = -1, exc: Exception = None):
@@ -137,6 +152,7 @@ def _scripted(data: bytes, plan):
         if isinstance(step, BaseException):
             raise step
         return _Body(data[pos:end], -1 if step is None else step)
+
     return open_at, opened
 
 
@@ -153,8 +169,9 @@ def test_resume_at_the_byte_where_it_broke():
 def test_truncated_body_is_resumed_not_silent():
     data = os.urandom(5000)
 
-    def open_at(pos, end):   # each body ends early, without an error
-        return _Body(data[pos:min(end, pos + 1500)])
+    def open_at(pos, end):  # each body ends early, without an error
+        return _Body(data[pos : min(end, pos + 1500)])
+
     with io.BufferedReader(transport._Resuming("http://h/x", open_at, 0, 5000, FAST)) as f:
         assert f.read() == data
 
@@ -165,12 +182,13 @@ def test_gives_up_after_max_retries_without_leaking_secrets(caplog):
 
     def open_at(pos, end):
         raise err
+
     caplog.set_level(logging.DEBUG, logger="wds_tools")
     with pytest.raises(IOError, match="giving up after 3 retries") as ei:
         io.BufferedReader(transport._Resuming(url, open_at, 0, 10, FAST)).read()
     assert SECRET not in str(ei.value) and SECRET not in caplog.text
     assert "https://h/x.tar" in str(ei.value)
-    assert ei.value.__suppress_context__   # the raw error (with the secret) is not chained
+    assert ei.value.__suppress_context__  # the raw error (with the secret) is not chained
 
 
 def test_permanent_errors_are_not_retried():
@@ -179,6 +197,7 @@ def test_permanent_errors_are_not_retried():
     def open_at(pos, end):
         calls.append(pos)
         raise transport._NotFound("http://h/x: not found (HTTP 404)")
+
     with pytest.raises(FileNotFoundError, match="404"):
         io.BufferedReader(transport._Resuming("http://h/x", open_at, 0, 10, FAST)).read()
     assert calls == [0]
@@ -195,5 +214,6 @@ def test_progress_resets_the_failure_count():
 def test_empty_range_opens_nothing():
     def open_at(pos, end):
         raise AssertionError("opened")
+
     with io.BufferedReader(transport._Resuming("http://h/x", open_at, 7, 7, FAST)) as f:
         assert f.read() == b""

@@ -1,6 +1,7 @@
 """The house rules that keep the code easy to carry on: imports run one way (no cycle inside
 ``wds_tools`` or ``lumina``), ``wds_tools`` never imports the model side, and the core works
 without torch (every module but the DataLoader-facing one imports, and the CLIs run)."""
+
 from __future__ import annotations
 
 import ast
@@ -37,8 +38,9 @@ def _modules() -> Dict[str, str]:
                 if f.endswith(".py"):
                     rel = os.path.relpath(os.path.join(dirpath, f), ROOT)[:-3]
                     name = rel.replace(os.sep, ".")
-                    out[name[:-len(".__init__")] if name.endswith(".__init__") else name] = \
-                        os.path.join(ROOT, rel + ".py")
+                    out[name[: -len(".__init__")] if name.endswith(".__init__") else name] = os.path.join(
+                        ROOT, rel + ".py"
+                    )
     return out
 
 
@@ -53,11 +55,11 @@ def _imports(name: str, path: str, known: Set[str] = frozenset()) -> Set[str]:
             found.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):
             if node.level:
-                parent = base[:len(base) - node.level + 1]
+                parent = base[: len(base) - node.level + 1]
                 mod = ".".join(parent + ([node.module] if node.module else []))
             else:
                 mod = node.module or ""
-            subs = {f"{mod}.{a.name}" for a in node.names} & set(known)   # "from . import io"
+            subs = {f"{mod}.{a.name}" for a in node.names} & set(known)  # "from . import io"
             found.update(subs)
             if len(subs) < len(node.names):
                 found.add(mod)
@@ -66,8 +68,7 @@ def _imports(name: str, path: str, known: Set[str] = frozenset()) -> Set[str]:
 
 def _graph() -> Dict[str, Set[str]]:
     mods = _modules()
-    return {m: {i for i in _imports(m, p, set(mods)) if i in mods and i != m}
-            for m, p in mods.items()}
+    return {m: {i for i in _imports(m, p, set(mods)) if i in mods and i != m} for m, p in mods.items()}
 
 
 def _cycles(graph: Dict[str, Set[str]]) -> List[List[str]]:
@@ -117,7 +118,7 @@ def test_the_cycle_finder_finds_cycles():
 
 def test_transport_below_cache_below_io():
     graph = _graph()
-    assert not graph["wds_tools.transport"]          # the bottom layer imports nothing of ours
+    assert not graph["wds_tools.transport"]  # the bottom layer imports nothing of ours
     assert graph["wds_tools.cache"] == {"wds_tools.transport"}
     assert "wds_tools.io" not in graph["wds_tools.cache"]
 
@@ -125,24 +126,36 @@ def test_transport_below_cache_below_io():
 def test_wds_tools_never_imports_the_model_side():
     for name, path in _modules().items():
         if name.startswith("wds_tools"):
-            bad = {i for i in _imports(name, path)
-                   if i.split(".")[0] in ("lumina", "transformers", "deepspeed")}
+            bad = {
+                i for i in _imports(name, path) if i.split(".")[0] in ("lumina", "transformers", "deepspeed")
+            }
             assert not bad, f"{name} imports {sorted(bad)}"
 
 
 def _run_without_torch(code: str, cwd: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", NO_TORCH + code], cwd=cwd, capture_output=True,
-                          text=True, timeout=300, env=dict(os.environ, PYTHONPATH=ROOT))
+    return subprocess.run(
+        [sys.executable, "-c", NO_TORCH + code],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+    )
 
 
 def test_the_core_imports_without_torch(tmp_path):
-    core = sorted(m for m in _modules() if m.startswith("wds_tools") and m not in TORCH_FACING
-                  and not m.endswith("__main__"))
+    core = sorted(
+        m
+        for m in _modules()
+        if m.startswith("wds_tools") and m not in TORCH_FACING and not m.endswith("__main__")
+    )
     p = _run_without_torch(
         "import importlib\n"
         f"for m in {core!r}:\n    importlib.import_module(m)\n"
         "assert 'torch' not in sys.modules\n"
-        "try:\n    import torch\nexcept ImportError:\n    print('blocked')\n", str(tmp_path))
+        "try:\n    import torch\nexcept ImportError:\n    print('blocked')\n",
+        str(tmp_path),
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.strip() == "blocked"
 
@@ -152,16 +165,20 @@ def two_datasets(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("core"))
     a = make_dataset(root, "a", 0, 120, samples_per_shard=40)
     b = make_dataset(root, "b", 1, 60, samples_per_shard=30)
-    cfg = write_config(os.path.join(root, "mix.yaml"), [{"manifest": a, "weight": 2},
-                                                         {"manifest": b, "weight": 1}])
+    cfg = write_config(
+        os.path.join(root, "mix.yaml"), [{"manifest": a, "weight": 2}, {"manifest": b, "weight": 1}]
+    )
     return root, a, b, cfg
 
 
 def _cli(args: List[str], cwd: str) -> subprocess.CompletedProcess:
-    return _run_without_torch("from wds_tools.cli import main\n"
-                              f"code = main({args!r})\n"
-                              "assert 'torch' not in sys.modules, 'torch was imported'\n"
-                              "sys.exit(code)\n", cwd)
+    return _run_without_torch(
+        "from wds_tools.cli import main\n"
+        f"code = main({args!r})\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "sys.exit(code)\n",
+        cwd,
+    )
 
 
 def test_the_cli_works_without_torch(two_datasets, tmp_path):
@@ -174,13 +191,13 @@ def test_the_cli_works_without_torch(two_datasets, tmp_path):
     p = _cli(["merge", os.path.dirname(b)], str(tmp_path))
     assert p.returncode == 0 and os.path.exists(b), p.stderr[-2000:]
     out = tmp_path / "s.jsonl"
-    p = _cli(["stream", cfg, "--batch-size", "4", "--batches", "5", "--output", str(out)],
-             str(tmp_path))
+    p = _cli(["stream", cfg, "--batch-size", "4", "--batches", "5", "--output", str(out)], str(tmp_path))
     assert p.returncode == 0, p.stderr[-2000:]
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(rows) == 5 and all(len(r["samples"]) == 4 for r in rows)
     # the same batches as the torch loader gives
     from wds_tools.loader import build_loader
+
     loader = build_loader(cfg, rank=0, world_size=1, batch_size=4, max_seq_len=4096)
     it = iter(loader)
     for r in rows:

@@ -1,5 +1,6 @@
 """The streaming loader end to end on small real datasets: batch contents, mixture, epochs,
 distribution over ranks and workers, exact resume, corrupt shards, laziness."""
+
 from __future__ import annotations
 
 import json
@@ -22,13 +23,15 @@ SIZES = {"big": 3000, "mid": 300, "tiny": 40}
 @pytest.fixture(scope="session")
 def data(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("loader_data"))
-    m = {"big": make_dataset(root, "big", 0, 3000, samples_per_shard=400),
-         "mid": make_dataset(root, "mid", 1, 300, shard_sizes=[7, 93, 150, 50]),
-         "tiny": make_dataset(root, "tiny", 2, 40, samples_per_shard=6),
-         # for the distributed test: uneven shard counts and sizes
-         "d0": make_dataset(root, "d0", 3, 403, shard_sizes=[100, 3, 250, 50]),
-         "d1": make_dataset(root, "d1", 4, 130, samples_per_shard=7),
-         "d2": make_dataset(root, "d2", 5, 37, samples_per_shard=5)}
+    m = {
+        "big": make_dataset(root, "big", 0, 3000, samples_per_shard=400),
+        "mid": make_dataset(root, "mid", 1, 300, shard_sizes=[7, 93, 150, 50]),
+        "tiny": make_dataset(root, "tiny", 2, 40, samples_per_shard=6),
+        # for the distributed test: uneven shard counts and sizes
+        "d0": make_dataset(root, "d0", 3, 403, shard_sizes=[100, 3, 250, 50]),
+        "d1": make_dataset(root, "d1", 4, 130, samples_per_shard=7),
+        "d2": make_dataset(root, "d2", 5, 37, samples_per_shard=5),
+    }
     return root, m
 
 
@@ -42,6 +45,7 @@ def mix_config(data, tmp_path, weights=(0.7, 0.2, 0.1), **top):
 def index_of(data):
     """key -> (input_ids, labels) of every sample, read with the plain reader."""
     from wds_tools.reader import iter_samples
+
     out = {}
     for man in data[1].values():
         for s in iter_samples(man):
@@ -51,8 +55,15 @@ def index_of(data):
 
 def test_batches_hold_the_samples_their_keys_name(data, tmp_path):
     truth = index_of(data)
-    loader = build_loader(mix_config(data, tmp_path), rank=0, world_size=1, batch_size=4,
-                          num_workers=0, max_seq_len=40, pad_id=0)
+    loader = build_loader(
+        mix_config(data, tmp_path),
+        rank=0,
+        world_size=1,
+        batch_size=4,
+        num_workers=0,
+        max_seq_len=40,
+        pad_id=0,
+    )
     it = iter(loader)
     for _ in range(30):
         b = next(it)
@@ -78,8 +89,9 @@ def rank_stream(loader, num_batches):
 @pytest.mark.slow  # DataLoader workers
 def test_every_prefix_tracks_sample_weights_over_very_different_sizes(data, tmp_path):
     w = np.array([0.7, 0.2, 0.1])
-    loader = build_loader(mix_config(data, tmp_path), rank=0, world_size=1, batch_size=8,
-                          num_workers=2, max_seq_len=64)
+    loader = build_loader(
+        mix_config(data, tmp_path), rank=0, world_size=1, batch_size=8, num_workers=2, max_seq_len=64
+    )
     names = ["big", "mid", "tiny"]
     counts, n, worst = np.zeros(3), 0, 0.0
     for b in rank_stream(loader, 150):  # 1,200 samples
@@ -93,7 +105,7 @@ def test_every_prefix_tracks_sample_weights_over_very_different_sizes(data, tmp_
     assert [d["samples"] for d in st["datasets"]] == counts.tolist()
     # 120 "tiny" samples over 2 readers of 20 per epoch: it wrapped (a new shuffled epoch)...
     assert st["datasets"][2]["epoch"] >= 2
-    assert st["datasets"][0]["epoch"] == 0   # ...while the big one continues its first epoch
+    assert st["datasets"][0]["epoch"] == 0  # ...while the big one continues its first epoch
 
 
 @pytest.mark.slow  # DataLoader workers
@@ -115,9 +127,16 @@ def test_token_weighting_tracks_token_shares(data, tmp_path):
 @pytest.mark.slow  # DataLoader workers
 def test_one_bounded_epoch_reads_every_sample_once(data, tmp_path):
     root, m = data
-    cfg = load_data_config(write_config(str(tmp_path / "b.yaml"), [
-        {"manifest": m["mid"], "weight": 2, "max_epochs": 1},
-        {"manifest": m["tiny"], "weight": 1, "max_epochs": 1}], shuffle={"block_size": 8}))
+    cfg = load_data_config(
+        write_config(
+            str(tmp_path / "b.yaml"),
+            [
+                {"manifest": m["mid"], "weight": 2, "max_epochs": 1},
+                {"manifest": m["tiny"], "weight": 1, "max_epochs": 1},
+            ],
+            shuffle={"block_size": 8},
+        )
+    )
     loader = build_loader(cfg, rank=0, world_size=1, batch_size=5, num_workers=2, max_seq_len=64)
     keys = [k for b in loader for k in b["__key__"]]
     # 2 readers: each owns 150 of "mid" and 20 of "tiny" = 170 samples = 34 batches of 5
@@ -129,14 +148,18 @@ def test_one_bounded_epoch_reads_every_sample_once(data, tmp_path):
 @pytest.mark.slow  # DataLoader workers
 def test_epochs_reshuffle_and_seeds_change_the_order(data, tmp_path):
     root, m = data
-    cfg = load_data_config(write_config(str(tmp_path / "e.yaml"), [
-        {"manifest": m["mid"], "weight": 1, "max_epochs": 2}], shuffle={"block_size": 8}))
+    cfg = load_data_config(
+        write_config(
+            str(tmp_path / "e.yaml"),
+            [{"manifest": m["mid"], "weight": 1, "max_epochs": 2}],
+            shuffle={"block_size": 8},
+        )
+    )
     keys = [k for b in build_loader(cfg, batch_size=10, max_seq_len=64) for k in b["__key__"]]
     e0, e1 = keys[:300], keys[300:]
     assert sorted(e0) == sorted(e1) and e0 != e1
     # shuffled, yet each block of 8 is one sequential read: most neighbours share a shard run
-    other = [k for b in build_loader(cfg, batch_size=10, max_seq_len=64, seed=99)
-             for k in b["__key__"]]
+    other = [k for b in build_loader(cfg, batch_size=10, max_seq_len=64, seed=99) for k in b["__key__"]]
     assert other[:300] != e0 and sorted(other[:300]) == sorted(e0)
 
 
@@ -149,8 +172,16 @@ def _distributed_worker(rank, world, cfg_path, port, out_dir):
         batches = [b["__key__"] for b in loader]
         states = loader.gather_state_dicts()
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump({"rank": loader.rank, "world": loader.world_size, "batches": batches,
-                       "len": len(loader), "states": len(states["ranks"])}, f)
+            json.dump(
+                {
+                    "rank": loader.rank,
+                    "world": loader.world_size,
+                    "batches": batches,
+                    "len": len(loader),
+                    "states": len(states["ranks"]),
+                },
+                f,
+            )
         torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
@@ -163,10 +194,15 @@ def test_two_ranks_two_workers_equal_batches_disjoint_complete(data, tmp_path):
     import torch.multiprocessing as mp
 
     root, m = data
-    cfg = write_config(str(tmp_path / "dist.yaml"), [
-        {"manifest": m["d0"], "weight": 5, "max_epochs": 1},
-        {"manifest": m["d1"], "weight": 2, "max_epochs": 1},
-        {"manifest": m["d2"], "weight": 1, "max_epochs": 1}], shuffle={"block_size": 8})
+    cfg = write_config(
+        str(tmp_path / "dist.yaml"),
+        [
+            {"manifest": m["d0"], "weight": 5, "max_epochs": 1},
+            {"manifest": m["d1"], "weight": 2, "max_epochs": 1},
+            {"manifest": m["d2"], "weight": 1, "max_epochs": 1},
+        ],
+        shuffle={"block_size": 8},
+    )
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -185,15 +221,26 @@ def test_two_ranks_two_workers_equal_batches_disjoint_complete(data, tmp_path):
 _WORKERS = pytest.mark.slow  # DataLoader workers
 
 
-@pytest.mark.parametrize("num_workers, pack, weight_by, stop", [
-    (0, False, "samples", 7), pytest.param(2, False, "samples", 5, marks=_WORKERS),
-    pytest.param(2, False, "tokens", 6, marks=_WORKERS),
-    pytest.param(3, True, "samples", 7, marks=_WORKERS)])
-def test_resume_yields_exactly_the_uninterrupted_batches(data, tmp_path, num_workers, pack,
-                                                         weight_by, stop):
+@pytest.mark.parametrize(
+    "num_workers, pack, weight_by, stop",
+    [
+        (0, False, "samples", 7),
+        pytest.param(2, False, "samples", 5, marks=_WORKERS),
+        pytest.param(2, False, "tokens", 6, marks=_WORKERS),
+        pytest.param(3, True, "samples", 7, marks=_WORKERS),
+    ],
+)
+def test_resume_yields_exactly_the_uninterrupted_batches(data, tmp_path, num_workers, pack, weight_by, stop):
     cfg = mix_config(data, tmp_path, weight_by=weight_by)
-    kw = dict(rank=0, world_size=1, batch_size=4, num_workers=num_workers, max_seq_len=48,
-              pack=pack, transfer_batches=2)
+    kw = dict(
+        rank=0,
+        world_size=1,
+        batch_size=4,
+        num_workers=num_workers,
+        max_seq_len=48,
+        pack=pack,
+        transfer_batches=2,
+    )
     full = rank_stream(build_loader(cfg, **kw), 16)
     first = build_loader(cfg, **kw)
     it = iter(first)
@@ -220,8 +267,9 @@ def test_load_state_refuses_another_layout(data, tmp_path):
     with pytest.raises(ValueError, match="num_workers"):
         build_loader(cfg, world_size=2, rank=1, batch_size=4, num_workers=1).load_state_dict(sd)
     with pytest.raises(ValueError, match="version"):
-        build_loader(cfg, world_size=2, rank=1, batch_size=4,
-                     num_workers=2).load_state_dict(dict(sd, version=99))
+        build_loader(cfg, world_size=2, rank=1, batch_size=4, num_workers=2).load_state_dict(
+            dict(sd, version=99)
+        )
     ok = build_loader(cfg, world_size=2, rank=1, batch_size=4, num_workers=2)
     ok.load_state_dict({"ranks": [None, sd]})  # a gathered state: each rank picks its own
 
@@ -229,6 +277,7 @@ def test_load_state_refuses_another_layout(data, tmp_path):
 def _truncate_shard(src_manifest, dst_root):
     """Copy a dataset and cut its second shard in the middle of its 10th sample."""
     import shutil
+
     src = os.path.dirname(src_manifest)
     dst = os.path.join(dst_root, "broken")
     shutil.copytree(src, dst)
@@ -248,9 +297,14 @@ def test_truncated_shard_policies(data, tmp_path, num_workers):
     truth = index_of(data)
 
     def cfg(policy):
-        return load_data_config(write_config(str(tmp_path / f"{policy}.yaml"), [
-            {"manifest": broken, "weight": 1, "max_epochs": 1}],
-            on_error=policy, shuffle={"block_size": 8, "window_blocks": 2}))
+        return load_data_config(
+            write_config(
+                str(tmp_path / f"{policy}.yaml"),
+                [{"manifest": broken, "weight": 1, "max_epochs": 1}],
+                on_error=policy,
+                shuffle={"block_size": 8, "window_blocks": 2},
+            )
+        )
 
     with pytest.raises(FormatError, match="truncated"):
         for _ in build_loader(cfg("fail"), batch_size=4, num_workers=num_workers, max_seq_len=64):
@@ -260,7 +314,7 @@ def test_truncated_shard_policies(data, tmp_path, num_workers):
     for b in loader:
         for r, k in enumerate(b["__key__"]):  # every sample is whole and is the one named
             ids = truth[k][0]
-            assert b["input_ids"][r, :len(ids)].tolist() == ids.tolist()
+            assert b["input_ids"][r, : len(ids)].tolist() == ids.tolist()
             assert int(b["attention_mask"][r].sum()) == len(ids)
             keys.append(k)
     st = loader.stats()
@@ -275,6 +329,7 @@ def test_truncated_shard_policies(data, tmp_path, num_workers):
 def test_a_huge_manifest_is_planned_lazily(data, tmp_path, monkeypatch):
     """10,000 shards / 4 million samples: no shard index is read up front."""
     from wds_tools import stream as L
+
     big = json.load(open(data[1]["big"]))
     one = dict(big["shards"][0])
     one["path"] = os.path.join(os.path.dirname(data[1]["big"]), one["path"])
@@ -285,12 +340,15 @@ def test_a_huge_manifest_is_planned_lazily(data, tmp_path, monkeypatch):
     path.write_text(json.dumps(big))
     opened = []
     real_open = L.Shard.open
-    monkeypatch.setattr(L.Shard, "open", classmethod(
-        lambda cls, *a, **k: opened.append(a[0]) or real_open(*a, **k)))
+    monkeypatch.setattr(
+        L.Shard, "open", classmethod(lambda cls, *a, **k: opened.append(a[0]) or real_open(*a, **k))
+    )
     cfg = load_data_config(write_config(str(tmp_path / "huge.yaml"), [{"manifest": str(path)}]))
     t = time.perf_counter()
     b = next(iter(build_loader(cfg, batch_size=16, num_workers=0, max_seq_len=64)))
-    assert time.perf_counter() - t < 10.0   # laziness is the open count below; this only catches O(shards) work
+    assert (
+        time.perf_counter() - t < 10.0
+    )  # laziness is the open count below; this only catches O(shards) work
     assert b["input_ids"].shape[0] == 16 and len(opened) <= cfg.shuffle.window_blocks
 
 
@@ -301,13 +359,17 @@ def test_bounded_two_workers_deliver_every_batch_in_turn(tmp_path, shards, batch
     bounded stream arrives in worker turn order, whole and resumed, for several shard counts."""
     sizes = [23 + (i % 5) for i in range(shards)]
     man = make_dataset(str(tmp_path), "b", 0, sum(sizes), shard_sizes=sizes)
-    cfg = load_data_config(write_config(str(tmp_path / "b.yaml"),
-                                        [{"manifest": man, "weight": 1, "max_epochs": 1}],
-                                        shuffle={"block_size": 8}))
+    cfg = load_data_config(
+        write_config(
+            str(tmp_path / "b.yaml"),
+            [{"manifest": man, "weight": 1, "max_epochs": 1}],
+            shuffle={"block_size": 8},
+        )
+    )
 
     def loader():
-        return build_loader(cfg, batch_size=batch_size, num_workers=2, max_seq_len=64,
-                            transfer_batches=3)
+        return build_loader(cfg, batch_size=batch_size, num_workers=2, max_seq_len=64, transfer_batches=3)
+
     full = [b["__key__"] for b in loader()]
     assert len(full) == len(loader()) > 0
     for k in (1, len(full) // 2, len(full) - 1):

@@ -1,4 +1,5 @@
 """Data-config switches that reach the I/O layer: verify_checksums and allow_pipe."""
+
 import numpy as np
 import pytest
 
@@ -53,7 +54,7 @@ def test_verify_checksums_catches_a_flipped_token_byte(dataset):
     with pytest.raises(FormatError, match="sha256"):
         _keys_and_ids(parse_data_config(dict(base, verify_checksums=True)), 32)
     got = _keys_and_ids(parse_data_config(dict(base, verify_checksums=True, on_error="skip")), 32)
-    assert got and all(originals[k].tolist() == ids for k, ids in got)   # nothing altered
+    assert got and all(originals[k].tolist() == ids for k, ids in got)  # nothing altered
     assert key not in dict(got)
 
 

@@ -32,8 +32,17 @@ def _write_json(path, items):
 
 
 def _cfg(tiny_dirs, in_file, out_dir, **kw):
-    base = dict(in_filename=str(in_file), out_dir=str(out_dir), tokenizer=tiny_dirs[0], vq_model=tiny_dirs[1],
-                target_size=TARGET, num_workers=0, progress=False, batch_size=3, max_samples_per_shard=4)
+    base = dict(
+        in_filename=str(in_file),
+        out_dir=str(out_dir),
+        tokenizer=tiny_dirs[0],
+        vq_model=tiny_dirs[1],
+        target_size=TARGET,
+        num_workers=0,
+        progress=False,
+        batch_size=3,
+        max_samples_per_shard=4,
+    )
     base.update(kw)
     return PreTokenizeConfig(**base)
 
@@ -155,7 +164,9 @@ def bad_run(tiny_dirs, dataset, tmp_path_factory):
     good = Image.fromarray(np.full((64, 64, 3), 128, np.uint8))
     good.save(d / "ok.png")
     (d / "garbage.png").write_bytes(b"this is not an image at all")
-    Image.fromarray(np.random.RandomState(0).randint(0, 255, (100, 100, 3), dtype=np.uint8)).save(d / "trunc.png")
+    Image.fromarray(np.random.RandomState(0).randint(0, 255, (100, 100, 3), dtype=np.uint8)).save(
+        d / "trunc.png"
+    )
     (d / "trunc.png").write_bytes((d / "trunc.png").read_bytes()[:2000])
     png_header_only(d / "bomb.png", 30000, 30000)
     Image.fromarray(np.zeros((200, 200, 3), np.uint8)).save(d / "big.png")
@@ -163,16 +174,38 @@ def bad_run(tiny_dirs, dataset, tmp_path_factory):
     h, g = "human", "gpt"
     items = [
         ok,
-        {"conversations": [{"from": h, "value": "<|image|>"}, {"from": g, "value": "x"}], "image": str(d / "missing.png")},
-        {"conversations": [{"from": h, "value": "<|image|>"}, {"from": g, "value": "x"}], "image": str(d / "garbage.png")},
-        {"conversations": [{"from": h, "value": "<|image|> <|image|>"}, {"from": g, "value": "x"}], "image": str(d / "ok.png")},
+        {
+            "conversations": [{"from": h, "value": "<|image|>"}, {"from": g, "value": "x"}],
+            "image": str(d / "missing.png"),
+        },
+        {
+            "conversations": [{"from": h, "value": "<|image|>"}, {"from": g, "value": "x"}],
+            "image": str(d / "garbage.png"),
+        },
+        {
+            "conversations": [{"from": h, "value": "<|image|> <|image|>"}, {"from": g, "value": "x"}],
+            "image": str(d / "ok.png"),
+        },
         {"conversations": [{"from": g, "value": "x"}, {"from": h, "value": "y"}]},
         {"conversations": [{"from": h, "value": "only a question"}]},
-        {"conversations": [{"from": h, "value": "<|image|>"}, {"from": g, "value": "x"}], "image": str(d / "bomb.png")},
+        {
+            "conversations": [{"from": h, "value": "<|image|>"}, {"from": g, "value": "x"}],
+            "image": str(d / "bomb.png"),
+        },
         {"conversations": [{"from": h, "value": ["not", "a", "string"]}, {"from": g, "value": "x"}]},
-        {"conversations": [{"from": h, "value": "<|image|>"}, {"from": g, "value": "x"}], "image": str(d / "trunc.png")},
-        {"conversations": [{"from": h, "value": "<|image|>"}, {"from": g, "value": "x"}], "image": str(d / "big.png")},
-        {"conversations": [{"from": h, "value": "<|image|>"}, {"from": g, "value": "x"}], "image": str(d / "ok.png"), "id": 42},
+        {
+            "conversations": [{"from": h, "value": "<|image|>"}, {"from": g, "value": "x"}],
+            "image": str(d / "trunc.png"),
+        },
+        {
+            "conversations": [{"from": h, "value": "<|image|>"}, {"from": g, "value": "x"}],
+            "image": str(d / "big.png"),
+        },
+        {
+            "conversations": [{"from": h, "value": "<|image|>"}, {"from": g, "value": "x"}],
+            "image": str(d / "ok.png"),
+            "id": 42,
+        },
         "not an object",
     ]
     src = _write_json(d / "bad.json", items)
@@ -215,8 +248,19 @@ def test_bad_items_counted_and_good_items_land(bad_run):
 
 def test_everything_failing_exits_nonzero(tiny_dirs, tmp_path):
     src = _write_json(tmp_path / "all_bad.json", [{"conversations": [{"from": "human", "value": "q"}]}] * 3)
-    argv = ["--in_filename", src, "--out_dir", str(tmp_path / "out"), "--tokenizer", tiny_dirs[0],
-            "--vq_model", tiny_dirs[1], "--num_workers", "0", "--no_progress"]
+    argv = [
+        "--in_filename",
+        src,
+        "--out_dir",
+        str(tmp_path / "out"),
+        "--tokenizer",
+        tiny_dirs[0],
+        "--vq_model",
+        tiny_dirs[1],
+        "--num_workers",
+        "0",
+        "--no_progress",
+    ]
     assert pre_tokenize_main(argv) == 1
     assert len(_errors(tmp_path / "out")) == 3
 
@@ -233,10 +277,30 @@ def test_bad_config_is_a_clear_error(tiny_dirs, tmp_path, dataset):
 
 
 def _cli(in_file, out_dir, tiny_dirs):
-    return [sys.executable, "-m", "lumina.pre_tokenize", "--in_filename", str(in_file), "--out_dir", str(out_dir),
-            "--tokenizer", tiny_dirs[0], "--vq_model", tiny_dirs[1], "--target_size", str(TARGET),
-            "--num_workers", "1", "--batch_size", "2", "--max_samples_per_shard", "3", "--no_progress",
-            "--adapter", "lumina_fixtures:slow_adapter"]
+    return [
+        sys.executable,
+        "-m",
+        "lumina.pre_tokenize",
+        "--in_filename",
+        str(in_file),
+        "--out_dir",
+        str(out_dir),
+        "--tokenizer",
+        tiny_dirs[0],
+        "--vq_model",
+        tiny_dirs[1],
+        "--target_size",
+        str(TARGET),
+        "--num_workers",
+        "1",
+        "--batch_size",
+        "2",
+        "--max_samples_per_shard",
+        "3",
+        "--no_progress",
+        "--adapter",
+        "lumina_fixtures:slow_adapter",
+    ]
 
 
 @pytest.mark.slow
@@ -244,12 +308,16 @@ def test_sigkill_then_rerun_equals_uninterrupted(tiny_dirs, tmp_path):
     items = mixed_items(tmp_path / "images", n=24)
     items[9] = {"conversations": [{"from": "gpt", "value": "bad roles"}]}  # a failure inside the run
     src = _write_json(tmp_path / "items.json", items)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS_DIR), str(REPO), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(TESTS_DIR), str(REPO), os.environ.get("PYTHONPATH", "")])
+    )
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     done = subprocess.run(_cli(src, clean, tiny_dirs), env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
 
-    proc = subprocess.Popen(_cli(src, killed, tiny_dirs), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _cli(src, killed, tiny_dirs), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 120
     while len(list(killed.glob("*.idx.json"))) < 2 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -299,17 +367,40 @@ def test_convert_records(tiny_dirs, tmp_path, one_rank):
     _, converted = _merge_and_read(tmp_path / "out")
     for key in ("000000000", "000000001", "000000002"):
         assert converted[key][:2] == samples[key][:2]
-        assert [im["offset"] for im in converted[key][2]["images"]] == [im["offset"] for im in samples[key][2]["images"]]
+        assert [im["offset"] for im in converted[key][2]["images"]] == [
+            im["offset"] for im in samples[key][2]["images"]
+        ]
     reasons = [(e["index"], e["reason"]) for e in _errors(tmp_path / "out")]
     assert reasons == [(3, "bad_record"), (4, "bad_record")]
     assert "refusing" in _errors(tmp_path / "out")[0]["message"]
 
 
 def test_cli_help():
-    for argv in (["--help"], ["pre-tokenize", "--help"], ["convert-records", "--help"], ["make-tiny", "--help"]):
-        out = subprocess.run([sys.executable, "-m", "lumina.cli", *argv], capture_output=True, text=True, cwd=REPO)
+    for argv in (
+        ["--help"],
+        ["pre-tokenize", "--help"],
+        ["convert-records", "--help"],
+        ["make-tiny", "--help"],
+    ):
+        out = subprocess.run(
+            [sys.executable, "-m", "lumina.cli", *argv], capture_output=True, text=True, cwd=REPO
+        )
         assert out.returncode == 0 and "usage: lumina" in out.stdout, argv
-    out = subprocess.run([sys.executable, "-m", "lumina.pre_tokenize", "--help"], capture_output=True, text=True, cwd=REPO)
-    for flag in ("--splits", "--rank", "--in_filename", "--out_dir", "--target_size", "--tokenizer", "--vq_model",
-                 "--batch_size", "--precision", "--device", "--crop", "--max_samples_per_shard"):
+    out = subprocess.run(
+        [sys.executable, "-m", "lumina.pre_tokenize", "--help"], capture_output=True, text=True, cwd=REPO
+    )
+    for flag in (
+        "--splits",
+        "--rank",
+        "--in_filename",
+        "--out_dir",
+        "--target_size",
+        "--tokenizer",
+        "--vq_model",
+        "--batch_size",
+        "--precision",
+        "--device",
+        "--crop",
+        "--max_samples_per_shard",
+    ):
         assert flag in out.stdout

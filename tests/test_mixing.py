@@ -1,5 +1,6 @@
 """Data config validation, epoch slices (disjoint, complete, sequential) and the mixer's
 per-prefix guarantee, without reading shards (plans are built from counts)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -13,20 +14,34 @@ from wds_tools.mixing import DatasetPlan, EpochSlice, Mixer
 
 def plan_of(counts, index=0, name="d"):
     counts = np.asarray(counts, dtype=np.int64)
-    return DatasetPlan(index=index, config=DatasetConfig(name=name, manifest=f"/x/{name}.json"),
-                       urls=[f"s{i}" for i in range(len(counts))],
-                       index_urls=[f"i{i}" for i in range(len(counts))], shard_samples=counts,
-                       shard_tokens=counts * 10, num_samples=int(counts.sum()),
-                       num_tokens=int(counts.sum() * 10))
+    return DatasetPlan(
+        index=index,
+        config=DatasetConfig(name=name, manifest=f"/x/{name}.json"),
+        urls=[f"s{i}" for i in range(len(counts))],
+        index_urls=[f"i{i}" for i in range(len(counts))],
+        shard_samples=counts,
+        shard_tokens=counts * 10,
+        num_samples=int(counts.sum()),
+        num_tokens=int(counts.sum() * 10),
+    )
 
 
 # --- config -------------------------------------------------------------------------------
 
+
 def test_native_config_parses_with_defaults_and_relative_paths(tmp_path):
-    cfg = parse_data_config({"seed": 5, "weight_by": "tokens", "datasets": [
-        {"manifest": "a/index.json", "weight": 3, "max_epochs": 2},
-        {"name": "web", "manifest": "s3://bucket/web/index.json", "weight": 1, "group": "img"}]},
-        where="cfg.yaml", base_dir=str(tmp_path))
+    cfg = parse_data_config(
+        {
+            "seed": 5,
+            "weight_by": "tokens",
+            "datasets": [
+                {"manifest": "a/index.json", "weight": 3, "max_epochs": 2},
+                {"name": "web", "manifest": "s3://bucket/web/index.json", "weight": 1, "group": "img"},
+            ],
+        },
+        where="cfg.yaml",
+        base_dir=str(tmp_path),
+    )
     a, b = cfg.datasets
     assert a.name == "a" and a.manifest == str(tmp_path / "a" / "index.json") and a.max_epochs == 2
     assert b.manifest == "s3://bucket/web/index.json" and b.group == "img"
@@ -35,32 +50,46 @@ def test_native_config_parses_with_defaults_and_relative_paths(tmp_path):
 
 
 def test_reference_meta_form_means_ratio_times_size_and_type_groups():
-    cfg = parse_data_config({"META": [{"path": "/d/a/index.json", "type": "t2i", "ratio": 0.4},
-                                      {"path": "/d/b/index.json", "type": "chat", "ratio": 1}]})
+    cfg = parse_data_config(
+        {
+            "META": [
+                {"path": "/d/a/index.json", "type": "t2i", "ratio": 0.4},
+                {"path": "/d/b/index.json", "type": "chat", "ratio": 1},
+            ]
+        }
+    )
     assert [d.ratio for d in cfg.datasets] == [0.4, 1.0]
     assert [d.group for d in cfg.datasets] == ["t2i", "chat"]
     from wds_tools.mixing import dataset_weights
+
     plans = [plan_of([1000]), plan_of([100], index=1, name="b")]
     plans[0].config, plans[1].config = cfg.datasets
     assert dataset_weights(cfg, plans).tolist() == pytest.approx([400 / 500, 100 / 500])
 
 
-@pytest.mark.parametrize("doc, words", [
-    ({"datasets": [{"manifest": "a.json", "weight": -1}]}, ["datasets[0]", "weight"]),
-    ({"datasets": [{"weight": 1}]}, ["datasets[0]", "manifest"]),
-    ({"datasets": [{"manifest": "a.json", "wieght": 1}]}, ["datasets[0]", "wieght"]),
-    ({"datasets": [{"name": "x", "manifest": "a.json"}, {"name": "x", "manifest": "b.json"}]},
-     ["datasets[1]", "name", "'x'"]),
-    ({"datasets": [{"name": "n", "manifest": "a.json", "max_epochs": 0}]},
-     ["datasets[0] ('n')", "max_epochs"]),
-    ({"datasets": [{"manifest": "a.json", "weight_by": "tokens"}]}, ["datasets[0]", "weight_by"]),
-    ({"META": [{"path": "a.json", "ratio": "lots"}]}, ["META[0]", "ratio"]),
-    ({"META": [{"path": "a.json"}], "datasets": []}, ["either"]),
-    ({"datasets": [{"manifest": "a.json"}], "on_error": "ignore"}, ["on_error"]),
-    ({"datasets": [{"manifest": "a.json"}], "shuffle": {"block_size": 0}}, ["block_size"]),
-    ({"datasets": [{"manifest": "pipe:curl x"}]}, ["pipe:"]),
-    ({"datasets": []}, ["datasets"]),
-])
+@pytest.mark.parametrize(
+    "doc, words",
+    [
+        ({"datasets": [{"manifest": "a.json", "weight": -1}]}, ["datasets[0]", "weight"]),
+        ({"datasets": [{"weight": 1}]}, ["datasets[0]", "manifest"]),
+        ({"datasets": [{"manifest": "a.json", "wieght": 1}]}, ["datasets[0]", "wieght"]),
+        (
+            {"datasets": [{"name": "x", "manifest": "a.json"}, {"name": "x", "manifest": "b.json"}]},
+            ["datasets[1]", "name", "'x'"],
+        ),
+        (
+            {"datasets": [{"name": "n", "manifest": "a.json", "max_epochs": 0}]},
+            ["datasets[0] ('n')", "max_epochs"],
+        ),
+        ({"datasets": [{"manifest": "a.json", "weight_by": "tokens"}]}, ["datasets[0]", "weight_by"]),
+        ({"META": [{"path": "a.json", "ratio": "lots"}]}, ["META[0]", "ratio"]),
+        ({"META": [{"path": "a.json"}], "datasets": []}, ["either"]),
+        ({"datasets": [{"manifest": "a.json"}], "on_error": "ignore"}, ["on_error"]),
+        ({"datasets": [{"manifest": "a.json"}], "shuffle": {"block_size": 0}}, ["block_size"]),
+        ({"datasets": [{"manifest": "pipe:curl x"}]}, ["pipe:"]),
+        ({"datasets": []}, ["datasets"]),
+    ],
+)
 def test_config_errors_name_the_entry_and_key(doc, words):
     with pytest.raises(ValueError) as e:
         parse_data_config(doc, where="data.yaml")
@@ -70,12 +99,16 @@ def test_config_errors_name_the_entry_and_key(doc, words):
 
 # --- epoch slices --------------------------------------------------------------------------
 
+
 @settings(max_examples=40, deadline=None)
-@given(counts=st.lists(st.integers(0, 60), min_size=1, max_size=12),
-       consumers=st.integers(1, 6), block=st.integers(1, 9), window=st.integers(1, 4),
-       epoch=st.integers(0, 3))
-def test_epoch_slices_are_equal_disjoint_and_drop_only_the_remainder(counts, consumers, block,
-                                                                     window, epoch):
+@given(
+    counts=st.lists(st.integers(0, 60), min_size=1, max_size=12),
+    consumers=st.integers(1, 6),
+    block=st.integers(1, 9),
+    window=st.integers(1, 4),
+    epoch=st.integers(0, 3),
+)
+def test_epoch_slices_are_equal_disjoint_and_drop_only_the_remainder(counts, consumers, block, window, epoch):
     plan = plan_of(counts)
     n = plan.num_samples
     if n < consumers:
@@ -113,6 +146,7 @@ def test_order_changes_with_epoch_seed_and_consumer_and_is_reproducible():
 
 
 # --- mixer ---------------------------------------------------------------------------------
+
 
 def test_every_prefix_is_within_one_sample_of_the_weights():
     w = [0.7, 0.2, 0.1]

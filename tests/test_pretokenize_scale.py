@@ -77,8 +77,12 @@ def build_raw_corpus(folder: Path, repeat: int = 1) -> dict:
                     elif how == "json":
                         doc.update(jpg=jpg[photo], json=json.dumps(dict(meta, caption=caption)).encode())
                     elif how == "both+pyd":
-                        doc.update(jpg=jpg[photo], txt=caption, json=json.dumps(meta).encode(),
-                                   pyd=pickle.dumps(_Evil()))
+                        doc.update(
+                            jpg=jpg[photo],
+                            txt=caption,
+                            json=json.dumps(meta).encode(),
+                            pyd=pickle.dumps(_Evil()),
+                        )
                     elif how == "broken":
                         doc.update(jpg=jpg[photo][:1500], txt=caption)
                     elif how == "nocaption":
@@ -102,8 +106,17 @@ def raw_corpus(tmp_path_factory):
 
 
 def _cfg(tiny, in_filename, out_dir, **kw):
-    base = dict(in_filename=in_filename, out_dir=str(out_dir), tokenizer=tiny[0], vq_model=tiny[1],
-                target_size=TARGET, num_workers=0, progress=False, batch_size=2, max_samples_per_shard=2)
+    base = dict(
+        in_filename=in_filename,
+        out_dir=str(out_dir),
+        tokenizer=tiny[0],
+        vq_model=tiny[1],
+        target_size=TARGET,
+        num_workers=0,
+        progress=False,
+        batch_size=2,
+        max_samples_per_shard=2,
+    )
     base.update(kw)
     return PreTokenizeConfig(**base)
 
@@ -117,7 +130,9 @@ def test_raw_shards_group_by_key_and_resume_at_byte(raw_corpus):
 
     urls = [str(raw_corpus["www"] / "raw" / n) for n in raw_corpus["names"]]
     items = list(iter_raw_items(urls, 1, 0))
-    assert [s.key for _, s in items] == [f"{s:05d}{j:04d}" for s, n in ((0, 3), (1, 3), (2, 2)) for j in range(n)]
+    assert [s.key for _, s in items] == [
+        f"{s:05d}{j:04d}" for s, n in ((0, 3), (1, 3), (2, 2)) for j in range(n)
+    ]
     assert [i for i, _ in items][:4] == [0, 1, 2, SOURCE_STRIDE]
     first = items[2][1]
     assert set(first.members) == {"jpg", "txt", "json"}  # the .pyd member is skipped unread
@@ -157,8 +172,9 @@ def test_caption_key_and_template(raw_corpus, tiny_dirs, tmp_path):
     with pytest.raises(ValueError, match="only the fields"):
         check_template("{caption} {style}")
     src = str(raw_corpus["www"] / "raw" / "00000.tar")
-    summary = run_config(_cfg(tiny_dirs, src, tmp_path, caption_key="caption",
-                              template="<{w}|{h}> {caption}"))
+    summary = run_config(
+        _cfg(tiny_dirs, src, tmp_path, caption_key="caption", template="<{w}|{h}> {caption}")
+    )
     assert (summary.num_ok, summary.failures_by_reason) == (1, {"missing_caption": 2})
     merge(str(tmp_path))
     (sample,) = list(iter_samples(str(tmp_path / "index.json")))
@@ -197,9 +213,20 @@ def test_multi_file_jsonl_rank_opens_only_its_files(tmp_path, monkeypatch, tiny_
     from wds_tools import io as wio
 
     for f in range(4):
-        (tmp_path / f"part-{f}.jsonl").write_text("".join(
-            json.dumps({"conversations": [{"from": "human", "value": f"q {f}.{i}"},
-                                          {"from": "gpt", "value": f"a {f}.{i}"}]}) + "\n" for i in range(3)))
+        (tmp_path / f"part-{f}.jsonl").write_text(
+            "".join(
+                json.dumps(
+                    {
+                        "conversations": [
+                            {"from": "human", "value": f"q {f}.{i}"},
+                            {"from": "gpt", "value": f"a {f}.{i}"},
+                        ]
+                    }
+                )
+                + "\n"
+                for i in range(3)
+            )
+        )
     pattern = str(tmp_path / "part-{0..3}.jsonl")
     opened: list = []
     real = wio.open_range
@@ -223,10 +250,17 @@ def test_multi_file_jsonl_rank_opens_only_its_files(tmp_path, monkeypatch, tiny_
     assert summary.num_ok == 6 and sorted(set(opened)) == ["part-1.jsonl", "part-3.jsonl"]
     from wds_tools.merge import merge
     from wds_tools.reader import iter_samples
+
     merge(str(tmp_path / "out"), allow_incomplete=True)
     keys = [s["__key__"] for s in iter_samples(str(tmp_path / "out" / "index.json"))]
-    assert keys == ["000001000000000", "000001000000001", "000001000000002",
-                    "000003000000000", "000003000000001", "000003000000002"]
+    assert keys == [
+        "000001000000000",
+        "000001000000001",
+        "000001000000002",
+        "000003000000000",
+        "000003000000001",
+        "000003000000002",
+    ]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,21 +293,25 @@ def _s3_errors(out: str, ranks=(0, 1)) -> list:
 def _read_all(manifest_url: str) -> list:
     from wds_tools.reader import iter_samples
 
-    return [(s["__key__"], s["input_ids"].astype(np.int64).tolist(), s["labels"].tolist(), s["meta"])
-            for s in iter_samples(manifest_url)]
+    return [
+        (s["__key__"], s["input_ids"].astype(np.int64).tolist(), s["labels"].tolist(), s["meta"])
+        for s in iter_samples(manifest_url)
+    ]
 
 
 def _assert_no_partial_objects(names: dict) -> None:
     assert not [n for n in names if n.endswith(".tmp")], names
     tars = {n[: -len(".tar")] for n in names if n.endswith(".tar")}
     indexes = {n[: -len(".idx.json")] for n in names if n.endswith(".idx.json")}
-    assert tars == indexes, (tars ^ indexes)
+    assert tars == indexes, tars ^ indexes
 
 
 @pytest.mark.network
 @pytest.mark.slow
 @pytest.mark.parametrize("source", ["http", "s3"])
-def test_raw_shards_two_ranks_to_s3_merge_and_verify(source, raw_corpus, raw_nginx, s3, s3_env, tiny_dirs, tmp_path):
+def test_raw_shards_two_ranks_to_s3_merge_and_verify(
+    source, raw_corpus, raw_nginx, s3, s3_env, tiny_dirs, tmp_path
+):
     from transformers import AutoTokenizer
 
     from wds_tools.merge import merge
@@ -285,8 +323,19 @@ def test_raw_shards_two_ranks_to_s3_merge_and_verify(source, raw_corpus, raw_ngi
         s3.upload_folder(str(raw_corpus["www"] / "raw"), BUCKET, f"in-{run_id}/raw")
         base = f"s3://{BUCKET}/in-{run_id}/raw"
     out = f"s3://{BUCKET}/out-{run_id}/t2i"
-    summaries = [run_config(_cfg(tiny_dirs, base + "/{00000..00002}.tar", out, splits=2, rank=r,
-                                 staging_dir=str(tmp_path / "stage"))) for r in (0, 1)]
+    summaries = [
+        run_config(
+            _cfg(
+                tiny_dirs,
+                base + "/{00000..00002}.tar",
+                out,
+                splits=2,
+                rank=r,
+                staging_dir=str(tmp_path / "stage"),
+            )
+        )
+        for r in (0, 1)
+    ]
     assert sum(s.num_ok for s in summaries) == len(raw_corpus["good"])
     manifest = merge(out)
     assert manifest["num_samples"] == len(raw_corpus["good"]) == 6
@@ -296,8 +345,13 @@ def test_raw_shards_two_ranks_to_s3_merge_and_verify(source, raw_corpus, raw_ngi
     _assert_no_partial_objects(names)
     assert not list((tmp_path / "stage").rglob("*.tar"))  # staging emptied after upload
 
-    verify = subprocess.run([sys.executable, "-m", "wds_tools.cli", "verify", f"{out}/index.json"],
-                            capture_output=True, text=True, env=dict(os.environ), cwd=REPO)
+    verify = subprocess.run(
+        [sys.executable, "-m", "wds_tools.cli", "verify", f"{out}/index.json"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ),
+        cwd=REPO,
+    )
     assert verify.returncode == 0, verify.stdout[-2000:] + verify.stderr[-2000:]
 
     errors = {(e["source"], e["id"], e["reason"]) for e in _s3_errors(out)}
@@ -314,8 +368,11 @@ def test_raw_shards_two_ranks_to_s3_merge_and_verify(source, raw_corpus, raw_ngi
         prompt = f"Generate an image of {image['w']}x{image['h']} according to the following prompt:\n"
         assert prompt + captions[meta["id"]] in text, text
         assert all(lab == -100 for lab in labels[:off])  # the human turn is not trained on
-        assert labels[off:off + n] == ids[off:off + n]  # the image block is (assistant turn)
-        assert meta["source"] == f"{meta['id'][:5]}.tar" and key == f"{int(meta['id'][:5]):06d}{int(meta['id'][5:]):09d}"
+        assert labels[off : off + n] == ids[off : off + n]  # the image block is (assistant turn)
+        assert (
+            meta["source"] == f"{meta['id'][:5]}.tar"
+            and key == f"{int(meta['id'][:5]):06d}{int(meta['id'][5:]):09d}"
+        )
 
 
 @pytest.mark.network
@@ -348,10 +405,36 @@ def test_store_put_list_delete_and_errors_without_credentials(s3, s3_env, tmp_pa
 
 
 def _pretok_cli(pattern, out, stage, tiny, rank):
-    return [sys.executable, "-m", "lumina.pre_tokenize", "--in_filename", pattern, "--out_dir", out,
-            "--staging_dir", str(stage), "--splits", "2", "--rank", str(rank), "--tokenizer", tiny[0],
-            "--vq_model", tiny[1], "--target_size", str(TARGET), "--num_workers", "1", "--batch_size", "2",
-            "--max_samples_per_shard", "2", "--no_progress", "--adapter", "lumina_fixtures:slow_adapter"]
+    return [
+        sys.executable,
+        "-m",
+        "lumina.pre_tokenize",
+        "--in_filename",
+        pattern,
+        "--out_dir",
+        out,
+        "--staging_dir",
+        str(stage),
+        "--splits",
+        "2",
+        "--rank",
+        str(rank),
+        "--tokenizer",
+        tiny[0],
+        "--vq_model",
+        tiny[1],
+        "--target_size",
+        str(TARGET),
+        "--num_workers",
+        "1",
+        "--batch_size",
+        "2",
+        "--max_samples_per_shard",
+        "2",
+        "--no_progress",
+        "--adapter",
+        "lumina_fixtures:slow_adapter",
+    ]
 
 
 @pytest.mark.network
@@ -368,25 +451,34 @@ def test_sigkill_rank_with_s3_output_then_rerun_equals_clean(s3, s3_env, tiny_di
         run_config(_cfg(tiny_dirs, pattern, clean, splits=2, rank=rank, staging_dir=str(tmp_path / "s0")))
     run_config(_cfg(tiny_dirs, pattern, killed, splits=2, rank=0, staging_dir=str(tmp_path / "s1")))
 
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(TESTS_DIR), str(REPO), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([str(TESTS_DIR), str(REPO), os.environ.get("PYTHONPATH", "")]),
+    )
     cli = _pretok_cli(pattern, killed, tmp_path / "s2", tiny_dirs, rank=1)
     proc = subprocess.Popen(cli, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     rng = random.Random(int(os.environ.get("CRASH_SEED", "20261128")))
     deadline = time.time() + 180
-    while (sum(n.startswith("shard-r00001-") and n.endswith(".idx.json") for n in _s3_names(killed)) < 1
-           and proc.poll() is None and time.time() < deadline):
+    while (
+        sum(n.startswith("shard-r00001-") and n.endswith(".idx.json") for n in _s3_names(killed)) < 1
+        and proc.poll() is None
+        and time.time() < deadline
+    ):
         time.sleep(0.05)
     time.sleep(rng.uniform(0.02, 0.2))  # into the next shard (2 items of ~0.15 s each)
-    assert proc.poll() is None, "rank 1 finished before it could be killed: " + proc.stderr.read().decode()[-2000:]
+    assert proc.poll() is None, (
+        "rank 1 finished before it could be killed: " + proc.stderr.read().decode()[-2000:]
+    )
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     proc.stderr.close()
     names = _s3_names(killed)
     assert "shard-r00001.done.json" not in names and "errors-r00001.jsonl" not in names
     done_before = {n for n in names if n.startswith("shard-r00001-") and n.endswith(".idx.json")}
-    assert len(done_before) < len([n for n in _s3_names(clean) if n.startswith("shard-r00001-")
-                                   and n.endswith(".idx.json")])  # killed before the end
+    assert len(done_before) < len(
+        [n for n in _s3_names(clean) if n.startswith("shard-r00001-") and n.endswith(".idx.json")]
+    )  # killed before the end
 
     rerun = subprocess.run(cli, env=env, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
@@ -401,6 +493,7 @@ def test_sigkill_rank_with_s3_output_then_rerun_equals_clean(s3, s3_env, tiny_di
     _assert_no_partial_objects(names)
     assert done_before <= set(names)  # committed shards were kept, not redone
     from wds_tools.store import open_store
+
     assert open_store(killed).abort_uploads("") == 0  # no unfinished multipart upload either
 
 
@@ -432,24 +525,59 @@ def test_srun_script_with_stub_runs_tasks_merges_and_requeues(tiny_dirs, tmp_pat
     from wds_tools.reader import iter_samples
 
     for f in range(4):
-        (tmp_path / f"part-{f}.jsonl").write_text("".join(
-            json.dumps({"conversations": [{"from": "human", "value": f"q {f}.{i}"},
-                                          {"from": "gpt", "value": f"a {f}.{i}"}]}) + "\n" for i in range(2)))
+        (tmp_path / f"part-{f}.jsonl").write_text(
+            "".join(
+                json.dumps(
+                    {
+                        "conversations": [
+                            {"from": "human", "value": f"q {f}.{i}"},
+                            {"from": "gpt", "value": f"a {f}.{i}"},
+                        ]
+                    }
+                )
+                + "\n"
+                for i in range(2)
+            )
+        )
     bin_dir, logs = tmp_path / "bin", tmp_path / "logs"
     bin_dir.mkdir()
     logs.mkdir()
     (bin_dir / "srun").write_text(SRUN_STUB)
     (bin_dir / "srun").chmod(stat.S_IRWXU)
     out = tmp_path / "out"
-    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", SLURM_NTASKS="2",
-               SLURM_JOB_ID="42", SLURM_SUBMIT_DIR=str(REPO), PYTHON=sys.executable, PRETOK_DEVICE="cpu",
-               STUB_LOG=str(tmp_path / "srun.log"), STUB_LOGS=str(logs), OMP_NUM_THREADS="1",
-               STAGING_DIR=str(tmp_path / "stage"))
-    cmd = ["bash", str(REPO / "scripts" / "srun_pre_tokenize.sh"), "--in_filename",
-           str(tmp_path / "part-{0..3}.jsonl"), "--out_dir", str(out), "--tokenizer", tiny_dirs[0],
-           "--vq_model", tiny_dirs[1], "--target_size", str(TARGET), "--num_workers", "0"]
+    env = dict(
+        os.environ,
+        PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        SLURM_NTASKS="2",
+        SLURM_JOB_ID="42",
+        SLURM_SUBMIT_DIR=str(REPO),
+        PYTHON=sys.executable,
+        PRETOK_DEVICE="cpu",
+        STUB_LOG=str(tmp_path / "srun.log"),
+        STUB_LOGS=str(logs),
+        OMP_NUM_THREADS="1",
+        STAGING_DIR=str(tmp_path / "stage"),
+    )
+    cmd = [
+        "bash",
+        str(REPO / "scripts" / "srun_pre_tokenize.sh"),
+        "--in_filename",
+        str(tmp_path / "part-{0..3}.jsonl"),
+        "--out_dir",
+        str(out),
+        "--tokenizer",
+        tiny_dirs[0],
+        "--vq_model",
+        tiny_dirs[1],
+        "--target_size",
+        str(TARGET),
+        "--num_workers",
+        "0",
+    ]
     first = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    assert first.returncode == 0, first.stderr[-3000:] + "".join(p.read_text()[-1500:] for p in logs.iterdir())
+    assert first.returncode == 0, first.stderr[-3000:] + "".join(
+        p.read_text()[-1500:] for p in logs.iterdir()
+    )
     manifest = json.loads((out / "index.json").read_text())
     assert manifest["num_samples"] == 8 and [r["rank"] for r in manifest["ranks"]] == [0, 1]
     keys = sorted(s["__key__"] for s in iter_samples(str(out / "index.json")))
@@ -464,5 +592,7 @@ def test_srun_script_with_stub_runs_tasks_merges_and_requeues(tiny_dirs, tmp_pat
     assert json.loads((out / "summary-r00001.json").read_text())["num_items"] == 0
     assert json.loads((out / "index.json").read_text())["shards"] == manifest["shards"]
     # no SLURM allocation: a clear refusal
-    bad = subprocess.run(cmd, env={k: v for k, v in env.items() if k != "SLURM_NTASKS"}, capture_output=True, text=True)
+    bad = subprocess.run(
+        cmd, env={k: v for k, v in env.items() if k != "SLURM_NTASKS"}, capture_output=True, text=True
+    )
     assert bad.returncode == 2 and "sbatch" in bad.stderr

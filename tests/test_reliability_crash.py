@@ -112,8 +112,14 @@ def test_latest_resolution_ignores_incomplete_checkpoints(tmp_path):
     assert deleted == ["step_00000002", "step_00000006", "step_00000008", "step_00000010"]
     assert sorted(p.name for p in root.iterdir() if p.name.startswith("step_")) == [t4, t12]
     cases += 1
-    record("crash", "checkpoint discovery (crafted crash leftovers)", injected=6, tried=cases,
-           detected=6, note="half-written tags never picked as the latest")
+    record(
+        "crash",
+        "checkpoint discovery (crafted crash leftovers)",
+        injected=6,
+        tried=cases,
+        detected=6,
+        note="half-written tags never picked as the latest",
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -121,10 +127,30 @@ def test_latest_resolution_ignores_incomplete_checkpoints(tmp_path):
 
 
 def _pretok_cli(in_file, out_dir, tiny):
-    return [sys.executable, "-m", "lumina.pre_tokenize", "--in_filename", str(in_file), "--out_dir",
-            str(out_dir), "--tokenizer", tiny[0], "--vq_model", tiny[1], "--target_size", "256",
-            "--num_workers", "1", "--batch_size", "2", "--max_samples_per_shard", "3",
-            "--no_progress", "--adapter", "lumina_fixtures:slow_adapter"]
+    return [
+        sys.executable,
+        "-m",
+        "lumina.pre_tokenize",
+        "--in_filename",
+        str(in_file),
+        "--out_dir",
+        str(out_dir),
+        "--tokenizer",
+        tiny[0],
+        "--vq_model",
+        tiny[1],
+        "--target_size",
+        "256",
+        "--num_workers",
+        "1",
+        "--batch_size",
+        "2",
+        "--max_samples_per_shard",
+        "3",
+        "--no_progress",
+        "--adapter",
+        "lumina_fixtures:slow_adapter",
+    ]
 
 
 def _read_dataset(out_dir):
@@ -132,8 +158,10 @@ def _read_dataset(out_dir):
     from wds_tools.reader import iter_samples
 
     manifest = merge(str(out_dir), save_path=os.path.join(out_dir, "index.json"))
-    samples = [(s["__key__"], s["input_ids"].astype(np.int64).tolist(), s["labels"].tolist(), s["meta"])
-               for s in iter_samples(os.path.join(out_dir, "index.json"))]
+    samples = [
+        (s["__key__"], s["input_ids"].astype(np.int64).tolist(), s["labels"].tolist(), s["meta"])
+        for s in iter_samples(os.path.join(out_dir, "index.json"))
+    ]
     return manifest, samples
 
 
@@ -149,15 +177,28 @@ def test_pretokenize_sigkill_at_random_points_equals_clean_run(tiny_dirs, tmp_pa
     items[13] = {"conversations": []}
     src = tmp_path / "items.json"
     src.write_text(json.dumps(items))
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(TESTS_DIR), str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([str(TESTS_DIR), str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    )
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     from lumina.pre_tokenize import PreTokenizeConfig, run_config
 
     # The clean run in-process, inline (the adapter only sleeps; workers do not change the output).
-    run_config(PreTokenizeConfig(in_filename=str(src), out_dir=str(clean), tokenizer=tiny_dirs[0],
-                                 vq_model=tiny_dirs[1], target_size=256, num_workers=0,
-                                 batch_size=2, max_samples_per_shard=3, progress=False))
+    run_config(
+        PreTokenizeConfig(
+            in_filename=str(src),
+            out_dir=str(clean),
+            tokenizer=tiny_dirs[0],
+            vq_model=tiny_dirs[1],
+            target_size=256,
+            num_workers=0,
+            batch_size=2,
+            max_samples_per_shard=3,
+            progress=False,
+        )
+    )
 
     # Kill points drawn over the run: after a random number of completed shards (0 = during
     # start-up or the first shard), plus a random delay into the next shard (3 items of ~0.15 s).
@@ -167,11 +208,15 @@ def test_pretokenize_sigkill_at_random_points_equals_clean_run(tiny_dirs, tmp_pa
     targets = sorted(rng.sample(range(n_shards), 5))
     kills, finished_early, points = 0, 0, []
     for target in targets:
-        proc = subprocess.Popen(_pretok_cli(src, killed, tiny_dirs), env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            _pretok_cli(src, killed, tiny_dirs), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         deadline = time.time() + 120
-        while (len(list(killed.glob("shard-r00000-*.idx.json"))) < target and proc.poll() is None
-               and time.time() < deadline):
+        while (
+            len(list(killed.glob("shard-r00000-*.idx.json"))) < target
+            and proc.poll() is None
+            and time.time() < deadline
+        ):
             time.sleep(0.01)
         delay = rng.uniform(0.0, 0.6)
         try:
@@ -194,10 +239,16 @@ def test_pretokenize_sigkill_at_random_points_equals_clean_run(tiny_dirs, tmp_pa
     errs_clean, errs_killed = _error_lines(clean), _error_lines(killed)
     err_idx = [e["index"] for e in errs_killed]
     dup_errors = len(err_idx) - len(set(err_idx))
-    record("crash", "pre-tokenize SIGKILL", injected=kills, tried=len(items), lost=lost + max(
-        0, len(errs_clean) - len(errs_killed)), duplicated=duplicated + dup_errors,
+    record(
+        "crash",
+        "pre-tokenize SIGKILL",
+        injected=kills,
+        tried=len(items),
+        lost=lost + max(0, len(errs_clean) - len(errs_killed)),
+        duplicated=duplicated + dup_errors,
         note=f"{kills} kills at random points (completed shards + delay: {', '.join(points)}); "
-             f"{len(keys_clean)} samples + {len(errs_clean)} errors compared with a clean run")
+        f"{len(keys_clean)} samples + {len(errs_clean)} errors compared with a clean run",
+    )
     assert len(s_clean) == 15 and keys_killed == keys_clean
     assert s_killed == s_clean  # tokens, labels and meta too
     assert lost == 0 and duplicated == 0 and dup_errors == 0
@@ -286,46 +337,94 @@ def tiny_train(tmp_path_factory):
 
     base = tmp_path_factory.mktemp("crash_train")
     tok = build_tiny_tokenizer(str(base / "tokenizer"), num_image_tokens=64, bpe_vocab_size=256)
-    model = build_tiny_chameleon(str(base / "model"), tok, hidden_size=32, intermediate_size=64,
-                                 num_attention_heads=2, num_key_value_heads=2)
+    model = build_tiny_chameleon(
+        str(base / "model"),
+        tok,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
     vocab = AutoConfig.from_pretrained(model).vocab_size
     data = base / "data"
     _write_dataset(str(data), "a", vocab, 12, seed=1)
     _write_dataset(str(data), "b", vocab, 12, seed=2)
     (base / "crash_train.py").write_text(CRASH_ENTRY)
-    (data / "mix.yaml").write_text(textwrap.dedent("""\
+    (data / "mix.yaml").write_text(
+        textwrap.dedent("""\
         seed: 0
         weight_by: samples
         datasets:
           - {name: a, manifest: a/index.json, weight: 0.5}
           - {name: b, manifest: b/index.json, weight: 0.5}
-        """))
-    return {"model": model, "base": base, "data_config": str(data / "mix.yaml"),
-            "crash_entry": str(base / "crash_train.py")}
+        """)
+    )
+    return {
+        "model": model,
+        "base": base,
+        "data_config": str(data / "mix.yaml"),
+        "crash_entry": str(base / "crash_train.py"),
+    }
 
 
 def _train_cmd(tiny, out_dir, max_steps=6, kill_in_save=None):
     """``torchrun -m lumina.train``, or with ``kill_in_save="STEP:RANK"`` the crash entry."""
     entry = ["-m", "lumina.train"] if kill_in_save is None else [tiny["crash_entry"], kill_in_save]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-            *entry, "--data_config", tiny["data_config"],
-            "--deepspeed_config", str(ROOT / "ds_configs" / "zero3.json"),
-            "--init_from", tiny["model"], "--output_dir", str(out_dir), "--micro_batch_size", "2",
-            "--max_seq_len", str(SEQ_LEN), "--lr", "3e-3", "--warmup_steps", "1",
-            "--log_every", "1", "--num_workers", "1", "--progress_bar", "never",
-            "--max_steps", str(max_steps), "--save_every", "2", "--keep_last", "2"]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        *entry,
+        "--data_config",
+        tiny["data_config"],
+        "--deepspeed_config",
+        str(ROOT / "ds_configs" / "zero3.json"),
+        "--init_from",
+        tiny["model"],
+        "--output_dir",
+        str(out_dir),
+        "--micro_batch_size",
+        "2",
+        "--max_seq_len",
+        str(SEQ_LEN),
+        "--lr",
+        "3e-3",
+        "--warmup_steps",
+        "1",
+        "--log_every",
+        "1",
+        "--num_workers",
+        "1",
+        "--progress_bar",
+        "never",
+        "--max_steps",
+        str(max_steps),
+        "--save_every",
+        "2",
+        "--keep_last",
+        "2",
+    ]
 
 
 def _env(**extra):
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(
+        os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    )
     env.update(extra)
     return env
 
 
 def _run_train(tiny, out_dir, kill_in_save=None):
-    proc = subprocess.run(_train_cmd(tiny, out_dir, kill_in_save=kill_in_save), cwd=ROOT,
-                          env=_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        _train_cmd(tiny, out_dir, kill_in_save=kill_in_save),
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     return proc
 
 
@@ -373,8 +472,12 @@ def clean_run(tiny_train):
 
 def _compare(clean, resumed):
     """(steps compared, steps whose loss/grad norm differ, samples lost, samples duplicated)."""
-    diff = [s for s in clean if resumed.get(s, {}).get("loss") != clean[s]["loss"]
-            or resumed.get(s, {}).get("grad_norm") != clean[s]["grad_norm"]]
+    diff = [
+        s
+        for s in clean
+        if resumed.get(s, {}).get("loss") != clean[s]["loss"]
+        or resumed.get(s, {}).get("grad_norm") != clean[s]["grad_norm"]
+    ]
     last = max(clean)
     want, got = clean[last]["dataset_samples"], resumed.get(last, {}).get("dataset_samples", {})
     lost = sum(max(0, want[k] - got.get(k, 0)) for k in want)
@@ -419,8 +522,14 @@ def test_train_sigkill_mid_save_and_mid_step_resume_exactly(tiny_train, clean_ru
         save_notes.append(f"step {kill_step}: `latest`={latest}, resolved {resolved}")
 
     # 3. Mid-step: kill rank 1 once step 4's checkpoint is complete (step 5 under way).
-    proc = subprocess.Popen(_train_cmd(tiny_train, out), cwd=ROOT, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        _train_cmd(tiny_train, out),
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline, victim = time.time() + 240, None
     while time.time() < deadline and proc.poll() is None:
         if (root / "step_00000004" / "lumina_complete.json").exists():
@@ -440,12 +549,28 @@ def test_train_sigkill_mid_save_and_mid_step_resume_exactly(tiny_train, clean_ru
     assert f"resumed from {root / 'step_00000004'} at step 4" in final.stdout
     steps, diff, lost, dup = _compare(clean_run, _metrics(out))
     seconds = time.perf_counter() - t0
-    record("crash", "train SIGKILL mid-save", injected=save_kills, tried=steps, lost=lost,
-           duplicated=dup, detected=rejected, note="rank 1 killed in a save with a torn optimizer file ("
-           + "; ".join(save_notes) + f"); {steps - len(diff)}/{steps} step losses bit-identical")
-    record("crash", "train SIGKILL mid-step", injected=1, tried=steps, lost=lost, duplicated=dup,
-           note=f"rank 1 killed after step {logged} was logged, step 4 saved; resumed from step 4; "
-                f"{steps - len(diff)}/{steps} step losses bit-identical; 4 runs {seconds:.0f} s")
+    record(
+        "crash",
+        "train SIGKILL mid-save",
+        injected=save_kills,
+        tried=steps,
+        lost=lost,
+        duplicated=dup,
+        detected=rejected,
+        note="rank 1 killed in a save with a torn optimizer file ("
+        + "; ".join(save_notes)
+        + f"); {steps - len(diff)}/{steps} step losses bit-identical",
+    )
+    record(
+        "crash",
+        "train SIGKILL mid-step",
+        injected=1,
+        tried=steps,
+        lost=lost,
+        duplicated=dup,
+        note=f"rank 1 killed after step {logged} was logged, step 4 saved; resumed from step 4; "
+        f"{steps - len(diff)}/{steps} step losses bit-identical; 4 runs {seconds:.0f} s",
+    )
     assert diff == [] and lost == 0 and dup == 0
     kept = sorted(p.name for p in root.iterdir() if p.name.startswith("step_"))
     assert kept == ["step_00000004", "step_00000006"]  # keep_last 2; the torn leftovers are gone

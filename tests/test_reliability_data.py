@@ -2,6 +2,7 @@
 shards, token ids outside the vocabulary. Each is detected, reported with the shard and the
 sample, and handled by the policy (``on_error: fail|skip``, ``wds-tools verify``, ``merge``).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -62,8 +63,12 @@ def _read_all(root, on_error, verify_checksums=False):
     """(samples, stats, error) of a reader pass."""
     stats, got = ReadStats(), []
     try:
-        for s in iter_samples(os.path.join(root, "index.json"), on_error=on_error, stats=stats,
-                              verify_checksums=verify_checksums):
+        for s in iter_samples(
+            os.path.join(root, "index.json"),
+            on_error=on_error,
+            stats=stats,
+            verify_checksums=verify_checksums,
+        ):
             got.append((s["__key__"], s["input_ids"].tolist(), s["labels"].tolist(), s["meta"]))
     except (FormatError, OSError) as e:
         return got, stats, e
@@ -72,13 +77,17 @@ def _read_all(root, on_error, verify_checksums=False):
 
 def _differs(got, samples):
     """Yielded samples that differ from the originals (silent corruption)."""
-    return [k for k, ids, labels, meta in got
-            if k not in samples or (ids, labels, meta) != samples[k]]
+    return [k for k, ids, labels, meta in got if k not in samples or (ids, labels, meta) != samples[k]]
 
 
 def _loader_cfg(root, on_error):
-    return parse_data_config({"on_error": on_error, "shuffle": False, "datasets": [
-        {"name": "d", "manifest": os.path.join(root, "index.json"), "max_epochs": 1}]})
+    return parse_data_config(
+        {
+            "on_error": on_error,
+            "shuffle": False,
+            "datasets": [{"name": "d", "manifest": os.path.join(root, "index.json"), "max_epochs": 1}],
+        }
+    )
 
 
 def _loader_read(root, on_error):
@@ -130,8 +139,15 @@ def test_truncated_tar_every_cut(clean, tmp_path):
         lost_wrong += len(_differs(got, samples))
     if cuts:
         lgot, lerr = _loader_read(root, "fail")
-    record("data", "truncated tar", injected=len(cuts), tried=len(cuts), detected=detected,
-           lost=lost_wrong, note=f"cuts of a {size}-byte shard; verify and merge flag every cut")
+    record(
+        "data",
+        "truncated tar",
+        injected=len(cuts),
+        tried=len(cuts),
+        detected=detected,
+        lost=lost_wrong,
+        note=f"cuts of a {size}-byte shard; verify and merge flag every cut",
+    )
 
 
 def test_flipped_bytes_fast_path_vs_checksum(clean, tmp_path):
@@ -150,17 +166,16 @@ def test_flipped_bytes_fast_path_vs_checksum(clean, tmp_path):
         p = off + 512
         hlen = data0[p + 8] | (data0[p + 9] << 8)
         start = p + 10 + hlen
-        content[start:start + sh.num_tokens[i] * 2] = True
+        content[start : start + sh.num_tokens[i] * 2] = True
         j = p + (10 + hlen + sh.num_tokens[i] * 2 + 511) // 512 * 512
-        jsize = int(data0[j + 124:j + 135], 8)
-        content[j + 512:j + 512 + jsize] = True
+        jsize = int(data0[j + 124 : j + 135], 8)
+        content[j + 512 : j + 512 + jsize] = True
     rng = np.random.default_rng(7)
     positions = rng.choice(len(data0) - 1024, 400, replace=False).tolist()  # not the EOA zeros
     root = _copy(clean, tmp_path)
     tar = _tars(root)[0]
     manifest = os.path.join(root, "index.json")
-    counts = {"verify": 0, "fast_detected": 0, "silent": 0, "harmless": 0, "checked_ok": 0,
-              "loader": 0}
+    counts = {"verify": 0, "fast_detected": 0, "silent": 0, "harmless": 0, "checked_ok": 0, "loader": 0}
     for pos in positions:
         buf = bytearray(data0)
         buf[pos] ^= 1 << int(rng.integers(0, 8))
@@ -194,13 +209,21 @@ def test_flipped_bytes_fast_path_vs_checksum(clean, tmp_path):
     with open(tar, "wb") as f:
         f.write(data0)
     assert verify(manifest)["ok"]
-    record("data", "flipped byte", injected=len(positions), tried=len(positions),
-           detected=counts["verify"], lost=0,
-           note=(f"verify (sha256) {counts['verify']}/{len(positions)}; fast read path "
-                 f"{counts['fast_detected']} detected, {counts['silent']} silently changed "
-                 f"(all inside token ids/JSON), {counts['harmless']} harmless; with "
-                 f"verify_checksums 0 changed samples yielded; loader run on "
-                 f"{counts['loader']} of them"))
+    record(
+        "data",
+        "flipped byte",
+        injected=len(positions),
+        tried=len(positions),
+        detected=counts["verify"],
+        lost=0,
+        note=(
+            f"verify (sha256) {counts['verify']}/{len(positions)}; fast read path "
+            f"{counts['fast_detected']} detected, {counts['silent']} silently changed "
+            f"(all inside token ids/JSON), {counts['harmless']} harmless; with "
+            f"verify_checksums 0 changed samples yielded; loader run on "
+            f"{counts['loader']} of them"
+        ),
+    )
 
 
 def _edit_index(root, shard_no, fn):
@@ -216,7 +239,10 @@ INDEX_FAULTS = {
     "length": lambda s, d: s["length"].__setitem__(3, s["length"][3] - 512),
     "num_tokens": lambda s, d: s["num_tokens"].__setitem__(4, s["num_tokens"][4] + 300),
     "key": lambda s, d: s["key"].__setitem__(5, "other-key"),
-    "swap": lambda s, d: (s["offset"].__setitem__(1, s["offset"][6]), s["length"].__setitem__(1, s["length"][6])),
+    "swap": lambda s, d: (
+        s["offset"].__setitem__(1, s["offset"][6]),
+        s["length"].__setitem__(1, s["length"][6]),
+    ),
     "dtype": lambda s, d: d.__setitem__("dtype", "uint8"),
 }
 
@@ -242,8 +268,14 @@ def test_index_disagreeing_with_tar(clean, tmp_path):
         lgot, lerr = _loader_read(root, "fail")
         assert isinstance(lerr, FormatError) and "shard-r00000-000001" in str(lerr), name
         detected += 1
-    record("data", "index mismatch", injected=len(INDEX_FAULTS), tried=len(INDEX_FAULTS),
-           detected=detected, note="offset, length, token count, key, swapped entry, dtype")
+    record(
+        "data",
+        "index mismatch",
+        injected=len(INDEX_FAULTS),
+        tried=len(INDEX_FAULTS),
+        detected=detected,
+        note="offset, length, token count, key, swapped entry, dtype",
+    )
 
 
 def test_manifest_naming_a_missing_shard(clean, tmp_path):
@@ -271,8 +303,14 @@ def test_manifest_naming_a_missing_shard(clean, tmp_path):
         lgot, lerr = _loader_read(root, "fail")
         assert lerr is not None and name in str(lerr)
         detected += 1
-    record("data", "missing shard", injected=cases, tried=cases, detected=detected,
-           note="tar removed; index removed")
+    record(
+        "data",
+        "missing shard",
+        injected=cases,
+        tried=cases,
+        detected=detected,
+        note="tar removed; index removed",
+    )
 
 
 def test_token_out_of_vocabulary(clean, tmp_path):
@@ -286,7 +324,7 @@ def test_token_out_of_vocabulary(clean, tmp_path):
     i = 3
     p = sh.offsets[i] + 512
     start = p + 10 + (data[p + 8] | (data[p + 9] << 8))
-    data[start + 2:start + 4] = np.array([VOCAB + 5], "<u2").tobytes()
+    data[start + 2 : start + 4] = np.array([VOCAB + 5], "<u2").tobytes()
     open(tar, "wb").write(data)
     digest = hashlib.sha256(bytes(data)).hexdigest()
     _edit_index(root, 2, lambda s, d: d.__setitem__("sha256", digest))
@@ -308,8 +346,14 @@ def test_token_out_of_vocabulary(clean, tmp_path):
     assert all(max(ids) < VOCAB for _, ids in lgot)
     lgot, lerr = _loader_read(root, "fail")
     assert isinstance(lerr, FormatError) and key in str(lerr)
-    record("data", "token out of vocab", injected=1, tried=4, detected=1,
-           note="reader fail/skip, Shard.read, verify, loader fail/skip")
+    record(
+        "data",
+        "token out of vocab",
+        injected=1,
+        tried=4,
+        detected=1,
+        note="reader fail/skip, Shard.read, verify, loader fail/skip",
+    )
 
 
 def test_merge_names_bad_indexes_and_keeps_entries_aligned(clean, tmp_path):
@@ -318,10 +362,12 @@ def test_merge_names_bad_indexes_and_keeps_entries_aligned(clean, tmp_path):
     pairs every remaining index with its own shard."""
     root0, samples = clean
     cases = 0
-    for name, fault in {"no bytes": lambda s, d: d.pop("bytes"),
-                        "columns": lambda s, d: s.pop("offset"),
-                        "escape": lambda s, d: d.__setitem__("shard", "../../etc/passwd"),
-                        "not json": None}.items():
+    for name, fault in {
+        "no bytes": lambda s, d: d.pop("bytes"),
+        "columns": lambda s, d: s.pop("offset"),
+        "escape": lambda s, d: d.__setitem__("shard", "../../etc/passwd"),
+        "not json": None,
+    }.items():
         root = _copy(clean, tmp_path, name.replace(" ", "_"))
         if fault is None:
             p = sorted(os.path.join(root, f) for f in os.listdir(root) if f.endswith(".idx.json"))[0]
@@ -332,19 +378,34 @@ def test_merge_names_bad_indexes_and_keeps_entries_aligned(clean, tmp_path):
             merge(root, save_path=os.path.join(root, "again.json"))
         assert os.path.basename(p) in str(e.value) and _one_line(e.value), (name, e.value)
         man = merge(root, save_path=os.path.join(root, "again.json"), allow_incomplete=True)
-        assert [s["path"] for s in man["shards"]] == [
-            "shard-r00000-000001.tar", "shard-r00000-000002.tar"], name
+        assert [s["path"] for s in man["shards"]] == ["shard-r00000-000001.tar", "shard-r00000-000002.tar"], (
+            name
+        )
         assert [s["index"] for s in man["shards"]] == [
-            "shard-r00000-000001.idx.json", "shard-r00000-000002.idx.json"], name
+            "shard-r00000-000001.idx.json",
+            "shard-r00000-000002.idx.json",
+        ], name
         got = list(iter_samples(os.path.join(root, "again.json")))
-        assert len(got) == 16 and _differs([(g["__key__"], g["input_ids"].tolist(),
-                                             g["labels"].tolist(), g["meta"]) for g in got], samples) == []
+        assert (
+            len(got) == 16
+            and _differs(
+                [(g["__key__"], g["input_ids"].tolist(), g["labels"].tolist(), g["meta"]) for g in got],
+                samples,
+            )
+            == []
+        )
         cases += 1
     root = _copy(clean, tmp_path, "outside")
     with pytest.raises(MergeError, match="outside the folder of the manifest"):
         os.makedirs(tmp_path / "sibling")
         merge(root, save_path=str(tmp_path / "sibling" / "index.json"))
     cases += 1
-    record("data", "index mismatch", injected=cases, tried=cases, detected=cases,
-           note="merge: index without bytes/columns, shard name with '..', non-JSON index, "
-                "manifest saved outside the dataset folder")
+    record(
+        "data",
+        "index mismatch",
+        injected=cases,
+        tried=cases,
+        detected=cases,
+        note="merge: index without bytes/columns, shard name with '..', non-JSON index, "
+        "manifest saved outside the dataset folder",
+    )

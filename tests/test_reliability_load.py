@@ -10,6 +10,7 @@ the configured mix. Figures go to ``reliability_log.record`` (category "load").
 
 Run one rank by hand: ``python tests/test_reliability_load.py CONFIG RANK WORLD SECONDS OUT``.
 """
+
 from __future__ import annotations
 
 import gc
@@ -30,7 +31,7 @@ def _fd_targets() -> list:
     for f in os.listdir("/proc/self/fd"):
         try:
             out.append(f"{f}:{os.readlink(f'/proc/self/fd/{f}')}")
-        except OSError:     # the descriptor of the listing itself, closed by now
+        except OSError:  # the descriptor of the listing itself, closed by now
             pass
     return sorted(out)
 
@@ -41,8 +42,12 @@ def _open_fds() -> int:
 
 def _children() -> list:
     import psutil
-    return [p for p in psutil.Process().children(recursive=True) if p.is_running()
-            and p.status() != psutil.STATUS_ZOMBIE]
+
+    return [
+        p
+        for p in psutil.Process().children(recursive=True)
+        if p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    ]
 
 
 def run_rank(cfg: str, rank: int, world: int, seconds: float, out: str) -> None:
@@ -51,8 +56,17 @@ def run_rank(cfg: str, rank: int, world: int, seconds: float, out: str) -> None:
     from wds_tools.loader import build_loader
 
     opts = wio.IOOptions(timeout=10, connect_timeout=5, backoff=0.05, max_backoff=1.0)
-    loader = build_loader(cfg, rank=rank, world_size=world, batch_size=8, num_workers=8,
-                          max_seq_len=256, pad_id=0, io_options=opts, prefetch_factor=2)
+    loader = build_loader(
+        cfg,
+        rank=rank,
+        world_size=world,
+        batch_size=8,
+        num_workers=8,
+        max_seq_len=256,
+        pad_id=0,
+        io_options=opts,
+        prefetch_factor=2,
+    )
     gc.collect()
     fds0, kids0 = _open_fds(), len(_children())
     fd_list0 = _fd_targets()
@@ -73,7 +87,7 @@ def run_rank(cfg: str, rank: int, world: int, seconds: float, out: str) -> None:
     elapsed = time.monotonic() - t0
     kids_running = len(_children())
     t1 = time.monotonic()
-    it.close()          # what a training loop leaving the epoch does: workers shut down
+    it.close()  # what a training loop leaving the epoch does: workers shut down
     del it, b
     gc.collect()
     deadline = time.monotonic() + 15
@@ -88,13 +102,25 @@ def run_rank(cfg: str, rank: int, world: int, seconds: float, out: str) -> None:
         time.sleep(0.1)
     fds_settle_s = time.monotonic() - t2
     shutdown_s = time.monotonic() - t1
-    res = {"rank": rank, "batches": batches, "samples": samples, "seconds": elapsed,
-           "first_batch_s": first_batch_s, "per_dataset": per_ds, "fds_before": fds0,
-           "fds_after": _open_fds(), "children_before": kids0, "children_running": kids_running,
-           "children_after": len(_children()), "shutdown_s": shutdown_s,
-           "fds_unsettled": fds_unsettled, "fds_settle_s": fds_settle_s,
-           "fd_targets_before": fd_list0, "fd_targets_after": _fd_targets(),
-           "stats": loader.stats()["datasets"]}
+    res = {
+        "rank": rank,
+        "batches": batches,
+        "samples": samples,
+        "seconds": elapsed,
+        "first_batch_s": first_batch_s,
+        "per_dataset": per_ds,
+        "fds_before": fds0,
+        "fds_after": _open_fds(),
+        "children_before": kids0,
+        "children_running": kids_running,
+        "children_after": len(_children()),
+        "shutdown_s": shutdown_s,
+        "fds_unsettled": fds_unsettled,
+        "fds_settle_s": fds_settle_s,
+        "fd_targets_before": fd_list0,
+        "fd_targets_after": _fd_targets(),
+        "stats": loader.stats()["datasets"],
+    }
     with open(out, "w") as f:
         json.dump(res, f)
 
@@ -144,18 +170,30 @@ def _slope(xs, ys) -> float:
 def test_two_ranks_eight_workers_nginx_and_moto(nginx, s3, tmp_path):
     seconds = float(os.environ.get("RELIABILITY_LOAD_SECONDS", DEFAULT_SECONDS))
     cfg = tmp_path / "load.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "seed": 3, "on_error": "fail",
-        "shuffle": {"shards": True, "samples": True, "block_size": 8, "window_blocks": 2},
-        "datasets": [{"name": "http", "manifest": f"{nginx.url}/ds/index.json", "weight": 0.5},
-                     {"name": "s3", "manifest": f"s3://{BUCKET}/ds2/index.json",
-                      "weight": 0.5}]}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "seed": 3,
+                "on_error": "fail",
+                "shuffle": {"shards": True, "samples": True, "block_size": 8, "window_blocks": 2},
+                "datasets": [
+                    {"name": "http", "manifest": f"{nginx.url}/ds/index.json", "weight": 0.5},
+                    {"name": "s3", "manifest": f"s3://{BUCKET}/ds2/index.json", "weight": 0.5},
+                ],
+            }
+        )
+    )
     env = dict(os.environ, **s3.env)
-    for k in ("AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE",
-              "AWS_ENDPOINT_URL_S3", "AWS_REGION"):
+    for k in (
+        "AWS_PROFILE",
+        "AWS_CONFIG_FILE",
+        "AWS_SHARED_CREDENTIALS_FILE",
+        "AWS_ENDPOINT_URL_S3",
+        "AWS_REGION",
+    ):
         env.pop(k, None)
     here = os.path.dirname(os.path.abspath(__file__))
-    env["PYTHONWARNINGS"] = "ignore::UserWarning"   # torch: 8 workers on a 2-core machine
+    env["PYTHONWARNINGS"] = "ignore::UserWarning"  # torch: 8 workers on a 2-core machine
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(here), env.get("PYTHONPATH", "")])
     me = psutil.Process()
     servers = {nginx.proc.pid}
@@ -163,9 +201,13 @@ def test_two_ranks_eight_workers_nginx_and_moto(nginx, s3, tmp_path):
     fds0 = len(os.listdir("/proc/self/fd"))
     outs = [str(tmp_path / f"rank{r}.json") for r in range(2)]
     t0 = time.monotonic()
-    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), str(cfg), str(r), "2",
-                               str(seconds), outs[r]], env=env) for r in range(2)]
-    samples = []   # (t, rss of both rank trees)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), str(cfg), str(r), "2", str(seconds), outs[r]], env=env
+        )
+        for r in range(2)
+    ]
+    samples = []  # (t, rss of both rank trees)
     limit = seconds + 120
     try:
         while any(p.poll() is None for p in procs):
@@ -182,8 +224,9 @@ def test_two_ranks_eight_workers_nginx_and_moto(nginx, s3, tmp_path):
     assert [p.returncode for p in procs] == [0, 0]
     res = [json.load(open(o)) for o in outs]
     time.sleep(0.2)
-    leftover = {p.pid for p in me.children(recursive=True)
-                if p.status() != psutil.STATUS_ZOMBIE} - servers - kids0
+    leftover = (
+        {p.pid for p in me.children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE} - servers - kids0
+    )
     fds1 = len(os.listdir("/proc/self/fd"))
 
     # memory: no growth trend once every worker streams (after the first batch + a third of
@@ -193,24 +236,34 @@ def test_two_ranks_eight_workers_nginx_and_moto(nginx, s3, tmp_path):
     steady = [(t, m) for t, m in samples if start <= t <= end and m > 0]
     assert len(steady) >= 8, f"too few steady samples ({len(steady)}) for {seconds}s"
     xs, ys = [t for t, _ in steady], [m for _, m in steady]
-    slope = _slope(xs, ys)                     # bytes per second
+    slope = _slope(xs, ys)  # bytes per second
     mean = sum(ys) / len(ys)
     growth_per_min = slope * 60
     peak = max(m for _, m in samples)
-    note = (f"{seconds:.0f}s streaming (total {total_s:.0f}s incl. start/shutdown); "
-            f"{sum(r['batches'] for r in res)} batches, {sum(r['samples'] for r in res)} samples "
-            f"({sum(r['samples'] for r in res) / min(r['seconds'] for r in res):.0f}/s); "
-            f"peak RSS sum of 18 processes (shared pages counted in each) {peak / 2**20:.0f} MiB, steady mean "
-            f"{mean / 2**20:.0f} MiB, trend {growth_per_min / 2**20:+.1f} MiB/min; "
-            f"FDs per rank {[r['fds_after'] - r['fds_before'] for r in res]}, child processes "
-            f"per rank {[r['children_after'] - r['children_before'] for r in res]} after "
-            f"shutdown ({max(r['shutdown_s'] for r in res):.1f}s), "
-            f"{len(leftover)} left behind, test FDs {fds1 - fds0:+d}")
-    record("load", "8 workers x 2 ranks nginx/moto", injected=0,
-           tried=sum(r["samples"] for r in res), detected=0, note=note)
+    note = (
+        f"{seconds:.0f}s streaming (total {total_s:.0f}s incl. start/shutdown); "
+        f"{sum(r['batches'] for r in res)} batches, {sum(r['samples'] for r in res)} samples "
+        f"({sum(r['samples'] for r in res) / min(r['seconds'] for r in res):.0f}/s); "
+        f"peak RSS sum of 18 processes (shared pages counted in each) {peak / 2**20:.0f} MiB, steady mean "
+        f"{mean / 2**20:.0f} MiB, trend {growth_per_min / 2**20:+.1f} MiB/min; "
+        f"FDs per rank {[r['fds_after'] - r['fds_before'] for r in res]}, child processes "
+        f"per rank {[r['children_after'] - r['children_before'] for r in res]} after "
+        f"shutdown ({max(r['shutdown_s'] for r in res):.1f}s), "
+        f"{len(leftover)} left behind, test FDs {fds1 - fds0:+d}"
+    )
+    record(
+        "load",
+        "8 workers x 2 ranks nginx/moto",
+        injected=0,
+        tried=sum(r["samples"] for r in res),
+        detected=0,
+        note=note,
+    )
     print(note)
-    print("fds:", [(r["fds_before"], r["fds_unsettled"], round(r["fds_settle_s"], 2), r["fds_after"])
-                   for r in res])
+    print(
+        "fds:",
+        [(r["fds_before"], r["fds_unsettled"], round(r["fds_settle_s"], 2), r["fds_after"]) for r in res],
+    )
     for r in res:
         assert r["batches"] > 0 and r["children_running"] >= 8, r
         assert r["children_after"] == r["children_before"], r
@@ -219,7 +272,7 @@ def test_two_ranks_eight_workers_nginx_and_moto(nginx, s3, tmp_path):
         share = r["per_dataset"]["http"] / r["samples"]
         assert 0.4 < share < 0.6, r["per_dataset"]
     assert not leftover, leftover
-    assert fds1 <= fds0 + 4, (fds0, fds1)   # moto's own keep-alive sockets at most
+    assert fds1 <= fds0 + 4, (fds0, fds1)  # moto's own keep-alive sockets at most
     # growth over a whole run below 5% of the steady footprint (and at most 64 MiB/min)
     drift = slope * (xs[-1] - xs[0])
     assert drift < max(0.05 * mean, 16 << 20) and growth_per_min < 64 << 20, note

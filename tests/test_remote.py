@@ -1,6 +1,7 @@
 """Remote sources against real servers on 127.0.0.1: nginx (HTTP ranges), moto (S3), a fault
 proxy that cuts or stalls connections, a scripted server for status codes; plus the shard cache.
 """
+
 from __future__ import annotations
 
 import logging
@@ -23,8 +24,10 @@ FAST = wio.IOOptions(timeout=2.0, connect_timeout=2.0, backoff=0.01, max_backoff
 
 
 def _seq(source, opts=FAST):
-    return [(s["__key__"], s["input_ids"].tobytes(), s["labels"].tobytes(), s["meta"])
-            for s in iter_samples(source, opts=opts)]
+    return [
+        (s["__key__"], s["input_ids"].tobytes(), s["labels"].tobytes(), s["meta"])
+        for s in iter_samples(source, opts=opts)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +38,7 @@ def disk_seq(remote_dataset):
 
 
 # --- same samples from disk, HTTP and S3 -------------------------------------------------------
+
 
 def test_http_and_s3_equal_disk(remote_dataset, nginx, s3_env, disk_seq):
     assert _seq(f"{nginx.url}/ds/index.json") == disk_seq
@@ -56,13 +60,18 @@ def test_random_access_by_range(remote_dataset, nginx, s3_env):
 
 def test_aws_profile_is_honoured(s3, tmp_path, monkeypatch, disk_seq):
     """Endpoint, region and keys from a named profile in the shared config files."""
-    for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
-              "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION"):
+    for k in (
+        "AWS_ENDPOINT_URL",
+        "AWS_ENDPOINT_URL_S3",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_DEFAULT_REGION",
+        "AWS_REGION",
+    ):
         monkeypatch.delenv(k, raising=False)
-    (tmp_path / "config").write_text(f"[profile moto]\nregion = us-east-1\n"
-                                     f"endpoint_url = {s3.endpoint}\n")
-    (tmp_path / "credentials").write_text("[moto]\naws_access_key_id = a\n"
-                                          "aws_secret_access_key = b\n")
+    (tmp_path / "config").write_text(f"[profile moto]\nregion = us-east-1\nendpoint_url = {s3.endpoint}\n")
+    (tmp_path / "credentials").write_text("[moto]\naws_access_key_id = a\naws_secret_access_key = b\n")
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
     monkeypatch.setenv("AWS_PROFILE", "moto")
@@ -74,6 +83,7 @@ def test_aws_profile_is_honoured(s3, tmp_path, monkeypatch, disk_seq):
 
 
 # --- faults ------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("backend", ["http", "s3"])
 def test_cut_connections_resume_exactly(backend, nginx, s3_env, monkeypatch, disk_seq, caplog):
@@ -115,6 +125,7 @@ def test_gives_up_with_a_clear_error_when_the_server_is_gone(nginx):
 
 # --- status codes ------------------------------------------------------------------------------
 
+
 def test_5xx_and_429_are_retried(remote_dataset, disk_seq):
     with ScriptedHTTPServer(remote_dataset, errors=[503, 429, 500, 502]) as srv:
         assert _seq(f"{srv.url}/ds/index.json") == disk_seq
@@ -151,22 +162,25 @@ def test_no_credentials_in_errors_or_logs(nginx, s3_env, monkeypatch, caplog):
     url = f"http://alice:{secret}@127.0.0.1:{nginx.port}/ds/missing.tar?X-Amz-Signature={secret}"
     with pytest.raises(FileNotFoundError) as e1:
         wio.read_bytes(url, FAST)
-    with FaultProxy(nginx.port) as proxy:   # a closed port: retries, then give up
+    with FaultProxy(nginx.port) as proxy:  # a closed port: retries, then give up
         dead = f"{proxy.url}/ds/x.tar?X-Amz-Credential=AKIAABCDEFGHIJKLMNOP&X-Amz-Signature={secret}"
     with pytest.raises(IOError) as e2:
-        wio.read_range(dead, 0, 10, wio.IOOptions(connect_timeout=0.5, backoff=0.01,
-                                                  max_retries=1))
+        wio.read_range(dead, 0, 10, wio.IOOptions(connect_timeout=0.5, backoff=0.01, max_retries=1))
     # S3: the environment's secret key never shows, whatever fails
     monkeypatch.setenv("AWS_ENDPOINT_URL", dead.split("/ds/")[0])
     wio.reset_clients()
     with pytest.raises(IOError) as e3:
-        wio.read_bytes(f"s3://{BUCKET}/ds/index.json", wio.IOOptions(connect_timeout=0.5,
-                                                                       backoff=0.01, max_retries=1))
+        wio.read_bytes(
+            f"s3://{BUCKET}/ds/index.json", wio.IOOptions(connect_timeout=0.5, backoff=0.01, max_retries=1)
+        )
     wio.reset_clients()
     # ours at every level, anyone's at WARNING and above (urllib3's and botocore's DEBUG
     # lines print request URLs; that is their business and off by default)
-    logged = "\n".join(r.getMessage() for r in caplog.records
-                       if r.name.startswith("wds_tools") or r.levelno >= logging.WARNING)
+    logged = "\n".join(
+        r.getMessage()
+        for r in caplog.records
+        if r.name.startswith("wds_tools") or r.levelno >= logging.WARNING
+    )
     assert "retry" in logged
     for text in (str(e1.value), str(e2.value), str(e3.value), logged):
         assert secret not in text and "AKIAABCDEFGHIJKLMNOP" not in text
@@ -174,6 +188,7 @@ def test_no_credentials_in_errors_or_logs(nginx, s3_env, monkeypatch, caplog):
 
 
 # --- cache -------------------------------------------------------------------------------------
+
 
 def test_cache_keys_do_not_collide_and_respect_the_limit(remote_dataset, nginx, tmp_path):
     """ds/ and ds2/ have equal shard names: both cached, each read back right; then a small
@@ -194,7 +209,7 @@ def test_cache_keys_do_not_collide_and_respect_the_limit(remote_dataset, nginx, 
     c = ShardCache.for_options(small)
     assert c.evictions == 1 and c.cached_bytes() <= small.cache_max_bytes
     tiny = wio.IOOptions(cache_dir=str(tmp_path / "t"), cache_max_bytes=1000)
-    assert _seq(f"{nginx.url}/ds/index.json", tiny) == expected["ds"]   # streamed, not cached
+    assert _seq(f"{nginx.url}/ds/index.json", tiny) == expected["ds"]  # streamed, not cached
     assert not [f for f in os.listdir(tmp_path / "t") if f.endswith(".tar")]
 
 
@@ -223,13 +238,12 @@ def test_cache_refetches_a_changed_object(tmp_path):
         assert wio.read_range(f"{srv.url}/a.tar", 0, 4, opts) == b"xxxx"
         time.sleep(0.01)
         (www / "a.tar").write_bytes(b"y" * 1000)
-        ShardCache.for_options(opts)._versions.clear()   # skip the 60 s version memo
+        ShardCache.for_options(opts)._versions.clear()  # skip the 60 s version memo
         assert wio.read_range(f"{srv.url}/a.tar", 0, 4, opts) == b"yyyy"
 
 
 @pytest.mark.parametrize("honour_ranges", [True, False])
-def test_server_refusing_head_works_with_the_cache(remote_dataset, disk_seq, tmp_path,
-                                                   honour_ranges):
+def test_server_refusing_head_works_with_the_cache(remote_dataset, disk_seq, tmp_path, honour_ranges):
     """HEAD answered with 405: size and version come from a one-byte ranged GET (the total of
     Content-Range, or the Content-Length of a server that ignores ranges), so the cache stores
     whole shards, not the one-byte answer."""
@@ -239,11 +253,12 @@ def test_server_refusing_head_works_with_the_cache(remote_dataset, disk_seq, tmp
         size = os.path.getsize(os.path.join(remote_dataset, "ds", "shard-r00000-000000.tar"))
         assert wio.object_size(url, opts) == size
         assert wio.object_version(url, opts).startswith(f"{size}|")
-        for _ in range(2):   # the second pass reads the cached copies
+        for _ in range(2):  # the second pass reads the cached copies
             assert _seq(f"{srv.url}/ds/index.json", opts) == disk_seq
         assert ("HEAD", "/ds/shard-r00000-000000.tar", None) in srv.requests
     cached = [f for f in os.listdir(tmp_path / "c") if f.endswith(".tar")]
     assert len(cached) == 3
     shards = [f for f in os.listdir(os.path.join(remote_dataset, "ds")) if f.endswith(".tar")]
     assert sorted(os.path.getsize(tmp_path / "c" / f) for f in cached) == sorted(
-        os.path.getsize(os.path.join(remote_dataset, "ds", f)) for f in shards)
+        os.path.getsize(os.path.join(remote_dataset, "ds", f)) for f in shards
+    )

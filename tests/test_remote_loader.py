@@ -1,5 +1,6 @@
 """The same data config read from disk, HTTP (nginx) and S3 (moto) yields identical batches,
 also through connection cuts and through DataLoader worker processes."""
+
 from __future__ import annotations
 
 import pytest
@@ -20,11 +21,17 @@ def _config(tmp_path, name: str, base: str) -> str:
 
 
 def _batches(cfg_path, num_workers=0, opts=FAST):
-    loader = loader_mod.build_loader(cfg_path, rank=0, world_size=1, batch_size=8,
-                                     num_workers=num_workers, max_seq_len=256, pad_id=0,
-                                     io_options=opts)
-    out = [(b["__key__"], b["dataset"], b["input_ids"].clone(), b["labels"].clone())
-           for b in loader]
+    loader = loader_mod.build_loader(
+        cfg_path,
+        rank=0,
+        world_size=1,
+        batch_size=8,
+        num_workers=num_workers,
+        max_seq_len=256,
+        pad_id=0,
+        io_options=opts,
+    )
+    out = [(b["__key__"], b["dataset"], b["input_ids"].clone(), b["labels"].clone()) for b in loader]
     assert out, "no batches"
     return out
 
@@ -32,7 +39,8 @@ def _batches(cfg_path, num_workers=0, opts=FAST):
 def _same(x, y) -> bool:
     return len(x) == len(y) and all(
         a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2]) and torch.equal(a[3], b[3])
-        for a, b in zip(x, y))
+        for a, b in zip(x, y)
+    )
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """Reliability, security: nothing unpickled on a read path; ``pipe:`` and local paths outside the
 allowed roots refused in data configs unless allowed; manifest entries cannot leave the dataset
 folder; no credentials or signatures in messages."""
+
 from __future__ import annotations
 
 import hashlib
@@ -43,27 +44,68 @@ def _evil_dataset(root, marker):
     npy = io.BytesIO()
     np.save(npy, np.array([_Evil(marker)], dtype=object), allow_pickle=True)
     doc = json.dumps({"supervised": [[0, 1]], "meta": {}}).encode()
-    body = (_member("evil.input_ids.npy", npy.getvalue()) + _member("evil.json", doc)
-            + _member("evil.pickle", pickle.dumps(_Evil(marker))))
+    body = (
+        _member("evil.input_ids.npy", npy.getvalue())
+        + _member("evil.json", doc)
+        + _member("evil.pickle", pickle.dumps(_Evil(marker)))
+    )
     data = body + b"\0" * 1024
     with open(os.path.join(root, "shard-r00000-000000.tar"), "wb") as f:
         f.write(data)
-    index = {"format": "wds-tokens", "version": "1.0", "kind": "shard_index",
-             "shard": "shard-r00000-000000.tar", "shard_id": 0, "rank": 0, "world_size": 1,
-             "dtype": "uint8", "vocab_size": 256, "tokenizer": None, "num_samples": 1,
-             "num_tokens": 1, "num_supervised": 1, "bytes": len(data),
-             "sha256": hashlib.sha256(data).hexdigest(), "cursor": 1,
-             "samples": {"key": ["evil"], "offset": [0], "length": [len(body)],
-                         "num_tokens": [1], "num_supervised": [1]}}
+    index = {
+        "format": "wds-tokens",
+        "version": "1.0",
+        "kind": "shard_index",
+        "shard": "shard-r00000-000000.tar",
+        "shard_id": 0,
+        "rank": 0,
+        "world_size": 1,
+        "dtype": "uint8",
+        "vocab_size": 256,
+        "tokenizer": None,
+        "num_samples": 1,
+        "num_tokens": 1,
+        "num_supervised": 1,
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "cursor": 1,
+        "samples": {
+            "key": ["evil"],
+            "offset": [0],
+            "length": [len(body)],
+            "num_tokens": [1],
+            "num_supervised": [1],
+        },
+    }
     json.dump(index, open(os.path.join(root, "shard-r00000-000000.idx.json"), "w"))
-    manifest = {"format": "wds-tokens", "version": "1.0", "kind": "manifest", "dtype": "uint8",
-                "vocab_size": 256, "tokenizer": None, "num_shards": 1, "num_samples": 1,
-                "num_tokens": 1, "num_supervised": 1, "bytes": len(data), "num_failed": 0,
-                "ranks": [], "shards": [{"path": "shard-r00000-000000.tar",
-                                         "index": "shard-r00000-000000.idx.json", "rank": 0,
-                                         "shard_id": 0, "num_samples": 1, "num_tokens": 1,
-                                         "num_supervised": 1, "bytes": len(data),
-                                         "sha256": index["sha256"]}]}
+    manifest = {
+        "format": "wds-tokens",
+        "version": "1.0",
+        "kind": "manifest",
+        "dtype": "uint8",
+        "vocab_size": 256,
+        "tokenizer": None,
+        "num_shards": 1,
+        "num_samples": 1,
+        "num_tokens": 1,
+        "num_supervised": 1,
+        "bytes": len(data),
+        "num_failed": 0,
+        "ranks": [],
+        "shards": [
+            {
+                "path": "shard-r00000-000000.tar",
+                "index": "shard-r00000-000000.idx.json",
+                "rank": 0,
+                "shard_id": 0,
+                "num_samples": 1,
+                "num_tokens": 1,
+                "num_supervised": 1,
+                "bytes": len(data),
+                "sha256": index["sha256"],
+            }
+        ],
+    }
     json.dump(manifest, open(os.path.join(root, "index.json"), "w"))
     return os.path.join(root, "index.json")
 
@@ -94,12 +136,19 @@ def test_nothing_is_unpickled_on_any_read_path(tmp_path, monkeypatch):
         list(loader_samples(cfg))
     paths += 1
     assert not os.path.exists(marker) and calls == []
-    record("security", "pickle", injected=2, tried=paths, detected=paths,
-           note="pickled object array + .pickle member: reader, tar walk, Shard.read, verify, "
-                "loader; no unpickler called")
+    record(
+        "security",
+        "pickle",
+        injected=2,
+        tried=paths,
+        detected=paths,
+        note="pickled object array + .pickle member: reader, tar walk, Shard.read, verify, "
+        "loader; no unpickler called",
+    )
 
 
 # --- data config: pipe:, file://, allowed roots --------------------------------------------------
+
 
 def _cfg(manifest, **top):
     return dict(top, datasets=[{"name": "d", "manifest": manifest}])
@@ -152,8 +201,14 @@ def test_config_refuses_pipe_and_paths_outside_allowed_roots(tmp_path):
     assert parse_data_config(_cfg(inside), allowed_roots=[str(root)])
     refuses(dict(_cfg(inside), allowed_roots="  "), "allowed_roots")
     refuses(dict(_cfg(inside), allow_pipe="yes"), "allow_pipe")
-    record("security", "pipe: and file:// roots", injected=refused, tried=tried, detected=refused,
-           note="pipe:, file://otherhost, unknown schemes, .., symlink, prefix tricks, URL roots")
+    record(
+        "security",
+        "pipe: and file:// roots",
+        injected=refused,
+        tried=tried,
+        detected=refused,
+        note="pipe:, file://otherhost, unknown schemes, .., symlink, prefix tricks, URL roots",
+    )
 
 
 def test_yaml_config_cannot_construct_python_objects(tmp_path):
@@ -167,6 +222,7 @@ def test_yaml_config_cannot_construct_python_objects(tmp_path):
 
 # --- manifest entries escaping the dataset folder -------------------------------------------------
 
+
 def _small_dataset(root):
     with ShardWriter(str(root), vocab_size=300, max_samples=2) as w:
         for i in range(4):
@@ -175,10 +231,19 @@ def _small_dataset(root):
     return os.path.join(str(root), "index.json")
 
 
-ESCAPES = ["../outside/shard.tar", "sub/../../outside/shard.tar", "/etc/passwd",
-           "https://other.example/shard.tar", "s3://bucket/shard.tar", "file:///etc/passwd",
-           "pipe:cat /etc/passwd", "~/shard.tar", "..", "C:/Windows/shard.tar",
-           "https://u:secretpw@other.example/x.tar?X-Amz-Signature=SIGSECRET"]
+ESCAPES = [
+    "../outside/shard.tar",
+    "sub/../../outside/shard.tar",
+    "/etc/passwd",
+    "https://other.example/shard.tar",
+    "s3://bucket/shard.tar",
+    "file:///etc/passwd",
+    "pipe:cat /etc/passwd",
+    "~/shard.tar",
+    "..",
+    "C:/Windows/shard.tar",
+    "https://u:secretpw@other.example/x.tar?X-Amz-Signature=SIGSECRET",
+]
 
 
 @pytest.mark.parametrize("field", ["path", "index"])
@@ -191,10 +256,11 @@ def test_manifest_entries_cannot_leave_the_dataset_folder(tmp_path, field, caplo
         d["shards"][1][field] = bad
         json.dump(d, open(man, "w"))
         strict = None if not bad.startswith("/") else False
-        for call in (lambda s=strict: load_manifest(man, allow_outside_root=s),
-                     lambda s=strict: open_shards(man, allow_outside_root=s),
-                     lambda s=strict: list(iter_samples(man, on_error="skip",
-                                                        allow_outside_root=s))):
+        for call in (
+            lambda s=strict: load_manifest(man, allow_outside_root=s),
+            lambda s=strict: open_shards(man, allow_outside_root=s),
+            lambda s=strict: list(iter_samples(man, on_error="skip", allow_outside_root=s)),
+        ):
             with pytest.raises(FormatError, match=r"shards\[1\]\.%s" % field) as e:
                 call()
             msg = str(e.value)
@@ -219,8 +285,14 @@ def test_manifest_entries_cannot_leave_the_dataset_folder(tmp_path, field, caplo
     assert len(list(iter_samples(man, allow_outside_root=True))) == 4
     with pytest.raises(FormatError):
         list(iter_samples(man))
-    record("security", "manifest escape", injected=refused, tried=len(ESCAPES), detected=refused,
-           note=f"shards[].{field}: .., absolute, other-host URLs, pipe:, file://, ~, drive")
+    record(
+        "security",
+        "manifest escape",
+        injected=refused,
+        tried=len(ESCAPES),
+        detected=refused,
+        note=f"shards[].{field}: .., absolute, other-host URLs, pipe:, file://, ~, drive",
+    )
 
 
 def test_shard_index_cannot_name_a_shard_outside(tmp_path):
@@ -234,8 +306,7 @@ def test_shard_index_cannot_name_a_shard_outside(tmp_path):
         with pytest.raises(FormatError, match="leaves the dataset folder"):
             open_shards(idx, allow_outside_root=False if bad.startswith("/") else None)
         n += 1
-    record("security", "manifest escape", injected=n, tried=n, detected=n,
-           note="shard index 'shard' field")
+    record("security", "manifest escape", injected=n, tried=n, detected=n, note="shard index 'shard' field")
 
 
 def test_no_credentials_in_messages(tmp_path, caplog):
@@ -245,8 +316,9 @@ def test_no_credentials_in_messages(tmp_path, caplog):
     outputs.append(json.dumps(config_summary(cfg)))
     outputs.append(cfg.datasets[0].name)
     with pytest.raises(ValueError) as e:
-        parse_data_config({"datasets": [{"manifest": secret_url}],
-                           "allowed_roots": ["https://data.example/"]})
+        parse_data_config(
+            {"datasets": [{"manifest": secret_url}], "allowed_roots": ["https://data.example/"]}
+        )
     outputs.append(str(e.value))
     with pytest.raises(ValueError) as e:
         parse_data_config({"datasets": [{"manifest": "https://a:hunter2pw@h:99999/i.json"}]})
@@ -268,6 +340,12 @@ def test_no_credentials_in_messages(tmp_path, caplog):
     outputs.append(caplog.text)
     leaks = [o for o in outputs if "hunter2pw" in o or "SIGSECRET" in o or "alice" in o]
     assert leaks == []
-    record("security", "credentials in messages", injected=1, tried=len(outputs), detected=0,
-           lost=len(leaks), note="config summary, derived name, config errors, reader, loader, "
-                                 "verify errors and log lines")
+    record(
+        "security",
+        "credentials in messages",
+        injected=1,
+        tried=len(outputs),
+        detected=0,
+        lost=len(leaks),
+        note="config summary, derived name, config errors, reader, loader, verify errors and log lines",
+    )

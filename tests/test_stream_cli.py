@@ -1,4 +1,5 @@
 """``wds-tools stream`` and ``wds-tools mix``: help, replay, save/resume across processes."""
+
 from __future__ import annotations
 
 import json
@@ -17,22 +18,41 @@ def cfg(tmp_path_factory):
     a = make_dataset(root, "a", 0, 500, shard_sizes=[200, 13, 287])
     b = make_dataset(root, "b", 1, 120, samples_per_shard=30)
     c = make_dataset(root, "c", 2, 25, samples_per_shard=5)
-    return write_config(os.path.join(root, "data.yaml"), [
-        {"manifest": a, "weight": 0.7}, {"manifest": b, "weight": 0.2},
-        {"manifest": c, "weight": 0.1}], seed=11, shuffle={"block_size": 16, "window_blocks": 2})
+    return write_config(
+        os.path.join(root, "data.yaml"),
+        [{"manifest": a, "weight": 0.7}, {"manifest": b, "weight": 0.2}, {"manifest": c, "weight": 0.1}],
+        seed=11,
+        shuffle={"block_size": 16, "window_blocks": 2},
+    )
 
 
 def cli(*args):
-    r = subprocess.run([sys.executable, "-m", "wds_tools.cli", *args], capture_output=True,
-                       text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "wds_tools.cli", *args], capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0, r.stderr
     return r.stdout
 
 
-@pytest.mark.parametrize("sub, flags", [
-    ("stream", ["--rank", "--world-size", "--num-workers", "--batch-size", "--batches",
-                "--save-state", "--resume-state", "--from-step"]),
-    ("mix", ["--samples", "--json", "--batch-size", "--world-size"])])
+@pytest.mark.parametrize(
+    "sub, flags",
+    [
+        (
+            "stream",
+            [
+                "--rank",
+                "--world-size",
+                "--num-workers",
+                "--batch-size",
+                "--batches",
+                "--save-state",
+                "--resume-state",
+                "--from-step",
+            ],
+        ),
+        ("mix", ["--samples", "--json", "--batch-size", "--world-size"]),
+    ],
+)
 def test_help_lists_every_flag(sub, flags):
     out = cli(sub, "--help")
     for f in flags:
@@ -42,8 +62,20 @@ def test_help_lists_every_flag(sub, flags):
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", ["0", "2"])
 def test_stream_resume_in_new_processes_equals_uninterrupted(cfg, tmp_path, workers):
-    common = ["stream", cfg, "--rank", "1", "--world-size", "2", "--num-workers", workers,
-              "--batch-size", "4", "--max-seq-len", "40"]
+    common = [
+        "stream",
+        cfg,
+        "--rank",
+        "1",
+        "--world-size",
+        "2",
+        "--num-workers",
+        workers,
+        "--batch-size",
+        "4",
+        "--max-seq-len",
+        "40",
+    ]
     full = cli(*common, "--batches", "12").splitlines()
     state = str(tmp_path / "state.json")
     head = cli(*common, "--batches", "5", "--save-state", state).splitlines()
@@ -64,9 +96,24 @@ def test_stream_resume_in_new_processes_equals_uninterrupted(cfg, tmp_path, work
 def test_stream_refuses_a_state_of_another_layout(cfg, tmp_path):
     state = str(tmp_path / "s.json")
     cli("stream", cfg, "--batches", "1", "--world-size", "2", "--save-state", state)
-    r = subprocess.run([sys.executable, "-m", "wds_tools.cli", "stream", cfg, "--batches", "1",
-                        "--world-size", "4", "--resume-state", state], capture_output=True,
-                       text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "wds_tools.cli",
+            "stream",
+            cfg,
+            "--batches",
+            "1",
+            "--world-size",
+            "4",
+            "--resume-state",
+            state,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and "world_size" in r.stderr and "Traceback" not in r.stderr
 
 

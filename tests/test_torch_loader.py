@@ -1,6 +1,7 @@
 """The loader in other people's loops: ``TokenStream`` through a ``torch.utils.data.DataLoader``
 the test builds itself (training a small model from it), per-sample mode, resume; and the
 front's conveniences (a manifest as the config, overrides, lengths, the config's cache)."""
+
 from __future__ import annotations
 
 import os
@@ -27,8 +28,9 @@ def cfg(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("tl"))
     a = make_dataset(root, "a", 0, 200, samples_per_shard=50)
     b = make_dataset(root, "b", 1, 90, samples_per_shard=30)
-    return write_config(os.path.join(root, "mix.yaml"), [{"manifest": a, "weight": 2},
-                                                         {"manifest": b, "weight": 1}])
+    return write_config(
+        os.path.join(root, "mix.yaml"), [{"manifest": a, "weight": 2}, {"manifest": b, "weight": 1}]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +56,9 @@ class _TinyLM(torch.nn.Module):
 
     def forward(self, input_ids, labels):
         logits = self.out(self.emb(input_ids))[:, :-1]
-        return torch.nn.functional.cross_entropy(logits.reshape(-1, SMALL_VOCAB),
-                                                 labels[:, 1:].reshape(-1), ignore_index=-100)
+        return torch.nn.functional.cross_entropy(
+            logits.reshape(-1, SMALL_VOCAB), labels[:, 1:].reshape(-1), ignore_index=-100
+        )
 
 
 @pytest.mark.slow
@@ -64,8 +67,7 @@ def test_trains_through_a_plain_dataloader_with_workers(counting):
     batches as the project's own loader of that layout, and a model learns from them."""
     ds = TokenStream(counting, batch_size=4, num_workers=2, max_seq_len=32)
     dl = DataLoader(ds, batch_size=None, num_workers=2)
-    ours = iter(build_loader(counting, batch_size=4, num_workers=2, max_seq_len=32,
-                             transfer_batches=1))
+    ours = iter(build_loader(counting, batch_size=4, num_workers=2, max_seq_len=32, transfer_batches=1))
     torch.manual_seed(0)
     model = _TinyLM()
     opt = torch.optim.Adam(model.parameters(), lr=5e-2)
@@ -97,8 +99,8 @@ def _pad(samples):
     ids = torch.zeros(len(samples), n, dtype=torch.int64)
     labels = torch.full((len(samples), n), -100, dtype=torch.int64)
     for i, s in enumerate(samples):
-        ids[i, :len(s["input_ids"])] = s["input_ids"]
-        labels[i, :len(s["labels"])] = s["labels"]
+        ids[i, : len(s["input_ids"])] = s["input_ids"]
+        labels[i, : len(s["labels"])] = s["labels"]
     return {"input_ids": ids, "labels": labels, "__key__": [s["__key__"] for s in samples]}
 
 
@@ -112,7 +114,7 @@ def test_per_sample_mode_with_a_user_collate(cfg):
     keys = []
     for batch in DataLoader(ds, batch_size=5, collate_fn=_pad):
         for k, lab in zip(batch["__key__"], batch["labels"]):
-            assert lab[:len(truth[k])].tolist() == truth[k].tolist()
+            assert lab[: len(truth[k])].tolist() == truth[k].tolist()
         keys += batch["__key__"]
         if len(keys) >= 100:
             break
@@ -137,15 +139,18 @@ def test_state_dict_resumes_exactly_without_workers(cfg):
 
 # --- the front's conveniences ----------------------------------------------------------------
 
+
 def test_a_manifest_works_where_a_config_is_expected(cfg):
     man = load_data_config(cfg).datasets[0].manifest
     loader = build_loader(man, batch_size=8, shuffle=False, max_epochs=1, output="numpy")
     keys = [k for b in loader for k in b["__key__"]]
-    assert keys == [s["__key__"] for s in iter_samples(man)][:len(keys)]
+    assert keys == [s["__key__"] for s in iter_samples(man)][: len(keys)]
     assert len(keys) == 200 and len(loader) == 25
     b = next(iter(build_loader(man, batch_size=8, output="numpy")))
-    assert isinstance(b["input_ids"], np.ndarray) and b["lengths"].tolist() == \
-        b["attention_mask"].sum(axis=1).tolist()
+    assert (
+        isinstance(b["input_ids"], np.ndarray)
+        and b["lengths"].tolist() == b["attention_mask"].sum(axis=1).tolist()
+    )
 
 
 def test_arguments_override_the_config(cfg):
@@ -159,18 +164,22 @@ def test_arguments_override_the_config(cfg):
 
 def test_cache_in_the_data_config(tmp_path, cfg):
     d = load_data_config(cfg).datasets[0]
-    path = write_config(str(tmp_path / "c.yaml"), [{"manifest": d.manifest}],
-                        cache={"dir": "shard-cache", "max_bytes": "2G"})
+    path = write_config(
+        str(tmp_path / "c.yaml"), [{"manifest": d.manifest}], cache={"dir": "shard-cache", "max_bytes": "2G"}
+    )
     c = load_data_config(path)
     assert c.cache.dir == str(tmp_path / "shard-cache") and c.cache.max_bytes == 2 << 30
     from wds_tools import io as wio
+
     opts = c.io_options(wio.DEFAULT)
     assert opts.cache_dir == c.cache.dir and opts.cache_max_bytes == 2 << 30
     flag = wio.IOOptions(cache_dir=str(tmp_path / "flag"))
-    assert c.io_options(flag).cache_dir == str(tmp_path / "flag")   # the command line wins
-    for bad, msg in (({"max_bytes": 5}, r"cache\.dir: required"),
-                     ({"dir": "x", "max_bytes": "lots"}, "not a byte count"),
-                     ({"dir": "x", "size": 1}, "unknown key 'size'")):
+    assert c.io_options(flag).cache_dir == str(tmp_path / "flag")  # the command line wins
+    for bad, msg in (
+        ({"max_bytes": 5}, r"cache\.dir: required"),
+        ({"dir": "x", "max_bytes": "lots"}, "not a byte count"),
+        ({"dir": "x", "size": 1}, "unknown key 'size'"),
+    ):
         p = write_config(str(tmp_path / "bad.yaml"), [{"manifest": d.manifest}], cache=bad)
         with pytest.raises(ValueError, match=msg):
             load_data_config(p)

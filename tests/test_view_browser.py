@@ -4,6 +4,7 @@ Skipped with a reason where the browser is absent (CI installs ``chromium chromi
 Screenshots land in the test's temp folder; with ``WDS_VIEW_SCREENSHOT_DIR=DIR`` they are also
 copied there (that is how ``docs/img/viewer.png`` is made: the tiny VQGAN's pictures).
 """
+
 from __future__ import annotations
 
 import json
@@ -27,22 +28,33 @@ CHROMEDRIVER = "/usr/bin/chromedriver"
 def browser(tmp_path_factory):
     missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not os.path.exists(p)]
     if missing:
-        pytest.skip(f"no headless browser: {', '.join(missing)} missing "
-                    "(apt-get install chromium chromium-driver; CI installs them)")
+        pytest.skip(
+            f"no headless browser: {', '.join(missing)} missing "
+            "(apt-get install chromium chromium-driver; CI installs them)"
+        )
     pytest.importorskip("selenium", reason="selenium is not installed (the dev extra has it)")
     from selenium import webdriver
 
-    os.environ.setdefault("SE_AVOID_STATS", "true")   # selenium: no usage pings
+    os.environ.setdefault("SE_AVOID_STATS", "true")  # selenium: no usage pings
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
     profile = tmp_path_factory.mktemp("chromium-profile")
-    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-              "--no-first-run", "--disable-background-networking", "--disable-component-update",
-              "--disable-sync", f"--user-data-dir={profile}", "--window-size=1200,860",
-              "--hide-scrollbars", "--force-device-scale-factor=1"):
+    for a in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        "--window-size=1200,860",
+        "--hide-scrollbars",
+        "--force-device-scale-factor=1",
+    ):
         opts.add_argument(a)
-    driver = webdriver.Chrome(options=opts,
-                              service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
+    driver = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
     driver.set_page_load_timeout(30)
     try:
         yield driver
@@ -77,8 +89,11 @@ def _save(driver, tmp_path, name: str) -> str:
 
 def _cards(driver) -> dict:
     from selenium.webdriver.common.by import By
-    return {c.find_element(By.CLASS_NAME, "k").text: c.find_element(By.CLASS_NAME, "v").text
-            for c in driver.find_elements(By.CLASS_NAME, "card")}
+
+    return {
+        c.find_element(By.CLASS_NAME, "k").text: c.find_element(By.CLASS_NAME, "v").text
+        for c in driver.find_elements(By.CLASS_NAME, "card")
+    }
 
 
 def _not_pwned(driver) -> None:
@@ -132,8 +147,12 @@ def test_overview_counts_then_sample_by_key(browser, viewer, tmp_path):
 def test_script_in_data_does_not_run(browser, viewer, tmp_path):
     from selenium.webdriver.common.by import By
 
-    for path in ("d/0/s/7", "d/0/samples", "d/0/samples?q=%3Cscript%3E&field=id",
-                 "d/0/samples?q=pwned&field=meta"):
+    for path in (
+        "d/0/s/7",
+        "d/0/samples",
+        "d/0/samples?q=%3Cscript%3E&field=id",
+        "d/0/samples?q=pwned&field=meta",
+    ):
         browser.get(viewer.url + path)
         _not_pwned(browser)
         # shown as text (the sample list shortens long values)

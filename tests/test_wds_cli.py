@@ -1,4 +1,5 @@
 """`wds-tools` as a user runs it: help texts, inspect, verify, merge."""
+
 import json
 import subprocess
 import sys
@@ -23,8 +24,12 @@ def dataset(tmp_path):
         for i in range(10):
             ids = rng.integers(0, 1000, size=20)
             labels = np.where(np.arange(20) >= 8, ids, -100)
-            w.write(f"s{i:02d}", ids, labels=labels,
-                    meta={"index": i, "images": [{"offset": 2, "num_tokens": 4, "w": 64, "h": 32}]})
+            w.write(
+                f"s{i:02d}",
+                ids,
+                labels=labels,
+                meta={"index": i, "images": [{"offset": 2, "num_tokens": 4, "w": 64, "h": 32}]},
+            )
     merge(str(tmp_path))
     return tmp_path
 
@@ -60,6 +65,7 @@ def test_inspect_table_json_key_and_dump(dataset):
 
 def test_inspect_decodes_with_tokenizer(dataset, tmp_path_factory):
     from tokenizers import Tokenizer, models, pre_tokenizers
+
     vocab = {f"w{i}": i for i in range(1000)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()

@@ -2,6 +2,7 @@
 ``wds_tools.wds.decode_tokens``, and ``wds_tools.wds.token_pipeline``, both yielding exactly
 what ``wds_tools.reader.iter_samples`` yields, composed with webdataset's own stages; never
 unpickling; local, ``pipe:`` (opt-in), HTTP (nginx) and S3 (moto) URLs."""
+
 from __future__ import annotations
 
 import glob
@@ -59,14 +60,13 @@ def _same(sample, ref) -> None:
 
 def _plain(tars, **kw):
     """A user's own pipeline: plain WebDataset, raw samples mapped through decode_tokens."""
-    return wds.WebDataset(tars, shardshuffle=False, nodesplitter=wds.split_by_node,
-                          **kw).map(decode_tokens)
+    return wds.WebDataset(tars, shardshuffle=False, nodesplitter=wds.split_by_node, **kw).map(decode_tokens)
 
 
 def test_plain_webdataset_yields_what_the_reader_yields(data):
     _, tars, ref = data
     got = list(_plain(tars))
-    assert [s["__key__"] for s in got] == list(ref)          # same samples, same order
+    assert [s["__key__"] for s in got] == list(ref)  # same samples, same order
     for s in got:
         _same(s, ref)
         assert s["__url__"] in tars
@@ -79,7 +79,7 @@ def test_composes_with_shuffle_batched_with_epoch(data):
     one = list(ds.with_epoch(batches_per_pass))
     assert len(one) == batches_per_pass
     keys = [k for b in one for k in b["__key__"]]
-    assert sorted(keys) == sorted(ref) and keys != list(ref)   # every sample once, shuffled
+    assert sorted(keys) == sorted(ref) and keys != list(ref)  # every sample once, shuffled
     for b in one:
         assert b["input_ids"].dtype == b["labels"].dtype == np.int64
         for row, key in enumerate(b["__key__"]):
@@ -129,7 +129,7 @@ def test_split_by_node_and_worker_partition_the_shards(data, monkeypatch):
             keys = [s["__key__"] for s in token_pipeline(manifest)]
             assert keys, f"rank {rank} worker {worker} got no shard"
             seen.extend(keys)
-    assert sorted(seen) == sorted(ref)                     # disjoint, nothing lost
+    assert sorted(seen) == sorted(ref)  # disjoint, nothing lost
 
 
 class _Touch:
@@ -148,7 +148,7 @@ def _with_pickle_member(src: str, dst: str, payload: bytes) -> str:
         members = tin.getmembers()
         for m in members:
             tout.addfile(m, tin.extractfile(m))
-            if m.name == members[1].name:                   # after the first sample's .json
+            if m.name == members[1].name:  # after the first sample's .json
                 ti = tarfile.TarInfo(members[0].name.split(".")[0] + ".pickle")
                 ti.size = len(payload)
                 tout.addfile(ti, io.BytesIO(payload))
@@ -158,10 +158,8 @@ def _with_pickle_member(src: str, dst: str, payload: bytes) -> str:
 def test_a_pickle_member_is_never_unpickled(data, tmp_path):
     _, tars, ref = data
     marker = tmp_path / "unpickled"
-    shard = _with_pickle_member(tars[0], str(tmp_path / "evil.tar"),
-                                pickle.dumps(_Touch(str(marker))))
-    for ds in (_plain([shard]), _plain([shard], select_files=select_members),
-               token_pipeline(shard)):
+    shard = _with_pickle_member(tars[0], str(tmp_path / "evil.tar"), pickle.dumps(_Touch(str(marker))))
+    for ds in (_plain([shard]), _plain([shard], select_files=select_members), token_pipeline(shard)):
         got = list(ds)
         assert len(got) == 15
         for s in got:
@@ -183,7 +181,7 @@ def test_bad_samples_fail_with_a_named_error(data):
     obj = io.BytesIO()
     np.save(obj, np.array([{"x": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(FormatError, match="input_ids.npy is not a .npy array"):
-        decode_tokens(dict(raw, **{"input_ids.npy": obj.getvalue()}))   # refused, not unpickled
+        decode_tokens(dict(raw, **{"input_ids.npy": obj.getvalue()}))  # refused, not unpickled
     with pytest.raises(FormatError, match="bad supervised span"):
         decode_tokens(dict(raw, json=b'{"supervised": [[0, 100000]], "meta": {}}'))
 
@@ -192,7 +190,7 @@ def test_truncated_shard_fails_or_skips_by_policy(data, tmp_path, caplog):
     _, tars, ref = data
     cut = tmp_path / "cut.tar"
     body = Path(tars[0]).read_bytes()
-    cut.write_bytes(body[:len(body) // 2])
+    cut.write_bytes(body[: len(body) // 2])
     with pytest.raises(tarfile.ReadError, match="unexpected end of data"):
         list(token_pipeline([str(cut), tars[1]]))
     got = list(token_pipeline([str(cut), tars[1]], on_error="skip"))
@@ -200,7 +198,7 @@ def test_truncated_shard_fails_or_skips_by_policy(data, tmp_path, caplog):
     # whole samples of the cut shard up to the cut, then the next shard, whole
     assert 0 < n < 15 and keys == list(ref)[:n] + list(ref)[15:27]
     for s in got:
-        _same(s, ref)                                  # no partial sample
+        _same(s, ref)  # no partial sample
     assert "skipping" in caplog.text
 
 
@@ -213,9 +211,11 @@ def test_pipe_urls_need_allow_pipe(data):
 
 
 def test_import_needs_neither_torch_nor_webdataset():
-    code = ("import sys, wds_tools.wds; "
-            "assert 'torch' not in sys.modules and 'webdataset' not in sys.modules, "
-            "sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'webdataset'))")
+    code = (
+        "import sys, wds_tools.wds; "
+        "assert 'torch' not in sys.modules and 'webdataset' not in sys.modules, "
+        "sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'webdataset'))"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -244,7 +244,7 @@ def test_http_through_nginx(remote_dataset, nginx):
     assert [s["__key__"] for s in got] == list(ref)
     for s in got:
         _same_remote(s, ref)
-    if shutil.which("curl"):   # a user's own WebDataset over the same URLs (its curl opener)
+    if shutil.which("curl"):  # a user's own WebDataset over the same URLs (its curl opener)
         urls = shard_urls(f"{nginx.url}/ds/index.json")
         assert [s["__key__"] for s in _plain(urls)] == list(ref)
 

@@ -10,6 +10,7 @@
   (``view_fixtures:load_gray_renderer``) that draws each code as a gray cell of ``cell`` pixels,
   so the PNG has the block's ``w`` x ``h`` pixels when ``cell`` is 16.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -22,9 +23,19 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
-SPECIALS = ["<s>", "</s>", "<pad>", "<racm3:break>", "<eoss>", "<reserved08799>",
-            "<reserved08800>", "<reserved08801>", "<reserved08802>", "<reserved08803>",
-            "<|image|>"]
+SPECIALS = [
+    "<s>",
+    "</s>",
+    "<pad>",
+    "<racm3:break>",
+    "<eoss>",
+    "<reserved08799>",
+    "<reserved08800>",
+    "<reserved08801>",
+    "<reserved08802>",
+    "<reserved08803>",
+    "<|image|>",
+]
 NUM_CODES = 256
 CORPUS = """What is in the picture? A red square on a gray field.
 Describe the image in one sentence. Two shapes, a circle and a line.
@@ -32,7 +43,7 @@ The quick brown fox jumps over the lazy dog. Numbers 0123456789 and <tags> too.
 User: Assistant: Human: GPT: script window title document pwned"""
 HOSTILE = "<script>window.__pwned=1;document.title='pwned'</script>"
 NUM_SAMPLES = 12
-SHARD_SIZE = 5   # shards of 5, 5, 2 samples
+SHARD_SIZE = 5  # shards of 5, 5, 2 samples
 
 
 def build_tokenizer(out_dir: str) -> str:
@@ -43,9 +54,12 @@ def build_tokenizer(out_dir: str) -> str:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     specials = SPECIALS + [f"<img{i}>" for i in range(NUM_CODES)]
-    trainer = trainers.BpeTrainer(vocab_size=len(specials) + 400, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=len(specials) + 400,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(CORPUS.splitlines() * 3, trainer=trainer)
     os.makedirs(out_dir, exist_ok=True)
     tok.save(os.path.join(out_dir, "tokenizer.json"))
@@ -60,8 +74,11 @@ def image_block(tok, rows: int, cols: int, seed: int) -> np.ndarray:
     code_ids = np.vectorize(lambda c: tok.token_to_id(f"<img{c}>"))(codes)
     row_end = tok.token_to_id("<reserved08799>")
     grid = np.concatenate([code_ids, np.full((rows, 1), row_end)], axis=1).reshape(-1)
-    head = [tok.token_to_id("<racm3:break>"), tok.token_to_id("<reserved08801>"),
-            tok.token_to_id("<reserved08801>")]
+    head = [
+        tok.token_to_id("<racm3:break>"),
+        tok.token_to_id("<reserved08801>"),
+        tok.token_to_id("<reserved08801>"),
+    ]
     return np.concatenate([head, grid, [tok.token_to_id("<eoss>")]]).astype(np.int64)
 
 
@@ -77,8 +94,9 @@ def make_view_dataset(root: str, tok_dir: str, name: str = "pics") -> str:
     tok = Tokenizer.from_file(os.path.join(tok_dir, "tokenizer.json"))
     out = os.path.join(root, name)
     bos = tok.token_to_id("<s>")
-    with ShardWriter(out, vocab_size=tok.get_vocab_size(), max_samples=SHARD_SIZE,
-                     tokenizer="view-test-bpe") as w:
+    with ShardWriter(
+        out, vocab_size=tok.get_vocab_size(), max_samples=SHARD_SIZE, tokenizer="view-test-bpe"
+    ) as w:
         for i in range(NUM_SAMPLES):
             answer = HOSTILE if i == 7 else f"A red square number {i}."
             parts: List[np.ndarray] = [np.array([bos])]
@@ -114,9 +132,16 @@ def make_view_dataset(root: str, tok_dir: str, name: str = "pics") -> str:
 
 def _block_meta(offset: int, blk: np.ndarray, rows: int, cols: int) -> Dict:
     h, w = rows * 16, cols * 16
-    return {"offset": int(offset), "num_tokens": int(len(blk)), "h": h, "w": w,
-            "grid": [rows, cols], "crop": [8, 4, 8 + w, 4 + h], "resized_size": [w + 16, h + 8],
-            "orig_size": [2 * w + 32, 2 * h + 16]}
+    return {
+        "offset": int(offset),
+        "num_tokens": int(len(blk)),
+        "h": h,
+        "w": w,
+        "grid": [rows, cols],
+        "crop": [8, 4, 8 + w, 4 + h],
+        "resized_size": [w + 16, h + 8],
+        "orig_size": [2 * w + 32, 2 * h + 16],
+    }
 
 
 class GrayRenderer:
@@ -131,7 +156,7 @@ class GrayRenderer:
 
         self.calls += 1
         rows, cols = block["grid"]
-        toks = np.asarray(input_ids)[block["offset"]:block["offset"] + block["num_tokens"]]
+        toks = np.asarray(input_ids)[block["offset"] : block["offset"] + block["num_tokens"]]
         codes = toks[3:-1].reshape(rows, cols + 1)[:, :cols].astype(np.int64)
         gray = (codes * 37 % 256).astype(np.uint8)
         img = Image.fromarray(np.kron(gray, np.ones((self.cell, self.cell), np.uint8)), "L")
@@ -147,9 +172,11 @@ def load_gray_renderer(arg: str = "16") -> GrayRenderer:
 
 # --- the real tiny renderer (lumina make-tiny's VQGAN) -----------------------------------------
 
-PHOTO_CAPTIONS = {"astronaut": "An astronaut in an orange suit in front of a flag.",
-                  "chelsea": "A tabby cat looking to the side.",
-                  "coffee": "A cup of coffee on a saucer."}
+PHOTO_CAPTIONS = {
+    "astronaut": "An astronaut in an orange suit in front of a flag.",
+    "chelsea": "A tabby cat looking to the side.",
+    "coffee": "A cup of coffee on a saucer.",
+}
 
 
 @functools.lru_cache(maxsize=None)
@@ -182,29 +209,47 @@ def tiny_lumina_dataset() -> Tuple[str, str]:
     names = sorted(n[:-4] for n in os.listdir(tiny.DEMO_PHOTOS) if n.endswith(".jpg"))
     crops = dict(zip(names, tiny.demo_photo_crops(256)))
     out = os.path.join(root, "photos")
-    with ShardWriter(out, vocab_size=tok.get_vocab_size(), max_samples=2,
-                     tokenizer="lumina-tiny") as w:
+    with ShardWriter(out, vocab_size=tok.get_vocab_size(), max_samples=2, tokenizer="lumina-tiny") as w:
         for k, (name, caption) in enumerate(sorted(PHOTO_CAPTIONS.items())):
             crop = crops[name]
             pixels = torch.from_numpy(crop).permute(2, 0, 1)[None].float() / 127.5 - 1.0
             with torch.inference_mode():
                 codes = model.encode(pixels)[0].numpy()
             rows, cols = codes.shape
-            grid = [[vocab[tiny.image_code_token(int(c))] for c in row] + [vocab["<reserved08799>"]]
-                    for row in codes]
-            block = ([vocab["<racm3:break>"], vocab[f"<reserved{8800 + rows // 2:05d}>"],
-                      vocab[f"<reserved{8800 + cols // 2:05d}>"]]
-                     + [t for row in grid for t in row] + [vocab["<eoss>"]])
-            prompt = [vocab["<s>"]] + tok.encode("Describe the photo.",
-                                                 add_special_tokens=False).ids
+            grid = [
+                [vocab[tiny.image_code_token(int(c))] for c in row] + [vocab["<reserved08799>"]]
+                for row in codes
+            ]
+            block = (
+                [
+                    vocab["<racm3:break>"],
+                    vocab[f"<reserved{8800 + rows // 2:05d}>"],
+                    vocab[f"<reserved{8800 + cols // 2:05d}>"],
+                ]
+                + [t for row in grid for t in row]
+                + [vocab["<eoss>"]]
+            )
+            prompt = [vocab["<s>"]] + tok.encode("Describe the photo.", add_special_tokens=False).ids
             answer = tok.encode(caption, add_special_tokens=False).ids + [vocab["</s>"]]
             ids = np.array(prompt + block + answer, np.int64)
             labels = np.where(np.arange(len(ids)) >= len(prompt) + len(block), ids, -100)
             h, w_px = crop.shape[:2]
-            meta = {"source": "captions.json", "index": k, "id": f"cap-{name}",
-                    "images": [{"offset": len(prompt), "num_tokens": len(block), "h": h,
-                                "w": w_px, "grid": [rows, cols], "crop": [0, 0, w_px, h],
-                                "orig_size": [w_px, h]}]}
+            meta = {
+                "source": "captions.json",
+                "index": k,
+                "id": f"cap-{name}",
+                "images": [
+                    {
+                        "offset": len(prompt),
+                        "num_tokens": len(block),
+                        "h": h,
+                        "w": w_px,
+                        "grid": [rows, cols],
+                        "crop": [0, 0, w_px, h],
+                        "orig_size": [w_px, h],
+                    }
+                ],
+            }
             w.write(f"photo-{name}", ids, labels=labels, meta=meta)
     merge(out)
     return os.path.join(out, "index.json"), root

@@ -23,6 +23,7 @@ front (above: it decides when to use the cache); it never calls back up.
   use) are removed until the cached bytes plus downloads in progress plus the new shard fit.
   A shard larger than the whole limit is not cached (it is streamed instead).
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -103,8 +104,12 @@ class ShardCache:
         info = self._info(url, opts)
         size = info.size
         if size > self.max_bytes:
-            log.warning("%s: %d bytes do not fit the %d-byte cache; streaming it",
-                        wio.redact(url), size, self.max_bytes)
+            log.warning(
+                "%s: %d bytes do not fit the %d-byte cache; streaming it",
+                wio.redact(url),
+                size,
+                self.max_bytes,
+            )
             return None
         name = self.entry_name(url, info.version)
         path = os.path.join(self.root, name)
@@ -112,7 +117,7 @@ class ShardCache:
             self.hits += 1
             return path
         with self._flock(f"{name[:2]}.lock"):
-            if self._touch(path):   # another process fetched it while we waited
+            if self._touch(path):  # another process fetched it while we waited
                 self.hits += 1
                 return path
             self.misses += 1
@@ -127,7 +132,7 @@ class ShardCache:
     @staticmethod
     def _touch(path: str) -> bool:
         try:
-            os.utime(path)   # mtime = last use, for LRU
+            os.utime(path)  # mtime = last use, for LRU
             return True
         except FileNotFoundError:
             return False
@@ -151,12 +156,11 @@ class ShardCache:
             entries = []
             for path, size, mtime in self._entries(include_tmp=True):
                 if path.endswith(_TMP) and now - mtime > _STALE_TMP_S:
-                    _remove(path)   # left by a process that died mid-download
+                    _remove(path)  # left by a process that died mid-download
                     continue
                 entries.append((path, size, mtime))
             total = sum(sz for _, sz, _ in entries)
-            for path, size, _ in sorted((e for e in entries if not e[0].endswith(_TMP)),
-                                        key=lambda e: e[2]):
+            for path, size, _ in sorted((e for e in entries if not e[0].endswith(_TMP)), key=lambda e: e[2]):
                 if total + need <= self.max_bytes:
                     break
                 if _remove(path):
@@ -168,8 +172,7 @@ class ShardCache:
         tmp = f"{path}.{os.getpid()}.{threading.get_ident()}{_TMP}"
         try:
             got = 0
-            with wio.open_direct(url, 0, size, opts) as src, \
-                    open(tmp, "wb") as dst:
+            with wio.open_direct(url, 0, size, opts) as src, open(tmp, "wb") as dst:
                 while True:
                     b = src.read(opts.chunk_size)
                     if not b:

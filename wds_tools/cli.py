@@ -3,6 +3,7 @@
 Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args)``;
 modules are imported only when their subcommand runs, so ``inspect`` never imports torch.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,9 @@ SUBCOMMANDS = {
 
 
 def _parser(argv: List[str]) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="wds-tools", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="wds-tools", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     wanted = next((a for a in argv if a in SUBCOMMANDS), None)
@@ -40,8 +42,9 @@ def _parser(argv: List[str]) -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _parser(argv).parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     module = importlib.import_module(SUBCOMMANDS[args.command][0])
     try:
         return int(module.run(args) or 0)

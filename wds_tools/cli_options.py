@@ -1,5 +1,6 @@
 """Command-line flags shared by the ``wds-tools`` subcommands that read data (stream, verify,
 view, ...): the shard cache and the transport's safety switches, mapped to ``IOOptions``."""
+
 from __future__ import annotations
 
 import argparse
@@ -12,14 +13,21 @@ __all__ = ["add_io_arguments", "io_options_from_args"]
 
 def add_io_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("reading remote data")
-    g.add_argument("--cache-dir", metavar="DIR",
-                   help="cache remote shards whole in this local folder (one per node, shared "
-                        "by its processes); overrides a data config's cache")
-    g.add_argument("--cache-max-bytes", metavar="SIZE", default=None,
-                   help="size limit of --cache-dir, e.g. 500G (default 64G); least recently "
-                        "used shards are evicted")
-    g.add_argument("--allow-pipe", action="store_true",
-                   help="let pipe:COMMAND URLs run shell commands (off by default)")
+    g.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="cache remote shards whole in this local folder (one per node, shared "
+        "by its processes); overrides a data config's cache",
+    )
+    g.add_argument(
+        "--cache-max-bytes",
+        metavar="SIZE",
+        default=None,
+        help="size limit of --cache-dir, e.g. 500G (default 64G); least recently used shards are evicted",
+    )
+    g.add_argument(
+        "--allow-pipe", action="store_true", help="let pipe:COMMAND URLs run shell commands (off by default)"
+    )
 
 
 def io_options_from_args(args: argparse.Namespace, base: IOOptions = DEFAULT) -> IOOptions:

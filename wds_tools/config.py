@@ -29,6 +29,7 @@ manifest must lie under one of the roots: local folders (symlinks and ``..`` res
 prefixes (``https://host/data/``, ``s3://bucket/prefix/``). Messages never show a URL's user
 info or query string (signatures).
 """
+
 from __future__ import annotations
 
 import os
@@ -42,9 +43,19 @@ import yaml
 
 from .io import IOOptions, redact
 
-__all__ = ["DatasetConfig", "ShuffleConfig", "CacheConfig", "DataConfig", "load_data_config",
-           "parse_data_config", "resolve_data_config", "parse_bytes", "config_summary",
-           "WEIGHT_BY", "ON_ERROR"]
+__all__ = [
+    "DatasetConfig",
+    "ShuffleConfig",
+    "CacheConfig",
+    "DataConfig",
+    "load_data_config",
+    "parse_data_config",
+    "resolve_data_config",
+    "parse_bytes",
+    "config_summary",
+    "WEIGHT_BY",
+    "ON_ERROR",
+]
 
 WEIGHT_BY = ("samples", "tokens")
 ON_ERROR = ("skip", "fail")
@@ -97,10 +108,10 @@ class DataConfig:
     on_error: str = "fail"
     shuffle: ShuffleConfig = field(default_factory=ShuffleConfig)
     source: str = "<dict>"
-    allow_pipe: bool = False          # pipe: manifests accepted (also needs IOOptions(allow_pipe))
-    allowed_roots: Tuple[str, ...] = ()   # where manifests may live; () = anywhere
-    verify_checksums: bool = False    # re-hash every shard on open (sha256 vs its index)
-    cache: Optional[CacheConfig] = None   # cache remote shards whole in a local folder
+    allow_pipe: bool = False  # pipe: manifests accepted (also needs IOOptions(allow_pipe))
+    allowed_roots: Tuple[str, ...] = ()  # where manifests may live; () = anywhere
+    verify_checksums: bool = False  # re-hash every shard on open (sha256 vs its index)
+    cache: Optional[CacheConfig] = None  # cache remote shards whole in a local folder
 
     def io_options(self, base: IOOptions) -> IOOptions:
         """``base`` with what this config switches on: ``allow_pipe``, ``verify_checksums`` and
@@ -125,8 +136,9 @@ class DataConfig:
         return list(dict.fromkeys(d.group for d in self.datasets))
 
 
-def load_data_config(path: str, *, allowed_roots: Optional[Sequence[str]] = None,
-                     allow_pipe: bool = False) -> DataConfig:
+def load_data_config(
+    path: str, *, allowed_roots: Optional[Sequence[str]] = None, allow_pipe: bool = False
+) -> DataConfig:
     """Read and validate a data config YAML; relative manifest paths are resolved against the
     folder of ``path``. ``allowed_roots``/``allow_pipe``: see :func:`parse_data_config`."""
     try:
@@ -137,13 +149,23 @@ def load_data_config(path: str, *, allowed_roots: Optional[Sequence[str]] = None
         raise ValueError(f"{path}: not valid YAML: {first}") from None
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text: {e}") from None
-    return parse_data_config(doc, where=path, base_dir=os.path.dirname(os.path.abspath(path)),
-                             allowed_roots=allowed_roots, allow_pipe=allow_pipe)
+    return parse_data_config(
+        doc,
+        where=path,
+        base_dir=os.path.dirname(os.path.abspath(path)),
+        allowed_roots=allowed_roots,
+        allow_pipe=allow_pipe,
+    )
 
 
-def parse_data_config(doc: Any, where: str = "<dict>", base_dir: Optional[str] = None, *,
-                      allowed_roots: Optional[Sequence[str]] = None,
-                      allow_pipe: bool = False) -> DataConfig:
+def parse_data_config(
+    doc: Any,
+    where: str = "<dict>",
+    base_dir: Optional[str] = None,
+    *,
+    allowed_roots: Optional[Sequence[str]] = None,
+    allow_pipe: bool = False,
+) -> DataConfig:
     """Validate a data config given as a mapping (the parsed YAML).
 
     ``allowed_roots`` (the caller's, trusted): every manifest must lie under one of them, in
@@ -154,8 +176,18 @@ def parse_data_config(doc: Any, where: str = "<dict>", base_dir: Optional[str] =
         raise ValueError(f"{where}: a data config must be a mapping with 'datasets' or 'META'")
     if "META" in doc and "datasets" in doc:
         raise ValueError(f"{where}: give either 'datasets' or 'META', not both")
-    known = {"datasets", "META", "seed", "weight_by", "on_error", "shuffle", "allow_pipe",
-             "allowed_roots", "verify_checksums", "cache"}
+    known = {
+        "datasets",
+        "META",
+        "seed",
+        "weight_by",
+        "on_error",
+        "shuffle",
+        "allow_pipe",
+        "allowed_roots",
+        "verify_checksums",
+        "cache",
+    }
     _no_unknown(doc, known, where)
     pipe_ok = _bool(doc.get("allow_pipe", False), f"{where}: allow_pipe") or bool(allow_pipe)
     cfg_roots = _roots(doc.get("allowed_roots"), f"{where}: allowed_roots", base_dir)
@@ -172,20 +204,32 @@ def parse_data_config(doc: Any, where: str = "<dict>", base_dir: Optional[str] =
     names = [d.name for d in datasets]
     for i, n in enumerate(names):
         if names.index(n) != i:
-            raise ValueError(f"{where}: datasets[{i}]: name {n!r} is used twice; give each "
-                             "dataset a unique 'name'")
-    return DataConfig(datasets=tuple(datasets), seed=seed, weight_by=weight_by,
-                      on_error=on_error, shuffle=shuffle, source=where, allow_pipe=pipe_ok,
-                      allowed_roots=tuple(cfg_roots or ()) + tuple(caller_roots or ()),
-                      verify_checksums=_bool(doc.get("verify_checksums", False),
-                                             f"{where}: verify_checksums"),
-                      cache=_cache(doc.get("cache"), f"{where}: cache", base_dir))
+            raise ValueError(
+                f"{where}: datasets[{i}]: name {n!r} is used twice; give each dataset a unique 'name'"
+            )
+    return DataConfig(
+        datasets=tuple(datasets),
+        seed=seed,
+        weight_by=weight_by,
+        on_error=on_error,
+        shuffle=shuffle,
+        source=where,
+        allow_pipe=pipe_ok,
+        allowed_roots=tuple(cfg_roots or ()) + tuple(caller_roots or ()),
+        verify_checksums=_bool(doc.get("verify_checksums", False), f"{where}: verify_checksums"),
+        cache=_cache(doc.get("cache"), f"{where}: cache", base_dir),
+    )
 
 
-def resolve_data_config(source: Union["DataConfig", str], *, seed: Optional[int] = None,
-                        shuffle: Optional[bool] = None, max_epochs: Optional[int] = None,
-                        weight_by: Optional[str] = None,
-                        on_error: Optional[str] = None) -> "DataConfig":
+def resolve_data_config(
+    source: Union["DataConfig", str],
+    *,
+    seed: Optional[int] = None,
+    shuffle: Optional[bool] = None,
+    max_epochs: Optional[int] = None,
+    weight_by: Optional[str] = None,
+    on_error: Optional[str] = None,
+) -> "DataConfig":
     """A ``DataConfig`` from what a user has at hand, with arguments overriding the config.
 
     ``source``: a ``DataConfig``, a data config YAML (``.yaml``/``.yml``), or a dataset
@@ -199,8 +243,11 @@ def resolve_data_config(source: Union["DataConfig", str], *, seed: Optional[int]
         cfg = load_data_config(source)
     else:
         local = "://" not in source
-        cfg = parse_data_config({"datasets": [{"manifest": source}]}, where=redact(source),
-                                base_dir=os.getcwd() if local else None)
+        cfg = parse_data_config(
+            {"datasets": [{"manifest": source}]},
+            where=redact(source),
+            base_dir=os.getcwd() if local else None,
+        )
     kw: Dict[str, Any] = {}
     if seed is not None:
         kw["seed"] = _int(seed, "seed", lo=0)
@@ -254,11 +301,14 @@ def _cache(doc: Any, at: str, base_dir: Optional[str]) -> Optional[CacheConfig]:
 
 # --- entries ---------------------------------------------------------------------------------
 
-def _dataset_entries(entries: Any, where: str, base_dir: Optional[str],
-                     policy: tuple = (False, [])) -> List[DatasetConfig]:
+
+def _dataset_entries(
+    entries: Any, where: str, base_dir: Optional[str], policy: tuple = (False, [])
+) -> List[DatasetConfig]:
     if not isinstance(entries, list) or not entries:
-        raise ValueError(f"{where}: 'datasets' must be a non-empty list of "
-                         "{manifest: ..., weight: ...} entries")
+        raise ValueError(
+            f"{where}: 'datasets' must be a non-empty list of {{manifest: ..., weight: ...}} entries"
+        )
     out = []
     for i, e in enumerate(entries):
         at = f"{where}: datasets[{i}]"
@@ -267,19 +317,27 @@ def _dataset_entries(entries: Any, where: str, base_dir: Optional[str],
         at = _named(at, e)
         _no_unknown(e, {"name", "manifest", "weight", "max_epochs", "group", "weight_by"}, at)
         if "weight_by" in e:
-            raise ValueError(f"{at}: weight_by: set 'weight_by' once at the top level (a mixture "
-                             "is in samples or in tokens, not both)")
+            raise ValueError(
+                f"{at}: weight_by: set 'weight_by' once at the top level (a mixture "
+                "is in samples or in tokens, not both)"
+            )
         manifest = _manifest(e.get("manifest"), f"{at}: manifest", base_dir, policy)
         weight = _positive(e.get("weight", 1.0), f"{at}: weight")
-        out.append(DatasetConfig(
-            name=_name(e.get("name"), manifest, f"{at}: name"), manifest=manifest, weight=weight,
-            max_epochs=_opt_int(e.get("max_epochs"), f"{at}: max_epochs", lo=1),
-            group=_group(e.get("group", "default"), f"{at}: group")))
+        out.append(
+            DatasetConfig(
+                name=_name(e.get("name"), manifest, f"{at}: name"),
+                manifest=manifest,
+                weight=weight,
+                max_epochs=_opt_int(e.get("max_epochs"), f"{at}: max_epochs", lo=1),
+                group=_group(e.get("group", "default"), f"{at}: group"),
+            )
+        )
     return out
 
 
-def _meta_entries(entries: Any, where: str, base_dir: Optional[str],
-                  policy: tuple = (False, [])) -> List[DatasetConfig]:
+def _meta_entries(
+    entries: Any, where: str, base_dir: Optional[str], policy: tuple = (False, [])
+) -> List[DatasetConfig]:
     if not isinstance(entries, list) or not entries:
         raise ValueError(f"{where}: 'META' must be a non-empty list of {{path, type, ratio}} entries")
     out = []
@@ -291,10 +349,16 @@ def _meta_entries(entries: Any, where: str, base_dir: Optional[str],
         _no_unknown(e, {"path", "type", "ratio", "name", "max_epochs"}, at)
         manifest = _manifest(e.get("path"), f"{at}: path", base_dir, policy)
         ratio = _positive(e.get("ratio", 1.0), f"{at}: ratio")
-        out.append(DatasetConfig(
-            name=_name(e.get("name"), manifest, f"{at}: name"), manifest=manifest, weight=1.0,
-            ratio=ratio, max_epochs=_opt_int(e.get("max_epochs"), f"{at}: max_epochs", lo=1),
-            group=_group(e.get("type", "default"), f"{at}: type")))
+        out.append(
+            DatasetConfig(
+                name=_name(e.get("name"), manifest, f"{at}: name"),
+                manifest=manifest,
+                weight=1.0,
+                ratio=ratio,
+                max_epochs=_opt_int(e.get("max_epochs"), f"{at}: max_epochs", lo=1),
+                group=_group(e.get("type", "default"), f"{at}: type"),
+            )
+        )
     return out
 
 
@@ -302,16 +366,20 @@ def _shuffle(doc: Any, at: str) -> ShuffleConfig:
     if isinstance(doc, bool):
         return ShuffleConfig(shards=doc, samples=doc)
     if not isinstance(doc, Mapping):
-        raise ValueError(f"{at}: must be true/false or a mapping of "
-                         "{shards, samples, block_size, window_blocks}")
+        raise ValueError(
+            f"{at}: must be true/false or a mapping of {{shards, samples, block_size, window_blocks}}"
+        )
     _no_unknown(doc, {"shards", "samples", "block_size", "window_blocks"}, at)
-    return ShuffleConfig(shards=_bool(doc.get("shards", True), f"{at}.shards"),
-                         samples=_bool(doc.get("samples", True), f"{at}.samples"),
-                         block_size=_int(doc.get("block_size", 256), f"{at}.block_size", lo=1),
-                         window_blocks=_int(doc.get("window_blocks", 8), f"{at}.window_blocks", lo=1))
+    return ShuffleConfig(
+        shards=_bool(doc.get("shards", True), f"{at}.shards"),
+        samples=_bool(doc.get("samples", True), f"{at}.samples"),
+        block_size=_int(doc.get("block_size", 256), f"{at}.block_size", lo=1),
+        window_blocks=_int(doc.get("window_blocks", 8), f"{at}.window_blocks", lo=1),
+    )
 
 
 # --- scalar checks ---------------------------------------------------------------------------
+
 
 def _named(at: str, e: Mapping) -> str:
     name = e.get("name")
@@ -335,8 +403,10 @@ def _manifest(v: Any, at: str, base_dir: Optional[str], policy: tuple = (False, 
         raise ValueError(f"{at}: the path contains a NUL character")
     if v.startswith("pipe:"):
         if not allow_pipe:
-            raise ValueError(f"{at}: pipe: URLs run a shell command and are refused in a data "
-                             "config (set 'allow_pipe: true' to accept them)")
+            raise ValueError(
+                f"{at}: pipe: URLs run a shell command and are refused in a data "
+                "config (set 'allow_pipe: true' to accept them)"
+            )
         if root_sets:
             raise ValueError(f"{at}: a pipe: URL cannot be checked against allowed_roots")
         return v
@@ -345,8 +415,10 @@ def _manifest(v: Any, at: str, base_dir: Optional[str], policy: tuple = (False, 
     elif "://" in v:
         scheme = v.split("://", 1)[0].lower()
         if scheme not in _REMOTE:
-            raise ValueError(f"{at}: unsupported URL scheme {scheme[:20]!r} (use a local path, "
-                             "file://, http(s):// or s3://)")
+            raise ValueError(
+                f"{at}: unsupported URL scheme {scheme[:20]!r} (use a local path, "
+                "file://, http(s):// or s3://)"
+            )
         try:
             parts = urlsplit(v)
             parts.port  # noqa: B018 - raises ValueError on a bad port
@@ -358,18 +430,22 @@ def _manifest(v: Any, at: str, base_dir: Optional[str], policy: tuple = (False, 
         v = os.path.normpath(os.path.join(base_dir, v))
     for roots in root_sets:
         if not any(_under(v, r) for r in roots):
-            raise ValueError(f"{at}: {redact(v)!r} is outside the allowed roots "
-                             f"({', '.join(redact(r) for r in roots)}); add its folder to "
-                             "'allowed_roots' to allow it")
+            raise ValueError(
+                f"{at}: {redact(v)!r} is outside the allowed roots "
+                f"({', '.join(redact(r) for r in roots)}); add its folder to "
+                "'allowed_roots' to allow it"
+            )
     return v
 
 
 def _file_url_path(v: str, at: str) -> str:
-    rest = v[len("file://"):]
+    rest = v[len("file://") :]
     host, sep, path = rest.partition("/")
     if host not in ("", "localhost"):
-        raise ValueError(f"{at}: file:// URL names another host ({redact(v)!r}); only local "
-                         "files (file:///path) are accepted")
+        raise ValueError(
+            f"{at}: file:// URL names another host ({redact(v)!r}); only local "
+            "files (file:///path) are accepted"
+        )
     if "?" in path or "#" in path:
         raise ValueError(f"{at}: a file:// URL takes no query or fragment: {redact(v)!r}")
     return "/" + path
@@ -467,9 +543,14 @@ def _choice(v: Any, choices: tuple, at: str) -> str:
 
 def config_summary(cfg: DataConfig) -> Dict[str, Any]:
     """A JSON-able view of the config (for logs and ``wds-tools mix --json``)."""
-    return {"source": cfg.source, "seed": cfg.seed, "weight_by": cfg.weight_by,
-            "on_error": cfg.on_error, "shuffle": vars(cfg.shuffle).copy(),
-            "datasets": [dict(vars(d), manifest=redact(d.manifest)) for d in cfg.datasets],
-            **({"allowed_roots": [redact(r) for r in cfg.allowed_roots]} if cfg.allowed_roots
-               else {}), **({"allow_pipe": True} if cfg.allow_pipe else {}),
-            **({"cache": vars(cfg.cache).copy()} if cfg.cache is not None else {})}
+    return {
+        "source": cfg.source,
+        "seed": cfg.seed,
+        "weight_by": cfg.weight_by,
+        "on_error": cfg.on_error,
+        "shuffle": vars(cfg.shuffle).copy(),
+        "datasets": [dict(vars(d), manifest=redact(d.manifest)) for d in cfg.datasets],
+        **({"allowed_roots": [redact(r) for r in cfg.allowed_roots]} if cfg.allowed_roots else {}),
+        **({"allow_pipe": True} if cfg.allow_pipe else {}),
+        **({"cache": vars(cfg.cache).copy()} if cfg.cache is not None else {}),
+    }

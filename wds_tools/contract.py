@@ -7,6 +7,7 @@ a shard index must hold to be trusted, how a shard's sha256 is computed, and how
 is replaced atomically. The writer, merge, reader, verify and the trainer's checkpoints all
 use these, so the contract has one home (see ``docs/format.md``).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -20,14 +21,26 @@ import numpy as np
 from . import io as wio
 from .format import _KEY_RE, FormatError, shard_index_name, token_dtype
 
-__all__ = ["shard_name", "done_marker_name", "rank_object_re", "shard_index_name",
-           "check_index", "sha256_stream", "sha256_bytes", "sha256_file", "sha256_url", "write_json_atomic",
-           "is_count", "short_repr"]
+__all__ = [
+    "shard_name",
+    "done_marker_name",
+    "rank_object_re",
+    "shard_index_name",
+    "check_index",
+    "sha256_stream",
+    "sha256_bytes",
+    "sha256_file",
+    "sha256_url",
+    "write_json_atomic",
+    "is_count",
+    "short_repr",
+]
 
 HASH_CHUNK = 4 << 20
 
 
 # --- names -----------------------------------------------------------------------------------
+
 
 def shard_name(prefix: str, rank: int, shard_id: int) -> str:
     """``PREFIX-rRRRRR-SSSSSS.tar``: shard ``shard_id`` of writer rank ``rank``."""
@@ -45,6 +58,7 @@ def rank_object_re(prefix: str, rank: int) -> "re.Pattern[str]":
 
 
 # --- index validation ------------------------------------------------------------------------
+
 
 def is_count(v: Any) -> bool:
     return type(v) is int and v >= 0
@@ -67,20 +81,23 @@ def check_index(index: Any, where: str, *, checksums: bool = False) -> None:
     except Exception:  # noqa: BLE001 - numpy raises TypeError, ValueError, SyntaxError...
         dt = None
     if dt is None or dt.kind != "u" or dt.itemsize not in (1, 2, 4, 8):
-        raise FormatError(f"{where}: index dtype {short_repr(index.get('dtype'))} is not an "
-                          "unsigned integer type")
+        raise FormatError(
+            f"{where}: index dtype {short_repr(index.get('dtype'))} is not an unsigned integer type"
+        )
     if dt.byteorder == ">":
         raise FormatError(f"{where}: index dtype {short_repr(index.get('dtype'))} is big-endian")
     if not is_count(index.get("num_samples")):
-        raise FormatError(f"{where}: index 'num_samples' must be a non-negative integer, "
-                          f"got {short_repr(index.get('num_samples'))}")
+        raise FormatError(
+            f"{where}: index 'num_samples' must be a non-negative integer, "
+            f"got {short_repr(index.get('num_samples'))}"
+        )
     vs = index.get("vocab_size")
     if vs is not None and (type(vs) is not int or vs < 1):
-        raise FormatError(f"{where}: index vocab_size must be a positive integer, "
-                          f"got {short_repr(vs)}")
+        raise FormatError(f"{where}: index vocab_size must be a positive integer, got {short_repr(vs)}")
     if vs is not None and token_dtype(vs) != dt:
-        raise FormatError(f"{where}: index dtype {dt} is not the dtype of a {vs}-token "
-                          f"vocabulary ({token_dtype(vs)})")
+        raise FormatError(
+            f"{where}: index dtype {dt} is not the dtype of a {vs}-token vocabulary ({token_dtype(vs)})"
+        )
     cols = index.get("samples")
     if not isinstance(cols, dict):
         raise FormatError(f"{where}: index 'samples' must be an object of columns")
@@ -91,13 +108,14 @@ def check_index(index: Any, where: str, *, checksums: bool = False) -> None:
         if k == "key":
             bad = [v for v in col if type(v) is not str or not _KEY_RE.match(v)][:1]
             if bad:
-                raise FormatError(f"{where}: index key {short_repr(bad[0])} is not a valid "
-                                  "sample key")
+                raise FormatError(f"{where}: index key {short_repr(bad[0])} is not a valid sample key")
         else:
             bad = [v for v in col if type(v) is not int or v < 0][:1]
             if bad:
-                raise FormatError(f"{where}: index column samples.{k} holds "
-                                  f"{short_repr(bad[0])}, not a non-negative integer")
+                raise FormatError(
+                    f"{where}: index column samples.{k} holds "
+                    f"{short_repr(bad[0])}, not a non-negative integer"
+                )
     if checksums:
         if not is_count(index.get("bytes")):
             raise FormatError(f"{where}: index 'bytes' must be a non-negative integer")
@@ -106,6 +124,7 @@ def check_index(index: Any, where: str, *, checksums: bool = False) -> None:
 
 
 # --- checksums -------------------------------------------------------------------------------
+
 
 def sha256_stream(f: BinaryIO, chunk: int = HASH_CHUNK) -> Tuple[str, int]:
     """(sha256 hex digest, byte count) of everything left in ``f``."""
@@ -136,6 +155,7 @@ def sha256_url(url: str, opts: wio.IOOptions = wio.DEFAULT) -> Tuple[str, int]:
 
 
 # --- atomic JSON -----------------------------------------------------------------------------
+
 
 def write_json_atomic(path: str, doc: Any, *, indent: Optional[int] = None) -> None:
     """Write ``doc`` to ``path`` through a temp file, fsync'ed and renamed over it: a reader

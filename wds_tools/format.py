@@ -8,6 +8,7 @@ A sample is two consecutive tar members sharing a key::
 ``supervised`` lists half-open position ranges whose labels equal the token ids; every other
 position has label -100. See ``docs/format.md`` for the full contract (shard index, manifest).
 """
+
 from __future__ import annotations
 
 import io
@@ -20,10 +21,30 @@ from typing import Any, Iterable, List, Mapping, Optional, Sequence
 import numpy as np
 
 __all__ = [
-    "FORMAT_NAME", "FORMAT_VERSION", "IDS_SUFFIX", "JSON_SUFFIX", "IGNORE_INDEX", "BLOCK",
-    "FormatError", "token_dtype", "check_version", "check_key", "encode_sample", "decode_sample",
-    "decode_ids_spans", "decode_block", "key_table", "mask_to_spans", "labels_to_spans", "spans_to_labels", "num_in_spans", "tar_header",
-    "parse_tar_header", "padded", "END_OF_ARCHIVE", "shard_index_name",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "IDS_SUFFIX",
+    "JSON_SUFFIX",
+    "IGNORE_INDEX",
+    "BLOCK",
+    "FormatError",
+    "token_dtype",
+    "check_version",
+    "check_key",
+    "encode_sample",
+    "decode_sample",
+    "decode_ids_spans",
+    "decode_block",
+    "key_table",
+    "mask_to_spans",
+    "labels_to_spans",
+    "spans_to_labels",
+    "num_in_spans",
+    "tar_header",
+    "parse_tar_header",
+    "padded",
+    "END_OF_ARCHIVE",
+    "shard_index_name",
 ]
 
 FORMAT_NAME = "wds-tokens"
@@ -62,13 +83,15 @@ def check_version(doc: Mapping[str, Any], where: str) -> None:
     if major != FORMAT_VERSION.split(".")[0]:
         raise FormatError(
             f"{where}: format version {version!r} is not supported; this wds_tools reads "
-            f"version {FORMAT_VERSION.split('.')[0]}.x (upgrade wds_tools to read newer data)")
+            f"version {FORMAT_VERSION.split('.')[0]}.x (upgrade wds_tools to read newer data)"
+        )
 
 
 def check_key(key: str) -> str:
     if not isinstance(key, str) or not _KEY_RE.match(key):
         raise FormatError(
-            f"bad sample key {key!r}: use 1-80 characters from [A-Za-z0-9_-] (no dots or slashes)")
+            f"bad sample key {key!r}: use 1-80 characters from [A-Za-z0-9_-] (no dots or slashes)"
+        )
     return key
 
 
@@ -79,6 +102,7 @@ def shard_index_name(shard_name: str) -> str:
 
 
 # --- supervision -------------------------------------------------------------------------
+
 
 def mask_to_spans(mask: np.ndarray) -> List[List[int]]:
     """Boolean mask -> sorted half-open ``[start, end)`` ranges of True positions."""
@@ -101,18 +125,20 @@ def labels_to_spans(input_ids: np.ndarray, labels: Sequence[int], key: str = "?"
         p = int(bad[0])
         raise FormatError(
             f"sample {key!r}: label at position {p} is {int(lab[p])}, not -100 or the token id "
-            f"{int(input_ids[p])} (supervision is stored as a mask)")
+            f"{int(input_ids[p])} (supervision is stored as a mask)"
+        )
     return mask_to_spans(sup)
 
 
-def spans_to_labels(input_ids: np.ndarray, spans: Iterable[Sequence[int]],
-                    out: Optional[np.ndarray] = None) -> np.ndarray:
+def spans_to_labels(
+    input_ids: np.ndarray, spans: Iterable[Sequence[int]], out: Optional[np.ndarray] = None
+) -> np.ndarray:
     """Rebuild int64 labels: token id inside the spans, -100 elsewhere (written into
     ``out[:len(input_ids)]`` and returned as that slice when ``out``, an int64 array, is given)."""
     if out is None:
         labels = input_ids.astype(np.int64)
     else:
-        labels = out[:input_ids.shape[0]]
+        labels = out[: input_ids.shape[0]]
         labels[...] = input_ids
     prev = 0
     for s, e in spans:  # fill the gaps between spans
@@ -148,15 +174,22 @@ def _check_spans(spans: Any, n: int, where: str) -> List[List[int]]:
         raise FormatError(f"{where}: 'supervised' must be a list of [start, end] pairs")
     prev = 0
     for sp in spans:
-        if (not isinstance(sp, list) or len(sp) != 2 or not all(isinstance(x, int) for x in sp)
-                or not prev <= sp[0] < sp[1] <= n):
-            raise FormatError(f"{where}: bad supervised span {sp!r} for {n} tokens "
-                              "(spans must be sorted, disjoint, non-empty, inside the sample)")
+        if (
+            not isinstance(sp, list)
+            or len(sp) != 2
+            or not all(isinstance(x, int) for x in sp)
+            or not prev <= sp[0] < sp[1] <= n
+        ):
+            raise FormatError(
+                f"{where}: bad supervised span {sp!r} for {n} tokens "
+                "(spans must be sorted, disjoint, non-empty, inside the sample)"
+            )
         prev = sp[1]
     return spans
 
 
 # --- tar members -------------------------------------------------------------------------
+
 
 def padded(n: int) -> int:
     """Size of ``n`` payload bytes rounded up to whole tar blocks."""
@@ -201,8 +234,9 @@ def _member(name: str, payload: bytes) -> bytes:
     return tar_header(name, len(payload)) + payload + b"\0" * (padded(len(payload)) - len(payload))
 
 
-def encode_sample(key: str, input_ids: np.ndarray, spans: List[List[int]],
-                  meta: Optional[Mapping[str, Any]]) -> bytes:
+def encode_sample(
+    key: str, input_ids: np.ndarray, spans: List[List[int]], meta: Optional[Mapping[str, Any]]
+) -> bytes:
     """The tar bytes of one sample (both members, block-padded)."""
     buf = io.BytesIO()
     np.save(buf, input_ids, allow_pickle=False)
@@ -211,12 +245,21 @@ def encode_sample(key: str, input_ids: np.ndarray, spans: List[List[int]],
         js = json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise FormatError(f"sample {key!r}: metadata is not JSON-serializable: {e}") from None
-    return (_member(f"{key}.{IDS_SUFFIX}", buf.getvalue())
-            + _member(f"{key}.{JSON_SUFFIX}", js.encode("utf-8")))
+    return _member(f"{key}.{IDS_SUFFIX}", buf.getvalue()) + _member(
+        f"{key}.{JSON_SUFFIX}", js.encode("utf-8")
+    )
 
 
-def decode_ids_spans(buf, offset: int, length: int, key: str, num_tokens: int, dtype: np.dtype,
-                     where: str = "", check: bool = False) -> tuple:
+def decode_ids_spans(
+    buf,
+    offset: int,
+    length: int,
+    key: str,
+    num_tokens: int,
+    dtype: np.dtype,
+    where: str = "",
+    check: bool = False,
+) -> tuple:
     """``(input_ids, supervised spans, meta)`` of the sample whose first tar header is at
     ``buf[offset]``: the hot-path primitive (no label array; collation builds labels from spans).
 
@@ -232,32 +275,36 @@ def decode_ids_spans(buf, offset: int, length: int, key: str, num_tokens: int, d
         raise FormatError(f"{where}: sample {key!r} is truncated ({len(buf) - offset} of {length} bytes)")
     kb = key.encode()
     nk = len(kb)
-    if buf[offset:offset + nk + 1] != kb + b"." or buf[offset + 257:offset + 262] != b"ustar":
-        raise FormatError(f"{where}: no tar header of sample {key!r} at byte {offset} "
-                          "(index and shard disagree)")
+    if buf[offset : offset + nk + 1] != kb + b"." or buf[offset + 257 : offset + 262] != b"ustar":
+        raise FormatError(
+            f"{where}: no tar header of sample {key!r} at byte {offset} (index and shard disagree)"
+        )
     p = offset + BLOCK
-    if buf[p:p + 6] != _NPY_MAGIC:
+    if buf[p : p + 6] != _NPY_MAGIC:
         raise FormatError(f"{where}: sample {key!r}: {IDS_SUFFIX} is not a .npy array")
     descr = _descr(dtype)
-    if buf[p + 10:p + 10 + len(descr)] != descr:
-        raise FormatError(f"{where}: sample {key!r}: {IDS_SUFFIX} does not hold {dtype} ids "
-                          "(index and shard disagree on the dtype)")
+    if buf[p + 10 : p + 10 + len(descr)] != descr:
+        raise FormatError(
+            f"{where}: sample {key!r}: {IDS_SUFFIX} does not hold {dtype} ids "
+            "(index and shard disagree on the dtype)"
+        )
     data = p + 10 + (buf[p + 8] | (buf[p + 9] << 8))
     npy_size = data - p + num_tokens * dtype.itemsize
     j = p + (npy_size + BLOCK - 1) // BLOCK * BLOCK
-    if buf[j:j + nk + 6] != kb + b".json\0":
+    if buf[j : j + nk + 6] != kb + b".json\0":
         raise FormatError(f"{where}: sample {key!r}: expected member {key}.json at byte {j}")
     if check:
         _check_members(buf, offset, j, key, npy_size, num_tokens, dtype, where)
     try:
-        jsize = int(bytes(buf[j + 124:j + 135]), 8)
+        jsize = int(bytes(buf[j + 124 : j + 135]), 8)
     except ValueError:
         raise FormatError(f"{where}: sample {key!r}: corrupt tar header of {key}.json") from None
     if j + BLOCK + (jsize + BLOCK - 1) // BLOCK * BLOCK != end:
-        raise FormatError(f"{where}: sample {key!r}: member sizes do not add up to the indexed "
-                          f"length {length}")
+        raise FormatError(
+            f"{where}: sample {key!r}: member sizes do not add up to the indexed length {length}"
+        )
     try:
-        doc = _json_raw_decode(str(buf[j + BLOCK:j + BLOCK + jsize], "utf-8"))[0]
+        doc = _json_raw_decode(str(buf[j + BLOCK : j + BLOCK + jsize], "utf-8"))[0]
         spans = doc["supervised"]
         meta = doc.get("meta", {})
     except (ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
@@ -267,14 +314,20 @@ def decode_ids_spans(buf, offset: int, length: int, key: str, num_tokens: int, d
     return np.frombuffer(buf, dtype=dtype, count=num_tokens, offset=data), spans, meta
 
 
-def decode_sample(buf, offset: int, length: int, key: str, num_tokens: int, dtype: np.dtype,
-                  where: str, check: bool = False) -> dict:
+def decode_sample(
+    buf, offset: int, length: int, key: str, num_tokens: int, dtype: np.dtype, where: str, check: bool = False
+) -> dict:
     """The sample at ``buf[offset]`` as a dict: ``__key__``, ``input_ids`` (read-only view),
     ``labels`` (int64, -100 where not supervised), ``meta``, ``num_supervised``."""
     ids, spans, meta = decode_ids_spans(buf, offset, length, key, num_tokens, dtype, where, check)
     labels = spans_to_labels(ids, spans)
-    return {"__key__": key, "input_ids": ids, "labels": labels, "meta": meta,
-            "num_supervised": num_in_spans(spans)}
+    return {
+        "__key__": key,
+        "input_ids": ids,
+        "labels": labels,
+        "meta": meta,
+        "num_supervised": num_in_spans(spans),
+    }
 
 
 def _descr(dtype: np.dtype) -> bytes:
@@ -288,13 +341,14 @@ _json_scan = json.scanner.make_scanner(json.JSONDecoder())  # type: ignore[arg-t
 
 # --- many samples of one buffer at once ----------------------------------------------------
 
+
 def key_table(keys: Sequence[str]) -> tuple:
     """``(names, key_lengths)`` for ``decode_block``: every sample's JSON member name
     ``KEY.json\\0`` as one zero-padded ``uint8`` row (the ids member's name starts with the same
     ``KEY.``). Build it once per shard index (keys are encoded once, not per read)."""
     n = len(keys)
     try:
-        enc = np.array(keys, dtype="S") if n else np.zeros(0, "S1")   # ASCII keys, at C speed
+        enc = np.array(keys, dtype="S") if n else np.zeros(0, "S1")  # ASCII keys, at C speed
     except UnicodeEncodeError:
         enc = np.array([k.encode("utf-8") for k in keys], dtype="S")
     klen = np.char.str_len(enc).astype(np.int64) if n else np.zeros(0, np.int64)
@@ -309,12 +363,20 @@ def key_table(keys: Sequence[str]) -> tuple:
 
 _HDR_POS = np.array([257, 258, 259, 260, 261, 512, 513, 514, 515, 516, 517, 520, 521], np.int64)
 _HDR_EXPECT = np.frombuffer(b"ustar" + _NPY_MAGIC, np.uint8)
-_SIZE_POS = np.arange(124, 135, dtype=np.int64)      # the 11 octal digits of a ustar size field
+_SIZE_POS = np.arange(124, 135, dtype=np.int64)  # the 11 octal digits of a ustar size field
 _OCTAL = 8 ** np.arange(10, -1, -1, dtype=np.int64)
 
 
-def decode_block(buf, offsets, lengths, keys: Sequence[str], num_tokens, dtype: np.dtype,
-                 where: str = "", names: Optional[tuple] = None) -> tuple:
+def decode_block(
+    buf,
+    offsets,
+    lengths,
+    keys: Sequence[str],
+    num_tokens,
+    dtype: np.dtype,
+    where: str = "",
+    names: Optional[tuple] = None,
+) -> tuple:
     """Decode many samples of one buffer in one call: what ``decode_ids_spans`` returns for each
     sample, with the same checks, at a fraction of the per-sample cost.
 
@@ -349,22 +411,23 @@ def decode_block(buf, offsets, lengths, keys: Sequence[str], num_tokens, dtype: 
     # mode="clip" keeps every gather inside buf; a sample passes only if all its bytes are in
     # buf (the size check below), so a clipped read never lets a bad sample through
     name_ok = u8.take(off[:, None] + col, mode="clip") == table
-    ok = (off >= 0) & (end <= size) & (name_ok | (col > kl)).all(1)           # "KEY."
+    ok = (off >= 0) & (end <= size) & (name_ok | (col > kl)).all(1)  # "KEY."
     hdr = u8.take(off[:, None] + _HDR_POS, mode="clip")
-    ok &= (hdr[:, :11] == _HDR_EXPECT).all(1)                                  # ustar, npy magic
+    ok &= (hdr[:, :11] == _HDR_EXPECT).all(1)  # ustar, npy magic
     dpat = np.frombuffer(_descr(dtype), np.uint8)
-    ok &= (u8.take(off[:, None] + (BLOCK + 10 + np.arange(dpat.size)), mode="clip")
-           == dpat).all(1)                                                     # npy dtype
+    ok &= (u8.take(off[:, None] + (BLOCK + 10 + np.arange(dpat.size)), mode="clip") == dpat).all(
+        1
+    )  # npy dtype
     data = off + (BLOCK + 10) + (hdr[:, 11].astype(np.int64) | (hdr[:, 12].astype(np.int64) << 8))
     j = off + BLOCK + (data - off - BLOCK + nt * isz + BLOCK - 1) // BLOCK * BLOCK
     name_ok = u8.take(j[:, None] + col, mode="clip") == table
-    ok &= (name_ok | (col >= kl + 6)).all(1)                                   # "KEY.json\0"
+    ok &= (name_ok | (col >= kl + 6)).all(1)  # "KEY.json\0"
     digits = u8.take(j[:, None] + _SIZE_POS, mode="clip").astype(np.int64) - 48
     ok &= ((digits >= 0) & (digits <= 7)).all(1)
     jsize = digits @ _OCTAL
     jstart = j + BLOCK
     ok &= (jstart + (jsize + BLOCK - 1) // BLOCK * BLOCK == end) & (nt >= 0)
-    ok &= data % isz == 0                          # ids are slices of one typed view of buf
+    ok &= data % isz == 0  # ids are slices of one typed view of buf
     typed = np.frombuffer(buf, dtype=dtype, count=size // isz)
 
     # one string holding every JSON member that passed, parsed value by value at known
@@ -415,7 +478,8 @@ def decode_block(buf, offsets, lengths, keys: Sequence[str], num_tokens, dtype: 
     for i in slow:  # the exact path: a sample that decodes there is used, else its error
         try:
             ids_out[i], spans_out[i], meta_out[i] = decode_ids_spans(
-                buf, int(offsets[i]), int(lengths[i]), keys[i], int(num_tokens[i]), dtype, where)
+                buf, int(offsets[i]), int(lengths[i]), keys[i], int(num_tokens[i]), dtype, where
+            )
         except FormatError as e:
             errors[i] = e
     return ids_out, spans_out, meta_out, errors
@@ -423,21 +487,25 @@ def decode_block(buf, offsets, lengths, keys: Sequence[str], num_tokens, dtype: 
 
 def _check_members(buf, offset, j, key, npy_size, num_tokens, dtype, where) -> None:
     w = f"{where}: sample {key!r}"
-    name, size = parse_tar_header(bytes(buf[offset:offset + BLOCK]), w)
+    name, size = parse_tar_header(bytes(buf[offset : offset + BLOCK]), w)
     if name != f"{key}.{IDS_SUFFIX}" or size != npy_size:
-        raise FormatError(f"{w}: member {name!r} of {size} bytes does not match the index "
-                          f"({num_tokens} tokens of {dtype})")
-    _check_npy_header(bytes(buf[offset + BLOCK:offset + BLOCK + npy_size - num_tokens * dtype.itemsize]),
-                      num_tokens, dtype, w)
-    parse_tar_header(bytes(buf[j:j + BLOCK]), w)
+        raise FormatError(
+            f"{w}: member {name!r} of {size} bytes does not match the index ({num_tokens} tokens of {dtype})"
+        )
+    _check_npy_header(
+        bytes(buf[offset + BLOCK : offset + BLOCK + npy_size - num_tokens * dtype.itemsize]),
+        num_tokens,
+        dtype,
+        w,
+    )
+    parse_tar_header(bytes(buf[j : j + BLOCK]), w)
 
 
 def _check_npy_header(raw: bytes, n: int, dtype: np.dtype, where: str) -> None:
     try:
         f = io.BytesIO(raw)
         major, _ = np.lib.format.read_magic(f)
-        read = (np.lib.format.read_array_header_1_0 if major == 1
-                else np.lib.format.read_array_header_2_0)
+        read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
         shape, fortran, dt = read(f)  # parses the header dict only; never unpickles
     except Exception as e:  # noqa: BLE001 - any parse failure is a format error
         raise FormatError(f"{where}: bad .npy header: {e}") from None

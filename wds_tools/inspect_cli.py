@@ -4,6 +4,7 @@
 ``<image WxH: N tokens>``); ``--json`` prints machine-readable output; ``--dump [FILE]`` writes
 every sample as one JSON line (key, input_ids, labels, meta) for diffing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,16 +20,27 @@ __all__ = ["add_arguments", "run", "sample_rows", "render_sample"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("path", help="shard (.tar), shard index (.idx.json) or manifest (index.json); "
-                                "local path, http(s):// or s3://")
+    p.add_argument(
+        "path",
+        help="shard (.tar), shard index (.idx.json) or manifest (index.json); "
+        "local path, http(s):// or s3://",
+    )
     p.add_argument("--key", help="show this one sample in detail")
     p.add_argument("--tokenizer", help="tokenizer folder (or tokenizer.json) to decode tokens to text")
-    p.add_argument("--limit", type=int, default=50,
-                   help="rows in the sample table (0: all; totals always cover everything)")
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=50,
+        help="rows in the sample table (0: all; totals always cover everything)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--dump", nargs="?", const="-", metavar="FILE",
-                   help="write every sample as a JSON line (key, input_ids, labels, meta) to FILE "
-                        "or stdout")
+    p.add_argument(
+        "--dump",
+        nargs="?",
+        const="-",
+        metavar="FILE",
+        help="write every sample as a JSON line (key, input_ids, labels, meta) to FILE or stdout",
+    )
 
 
 def _image_desc(meta: Dict[str, Any]) -> List[str]:
@@ -39,16 +51,21 @@ def sample_rows(shards: List[Shard]) -> Iterator[Dict[str, Any]]:
     """One row per sample, from the indexes plus each sample's metadata."""
     for sh in shards:
         for s in sh.iter():
-            yield {"key": s["__key__"], "shard": os.path.basename(sh.url),
-                   "tokens": int(s["input_ids"].size),
-                   "supervised": int((s["labels"] != IGNORE_INDEX).sum()),
-                   "images": _image_desc(s["meta"]), "meta": s["meta"]}
+            yield {
+                "key": s["__key__"],
+                "shard": os.path.basename(sh.url),
+                "tokens": int(s["input_ids"].size),
+                "supervised": int((s["labels"] != IGNORE_INDEX).sum()),
+                "images": _image_desc(s["meta"]),
+                "meta": s["meta"],
+            }
 
 
 def _load_tokenizer(path: Optional[str]):
     if not path:
         return None
     from tokenizers import Tokenizer  # lazy: only --tokenizer needs it
+
     f = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
     if not os.path.exists(f):
         raise ValueError(f"--tokenizer {path}: no tokenizer.json there")
@@ -58,8 +75,11 @@ def _load_tokenizer(path: Optional[str]):
 def _segments(ids, labels, meta) -> List[Tuple[str, int, int]]:
     """Split positions into (kind, start, end): 'image' blocks, then runs of train/ctx."""
     n = len(ids)
-    images = sorted((im["offset"], im["offset"] + im["num_tokens"], im)
-                    for im in meta.get("images", []) or [] if "offset" in im and "num_tokens" in im)
+    images = sorted(
+        (im["offset"], im["offset"] + im["num_tokens"], im)
+        for im in meta.get("images", []) or []
+        if "offset" in im and "num_tokens" in im
+    )
     out, pos = [], 0
     for s, e, _ in images + [(n, n, None)]:
         while pos < s:
@@ -77,9 +97,12 @@ def _segments(ids, labels, meta) -> List[Tuple[str, int, int]]:
 
 def render_sample(s: Dict[str, Any], tokenizer=None) -> str:
     ids, labels, meta = s["input_ids"].tolist(), s["labels"].tolist(), s["meta"]
-    lines = [f"key: {s['__key__']}   tokens: {len(ids)}   supervised: "
-             f"{sum(1 for x in labels if x != IGNORE_INDEX)}",
-             f"meta: {json.dumps(meta, ensure_ascii=False)}", "segments ([train] = trained on):"]
+    lines = [
+        f"key: {s['__key__']}   tokens: {len(ids)}   supervised: "
+        f"{sum(1 for x in labels if x != IGNORE_INDEX)}",
+        f"meta: {json.dumps(meta, ensure_ascii=False)}",
+        "segments ([train] = trained on):",
+    ]
     images = {im["offset"]: im for im in meta.get("images", []) or [] if "offset" in im}
     for kind, a, b in _segments(ids, labels, meta):
         tag = "[train]" if kind.endswith("train") else "[ctx]  "
@@ -121,8 +144,7 @@ def run(args: argparse.Namespace) -> int:
                 out.close()
         return 0
     rows: List[Dict[str, Any]] = []
-    totals: Dict[str, Any] = {"shards": len(shards), "samples": 0, "tokens": 0,
-                              "supervised": 0, "images": 0}
+    totals: Dict[str, Any] = {"shards": len(shards), "samples": 0, "tokens": 0, "supervised": 0, "images": 0}
     for r in sample_rows(shards):
         totals["samples"] += 1
         totals["tokens"] += r["tokens"]
@@ -137,16 +159,24 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"{'key':<24} {'tokens':>7} {'superv.':>7}  {'images':<20} shard")
     for r in rows:
-        print(f"{r['key']:<24} {r['tokens']:>7} {r['supervised']:>7}  "
-              f"{','.join(r['images']) or '-':<20} {r['shard']}")
+        print(
+            f"{r['key']:<24} {r['tokens']:>7} {r['supervised']:>7}  "
+            f"{','.join(r['images']) or '-':<20} {r['shard']}"
+        )
     if totals["samples"] > len(rows):
         print(f"... {totals['samples'] - len(rows)} more samples (--limit 0 shows all)")
-    print(f"total: {totals['shards']} shards, {totals['samples']} samples, {totals['tokens']} tokens "
-          f"({totals['supervised']} supervised), {totals['images']} images, {totals['bytes']} bytes "
-          f"({totals['bytes_per_token']} B/token)")
+    print(
+        f"total: {totals['shards']} shards, {totals['samples']} samples, {totals['tokens']} tokens "
+        f"({totals['supervised']} supervised), {totals['images']} images, {totals['bytes']} bytes "
+        f"({totals['bytes_per_token']} B/token)"
+    )
     return 0
 
 
 def _sample_json(s: Dict[str, Any]) -> Dict[str, Any]:
-    return {"key": s["__key__"], "input_ids": s["input_ids"].tolist(),
-            "labels": s["labels"].tolist(), "meta": s["meta"]}
+    return {
+        "key": s["__key__"],
+        "input_ids": s["input_ids"].tolist(),
+        "labels": s["labels"].tolist(),
+        "meta": s["meta"],
+    }

@@ -9,6 +9,7 @@ config's ``cache:``, ``--cache-dir``) applies everywhere.
 The transport's public names are re-exported, so ``from wds_tools import io as wio`` gives the
 whole I/O surface: ``IOOptions``, ``redact``, ``scrub``, ``join_url``, ``is_remote``...
 """
+
 from __future__ import annotations
 
 import json
@@ -33,18 +34,37 @@ from .transport import (
     stats,
 )
 
-__all__ = ["IOOptions", "IOStats", "ObjectInfo", "DEFAULT", "stats", "open_range", "read_range",
-           "read_bytes", "read_json", "object_size", "object_version", "object_info", "join_url",
-           "is_remote", "redact", "scrub", "local_path", "reset_clients"]
+__all__ = [
+    "IOOptions",
+    "IOStats",
+    "ObjectInfo",
+    "DEFAULT",
+    "stats",
+    "open_range",
+    "read_range",
+    "read_bytes",
+    "read_json",
+    "object_size",
+    "object_version",
+    "object_info",
+    "join_url",
+    "is_remote",
+    "redact",
+    "scrub",
+    "local_path",
+    "reset_clients",
+]
 
 
 def _cacheable(url: str, opts: IOOptions) -> bool:
-    return bool(opts.cache_dir) and url.startswith(("http://", "https://", "s3://")) \
+    return (
+        bool(opts.cache_dir)
+        and url.startswith(("http://", "https://", "s3://"))
         and urlsplit(url).path.endswith(".tar")
+    )
 
 
-def open_range(url: str, start: int = 0, end: Optional[int] = None,
-               opts: IOOptions = DEFAULT):
+def open_range(url: str, start: int = 0, end: Optional[int] = None, opts: IOOptions = DEFAULT):
     """A buffered binary stream over bytes ``[start, end)`` of ``url`` (``end=None``: to the end).
 
     With ``opts.cache_dir`` set, a remote ``.tar`` shard is fetched whole into the cache once
@@ -66,8 +86,7 @@ def read_range(url: str, start: int, end: int, opts: IOOptions = DEFAULT) -> byt
     with open_range(url, start, end, opts) as f:
         data = f.read(end - start)
     if len(data) != end - start:
-        raise IOError(f"{redact(url)}: got {len(data)} of {end - start} bytes at {start} "
-                      "(object truncated?)")
+        raise IOError(f"{redact(url)}: got {len(data)} of {end - start} bytes at {start} (object truncated?)")
     return data
 
 

@@ -8,6 +8,7 @@ that did not finish, keys that appear twice, shards that disagree on dtype or to
 gives names and sizes, indexes are read through the transport, checksums re-hash each shard as
 a stream, and the manifest is put last, in one atomic write.
 """
+
 from __future__ import annotations
 
 import json
@@ -73,6 +74,7 @@ class _StoreTree:
 
     def __init__(self, root: str):
         from .store import open_store
+
         self.store = open_store(root)
         self.sizes = {self.store.url_of(n): size for n, size in self.store.list("")}
 
@@ -100,8 +102,12 @@ class _StoreTree:
     def save(self, save_path: str, doc: Dict[str, Any]) -> None:
         rel = self.relpath(save_path, self.store.url)
         if rel.startswith(".."):
-            raise MergeError([f"{wio.redact(save_path)}: the manifest of an object-store dataset "
-                              f"goes inside its prefix {wio.redact(self.store.url)}"])
+            raise MergeError(
+                [
+                    f"{wio.redact(save_path)}: the manifest of an object-store dataset "
+                    f"goes inside its prefix {wio.redact(self.store.url)}"
+                ]
+            )
         self.store.put_bytes(json.dumps(doc, separators=(",", ":")).encode(), rel)
 
 
@@ -127,10 +133,17 @@ def _load(tree, path: str, problems: List[str], kind: Optional[str] = None) -> O
         if kind == "shard_index":
             check_index(doc, path, checksums=True)
             shard = doc.get("shard")
-            if (not isinstance(shard, str) or not shard.endswith(".tar") or "/" in shard
-                    or "\\" in shard or shard.startswith(".")):
-                raise FormatError(f"{path}: 'shard' must be the file name of a .tar beside the "
-                                  f"index, got {str(shard)[:80]!r}")
+            if (
+                not isinstance(shard, str)
+                or not shard.endswith(".tar")
+                or "/" in shard
+                or "\\" in shard
+                or shard.startswith(".")
+            ):
+                raise FormatError(
+                    f"{path}: 'shard' must be the file name of a .tar beside the "
+                    f"index, got {str(shard)[:80]!r}"
+                )
             for k in ("num_tokens", "num_supervised"):
                 if not is_count(doc.get(k)):
                     raise FormatError(f"{path}: {k!r} must be a non-negative integer")
@@ -144,8 +157,14 @@ def _load(tree, path: str, problems: List[str], kind: Optional[str] = None) -> O
         return None
 
 
-def merge(root: str, save_path: Optional[str] = None, *, verify_checksums: bool = True,
-          allow_incomplete: bool = False, progress: bool = False) -> Dict[str, Any]:
+def merge(
+    root: str,
+    save_path: Optional[str] = None,
+    *,
+    verify_checksums: bool = True,
+    allow_incomplete: bool = False,
+    progress: bool = False,
+) -> Dict[str, Any]:
     """Build (and write, if ``save_path``) the manifest of every shard under ``root``.
 
     ``allow_incomplete`` merges what is complete and lists the rest under ``"incomplete"``
@@ -153,12 +172,16 @@ def merge(root: str, save_path: Optional[str] = None, *, verify_checksums: bool 
     """
     remote = wio.is_remote(root)
     tree = _StoreTree(root) if remote else _LocalTree(root)
-    save_path = save_path or (wio.join_url(root.rstrip("/") + "/", "index.json") if remote
-                              else os.path.join(root, "index.json"))
+    save_path = save_path or (
+        wio.join_url(root.rstrip("/") + "/", "index.json") if remote else os.path.join(root, "index.json")
+    )
     base = tree.base(save_path)
     indexes, tars, tmps, marker_paths = _scan(tree)
-    problems = [f"{wio.redact(p)}: incomplete shard left by an interrupted writer (rerun that rank "
-                "with resume to redo it)" for p in tmps]
+    problems = [
+        f"{wio.redact(p)}: incomplete shard left by an interrupted writer (rerun that rank "
+        "with resume to redo it)"
+        for p in tmps
+    ]
     loaded = [(p, _load(tree, p, problems, "shard_index")) for p in indexes]
     indexes = [p for p, d in loaded if d is not None]
     docs = [d for _, d in loaded if d is not None]
@@ -175,8 +198,7 @@ def merge(root: str, save_path: Optional[str] = None, *, verify_checksums: bool 
             problems.append(f"{wio.redact(tar)}: shard missing (named by {wio.redact(ipath)})")
             continue
         if size != idx["bytes"]:
-            problems.append(f"{tar}: {size} bytes, its index says {idx['bytes']} (truncated or "
-                            "overwritten)")
+            problems.append(f"{tar}: {size} bytes, its index says {idx['bytes']} (truncated or overwritten)")
             continue
         if verify_checksums and tree.sha256(tar) != idx["sha256"]:
             problems.append(f"{tar}: sha256 mismatch with its index (corrupt shard)")
@@ -185,8 +207,7 @@ def merge(root: str, save_path: Optional[str] = None, *, verify_checksums: bool 
         if ident is None:
             ident = this
         elif this != ident:
-            problems.append(f"{tar}: dtype/vocab_size/tokenizer {this} differ from other shards' "
-                            f"{ident}")
+            problems.append(f"{tar}: dtype/vocab_size/tokenizer {this} differ from other shards' {ident}")
             continue
         for k in idx["samples"]["key"]:
             if k in seen_keys:
@@ -194,16 +215,25 @@ def merge(root: str, save_path: Optional[str] = None, *, verify_checksums: bool 
                 break
             seen_keys[k] = tar
         if tree.relpath(tar, base).startswith(".."):
-            problems.append(f"{tar}: outside the folder of the manifest {save_path} (readers "
-                            "refuse manifest entries that leave its folder: save the manifest "
-                            "in the dataset folder)")
+            problems.append(
+                f"{tar}: outside the folder of the manifest {save_path} (readers "
+                "refuse manifest entries that leave its folder: save the manifest "
+                "in the dataset folder)"
+            )
             continue
-        shards.append({"path": tree.relpath(tar, base),
-                       "index": tree.relpath(ipath, base),
-                       "rank": idx.get("rank", 0), "shard_id": idx.get("shard_id", 0),
-                       "num_samples": idx["num_samples"], "num_tokens": idx["num_tokens"],
-                       "num_supervised": idx["num_supervised"], "bytes": idx["bytes"],
-                       "sha256": idx["sha256"]})
+        shards.append(
+            {
+                "path": tree.relpath(tar, base),
+                "index": tree.relpath(ipath, base),
+                "rank": idx.get("rank", 0),
+                "shard_id": idx.get("shard_id", 0),
+                "num_samples": idx["num_samples"],
+                "num_tokens": idx["num_tokens"],
+                "num_supervised": idx["num_supervised"],
+                "bytes": idx["bytes"],
+                "sha256": idx["sha256"],
+            }
+        )
     for t in sorted(tars - named):
         problems.append(f"{t}: shard without an index (the writer stopped before finishing it)")
     ranks = _check_ranks(tree, docs, marker_paths, problems)
@@ -211,8 +241,11 @@ def merge(root: str, save_path: Optional[str] = None, *, verify_checksums: bool 
         raise MergeError(problems)
     shards.sort(key=lambda s: (s["rank"], s["shard_id"], s["path"]))
     manifest = {
-        "format": FORMAT_NAME, "version": FORMAT_VERSION, "kind": "manifest",
-        "dtype": ident[0] if ident else None, "vocab_size": ident[1] if ident else None,
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "kind": "manifest",
+        "dtype": ident[0] if ident else None,
+        "vocab_size": ident[1] if ident else None,
         "tokenizer": docs[0].get("tokenizer") if docs else None,
         "num_shards": len(shards),
         "num_samples": sum(s["num_samples"] for s in shards),
@@ -220,7 +253,8 @@ def merge(root: str, save_path: Optional[str] = None, *, verify_checksums: bool 
         "num_supervised": sum(s["num_supervised"] for s in shards),
         "bytes": sum(s["bytes"] for s in shards),
         "num_failed": sum(int(r.get("extra", {}).get("num_failed", 0)) for r in ranks),
-        "ranks": ranks, "shards": shards,
+        "ranks": ranks,
+        "shards": shards,
     }
     if problems:
         manifest["incomplete"] = problems
@@ -245,8 +279,17 @@ def _check_ranks(tree, docs, marker_paths, problems) -> List[Dict[str, Any]]:
         for r in range(e["world_size"]):
             if (prefix, r) not in markers:
                 why = "wrote shards but did not finish" if r in e["ranks"] else "has no output"
-                problems.append(f"rank {r} of {e['world_size']} ({prefix!r}) {why}: no "
-                                f"{prefix}-r{r:05d}.done.json (rerun that rank)")
-    return [{"prefix": m["prefix"], "rank": m["rank"], "num_shards": m["num_shards"],
-             "num_samples": m["num_samples"], "extra": m.get("extra", {})}
-            for _, m in sorted(markers.items())]
+                problems.append(
+                    f"rank {r} of {e['world_size']} ({prefix!r}) {why}: no "
+                    f"{prefix}-r{r:05d}.done.json (rerun that rank)"
+                )
+    return [
+        {
+            "prefix": m["prefix"],
+            "rank": m["rank"],
+            "num_shards": m["num_shards"],
+            "num_samples": m["num_samples"],
+            "extra": m.get("extra", {}),
+        }
+        for _, m in sorted(markers.items())
+    ]

@@ -16,6 +16,7 @@ Vocabulary:
   (``U`` counted in samples or tokens), batch by batch for groups first, so every prefix of the
   stream is within about one sample (or one sample's tokens) of the weights per group.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -40,23 +41,28 @@ def rng_for(*words: int) -> np.random.Generator:
 class DatasetPlan:
     """What planning needs from one manifest: shard URLs and per-shard counts (no indexes)."""
 
-    index: int                 # position in the config (part of every seed)
+    index: int  # position in the config (part of every seed)
     config: DatasetConfig
     urls: List[str]
     index_urls: List[str]
     shard_samples: np.ndarray  # int64 [num_shards]
-    shard_tokens: np.ndarray   # int64 [num_shards]
+    shard_tokens: np.ndarray  # int64 [num_shards]
     num_samples: int
     num_tokens: int
 
     @classmethod
     def from_manifest(cls, index: int, config: DatasetConfig, manifest: Dict[str, Any]) -> "DatasetPlan":
         shards = manifest["shards"]
-        return cls(index=index, config=config,
-                   urls=[s["url"] for s in shards], index_urls=[s["index_url"] for s in shards],
-                   shard_samples=np.array([s["num_samples"] for s in shards], dtype=np.int64),
-                   shard_tokens=np.array([s["num_tokens"] for s in shards], dtype=np.int64),
-                   num_samples=int(manifest["num_samples"]), num_tokens=int(manifest["num_tokens"]))
+        return cls(
+            index=index,
+            config=config,
+            urls=[s["url"] for s in shards],
+            index_urls=[s["index_url"] for s in shards],
+            shard_samples=np.array([s["num_samples"] for s in shards], dtype=np.int64),
+            shard_tokens=np.array([s["num_tokens"] for s in shards], dtype=np.int64),
+            num_samples=int(manifest["num_samples"]),
+            num_tokens=int(manifest["num_tokens"]),
+        )
 
     @property
     def name(self) -> str:
@@ -70,7 +76,8 @@ class DatasetPlan:
         if self.samples_per_epoch(num_consumers) < 1:
             raise ValueError(
                 f"dataset {self.name!r} has {self.num_samples} samples, fewer than the "
-                f"{num_consumers} readers (ranks x workers); use fewer workers or a bigger dataset")
+                f"{num_consumers} readers (ranks x workers); use fewer workers or a bigger dataset"
+            )
 
 
 class EpochSlice:
@@ -80,8 +87,15 @@ class EpochSlice:
     ``window_of(p)`` and ``window(w)``; only a few small arrays per epoch are kept.
     """
 
-    def __init__(self, plan: DatasetPlan, shuffle: ShuffleConfig, seed: int, epoch: int,
-                 consumer: int, num_consumers: int):
+    def __init__(
+        self,
+        plan: DatasetPlan,
+        shuffle: ShuffleConfig,
+        seed: int,
+        epoch: int,
+        consumer: int,
+        num_consumers: int,
+    ):
         self.plan, self.shuffle, self.seed, self.epoch = plan, shuffle, seed, epoch
         self.consumer = consumer
         counts = plan.shard_samples
@@ -125,12 +139,16 @@ class EpochSlice:
         ``order[q]`` is the index, in the window's concatenated blocks, of its ``q``-th sample."""
         wb = self.shuffle.window_blocks
         sl = slice(w * wb, (w + 1) * wb)
-        blocks = list(zip(self.block_shard[sl].tolist(), self.block_start[sl].tolist(),
-                          self.block_len[sl].tolist()))
+        blocks = list(
+            zip(self.block_shard[sl].tolist(), self.block_start[sl].tolist(), self.block_len[sl].tolist())
+        )
         size = int(self.window_start[w + 1] - self.window_start[w])
         if self.shuffle.samples:
-            order = rng_for(self.seed, self.plan.index, self.epoch, _WINDOW, self.consumer,
-                            w).permutation(size).tolist()
+            order = (
+                rng_for(self.seed, self.plan.index, self.epoch, _WINDOW, self.consumer, w)
+                .permutation(size)
+                .tolist()
+            )
         else:
             order = list(range(size))
         return blocks, order
@@ -174,15 +192,19 @@ class Mixer:
     State is the per-dataset ``units`` and ``samples`` lists; everything else is derived.
     """
 
-    def __init__(self, weights: Sequence[float], groups: Sequence[int],
-                 caps: Sequence[Optional[int]], min_left: int = 1):
+    def __init__(
+        self,
+        weights: Sequence[float],
+        groups: Sequence[int],
+        caps: Sequence[Optional[int]],
+        min_left: int = 1,
+    ):
         self.w = [float(x) for x in weights]
         self.group_of = list(groups)
         self.caps = list(caps)
         self.min_left = min_left
         self.num_groups = max(self.group_of) + 1
-        self.members = [[d for d, g in enumerate(self.group_of) if g == gi]
-                        for gi in range(self.num_groups)]
+        self.members = [[d for d, g in enumerate(self.group_of) if g == gi] for gi in range(self.num_groups)]
         self.units = [0] * len(self.w)
         self.samples = [0] * len(self.w)
 

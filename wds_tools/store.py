@@ -14,6 +14,7 @@ and credentials chain (``AWS_ENDPOINT_URL``, ``AWS_PROFILE``, region, instance r
 timeouts, our retries with backoff, and URLs redacted in every message. Credentials are never
 logged. Listing is lazy (one page of 1,000 names at a time).
 """
+
 from __future__ import annotations
 
 import logging
@@ -130,6 +131,7 @@ class S3Store(Store):
                 return getattr(_s3_client(self.opts), method)(**kw)
             except Exception as e:  # noqa: BLE001 - botocore raises many types
                 raise _s3_error(url, e) from None
+
         return _call_with_retries(url, fn, self.opts)
 
     def list(self, prefix: str = "") -> Iterator[Tuple[str, int]]:
@@ -140,7 +142,7 @@ class S3Store(Store):
                 kw["ContinuationToken"] = token
             page = self._call(prefix, "list_objects_v2", **kw)
             for obj in page.get("Contents", []):
-                yield obj["Key"][len(self.prefix):], int(obj["Size"])
+                yield obj["Key"][len(self.prefix) :], int(obj["Size"])
             if not page.get("IsTruncated"):
                 return
             token = page.get("NextContinuationToken")
@@ -165,17 +167,33 @@ class S3Store(Store):
                 for number, at in enumerate(range(0, size, self.part_bytes), start=1):
                     f.seek(at)
                     body = f.read(self.part_bytes)
-                    r = self._call(name, "upload_part", Bucket=self.bucket, Key=key, UploadId=upload,
-                                   PartNumber=number, Body=body)
+                    r = self._call(
+                        name,
+                        "upload_part",
+                        Bucket=self.bucket,
+                        Key=key,
+                        UploadId=upload,
+                        PartNumber=number,
+                        Body=body,
+                    )
                     parts.append({"PartNumber": number, "ETag": r["ETag"]})
-            self._call(name, "complete_multipart_upload", Bucket=self.bucket, Key=key,
-                       UploadId=upload, MultipartUpload={"Parts": parts})
+            self._call(
+                name,
+                "complete_multipart_upload",
+                Bucket=self.bucket,
+                Key=key,
+                UploadId=upload,
+                MultipartUpload={"Parts": parts},
+            )
         except BaseException:
             try:
                 self._call(name, "abort_multipart_upload", Bucket=self.bucket, Key=key, UploadId=upload)
             except Exception as e:  # noqa: BLE001 - the first error is the one to report
-                log.warning("%s: could not abort the unfinished upload: %s", wio.redact(self.url_of(name)),
-                            wio.scrub(str(e)))
+                log.warning(
+                    "%s: could not abort the unfinished upload: %s",
+                    wio.redact(self.url_of(name)),
+                    wio.scrub(str(e)),
+                )
             raise
 
     def delete(self, name: str) -> None:
@@ -185,8 +203,9 @@ class S3Store(Store):
         page = self._call(prefix, "list_multipart_uploads", Bucket=self.bucket, Prefix=self._key(prefix))
         n = 0
         for up in page.get("Uploads", []):
-            self._call(prefix, "abort_multipart_upload", Bucket=self.bucket, Key=up["Key"],
-                       UploadId=up["UploadId"])
+            self._call(
+                prefix, "abort_multipart_upload", Bucket=self.bucket, Key=up["Key"], UploadId=up["UploadId"]
+            )
             n += 1
         return n
 
@@ -198,4 +217,3 @@ def open_store(url: str, opts: wio.IOOptions = wio.DEFAULT) -> Store:
     if wio.is_remote(url):
         raise ValueError(f"{wio.redact(url)}: cannot write there (output goes to a local folder or s3://)")
     return LocalStore(url)
-

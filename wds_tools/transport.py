@@ -13,6 +13,7 @@ info, no query string such as a signature) in every message and log line.
 Policy lives above this module: :mod:`wds_tools.cache` (whole-shard cache) and
 :mod:`wds_tools.io` (the ``open_range`` front that consults the cache, then this module).
 """
+
 from __future__ import annotations
 
 import io
@@ -28,8 +29,21 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
-__all__ = ["IOOptions", "IOStats", "ObjectInfo", "stats", "DEFAULT", "open_direct", "object_info",
-           "join_url", "is_remote", "redact", "scrub", "local_path", "reset_clients"]
+__all__ = [
+    "IOOptions",
+    "IOStats",
+    "ObjectInfo",
+    "stats",
+    "DEFAULT",
+    "open_direct",
+    "object_info",
+    "join_url",
+    "is_remote",
+    "redact",
+    "scrub",
+    "local_path",
+    "reset_clients",
+]
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +99,9 @@ DEFAULT = IOOptions()
 class IOStats:
     """Per-process counters of remote reads (for logs, benchmarks and tests)."""
 
-    opens: int = 0          # successful (re)opens of a remote stream
-    retries: int = 0        # failed attempts that were retried
-    bytes: int = 0          # remote payload bytes delivered to readers
+    opens: int = 0  # successful (re)opens of a remote stream
+    retries: int = 0  # failed attempts that were retried
+    bytes: int = 0  # remote payload bytes delivered to readers
 
     def reset(self) -> None:
         self.opens = self.retries = self.bytes = 0
@@ -97,6 +111,7 @@ stats = IOStats()
 
 
 # --- URLs and redaction ----------------------------------------------------------------------
+
 
 def redact(url: str) -> str:
     """The URL without user info, query string and fragment (credentials, signatures)."""
@@ -116,9 +131,8 @@ def redact(url: str) -> str:
 
 _SECRET_PATTERNS = [
     (re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@'\"]*@"), r"\1"),  # user:password@
-    (re.compile(r"\?[^\s'\"<>]*=[^\s'\"<>]*"), "?<redacted>"),          # query strings
-    (re.compile(r"(?i)(signature|credential|token|secret|password|sig|key)=[^\s&'\"]+"),
-     r"\1=<redacted>"),
+    (re.compile(r"\?[^\s'\"<>]*=[^\s'\"<>]*"), "?<redacted>"),  # query strings
+    (re.compile(r"(?i)(signature|credential|token|secret|password|sig|key)=[^\s&'\"]+"), r"\1=<redacted>"),
     (re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b"), "<access-key-id>"),
 ]
 
@@ -135,7 +149,7 @@ def is_remote(url: str) -> bool:
 
 
 def local_path(url: str) -> str:
-    return url[len("file://"):] if url.startswith("file://") else url
+    return url[len("file://") :] if url.startswith("file://") else url
 
 
 def join_url(base: str, rel: str) -> str:
@@ -166,6 +180,7 @@ def _s3_split(url: str):
 
 # --- errors and retries ----------------------------------------------------------------------
 
+
 class _Permanent(IOError):
     """An error that retrying cannot fix (403, a bad range)."""
 
@@ -189,20 +204,21 @@ def _short(e: BaseException) -> str:
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     # botocore's own retry count (always 0: retries are ours) would contradict ours
     msg = _BOTO_RETRIES.sub("", msg)
-    return scrub(f"{type(e).__name__}: {msg}" if not isinstance(e, (_Retryable, _Permanent))
-                 else msg)[:300]
+    return scrub(f"{type(e).__name__}: {msg}" if not isinstance(e, (_Retryable, _Permanent)) else msg)[:300]
 
 
-def _sleep_before_retry(url: str, attempt: int, pos: Optional[int], e: BaseException,
-                        opts: IOOptions) -> None:
+def _sleep_before_retry(
+    url: str, attempt: int, pos: Optional[int], e: BaseException, opts: IOOptions
+) -> None:
     delay = min(opts.backoff * (2 ** (attempt - 1)), opts.max_backoff)
     delay *= 0.5 + random.random()
     hint = getattr(e, "retry_after", None)
     if hint:
         delay = max(delay, min(hint, opts.max_backoff))
     at = "" if pos is None else f" at byte {pos}"
-    log.warning("%s: %s; retry %d/%d%s in %.2fs", redact(url), _short(e), attempt,
-                opts.max_retries, at, delay)
+    log.warning(
+        "%s: %s; retry %d/%d%s in %.2fs", redact(url), _short(e), attempt, opts.max_retries, at, delay
+    )
     time.sleep(delay)
 
 
@@ -218,12 +234,14 @@ def _call_with_retries(url: str, fn: Callable[[], Any], opts: IOOptions) -> Any:
             attempt += 1
             stats.retries += 1
             if attempt > opts.max_retries:
-                raise IOError(f"{redact(url)}: giving up after {opts.max_retries} retries: "
-                              f"{_short(e)}") from None
+                raise IOError(
+                    f"{redact(url)}: giving up after {opts.max_retries} retries: {_short(e)}"
+                ) from None
             _sleep_before_retry(url, attempt, None, e, opts)
 
 
 # --- local ---------------------------------------------------------------------------------
+
 
 class _Window(io.RawIOBase):
     """A byte window ``[start, end)`` of an underlying seekable file."""
@@ -265,8 +283,8 @@ class _Resuming(io.RawIOBase):
         self.url, self._opener, self._pos, self._end, self._opts = url, opener, start, end, opts
         self._body = None
         self._eof = False
-        self._failures = 0    # consecutive failed attempts, reset by progress
-        self.retries = 0      # all retried failures of this stream
+        self._failures = 0  # consecutive failed attempts, reset by progress
+        self.retries = 0  # all retried failures of this stream
 
     def readable(self) -> bool:
         return True
@@ -287,8 +305,9 @@ class _Resuming(io.RawIOBase):
                     stats.opens += 1
                 data = body.read(want)
                 if not data and self._end is not None:
-                    raise IOError(f"connection closed at byte {self._pos}, expected "
-                                  f"{self._end - self._pos} more")
+                    raise IOError(
+                        f"connection closed at byte {self._pos}, expected {self._end - self._pos} more"
+                    )
                 break
             except _Permanent:
                 self._drop()
@@ -299,8 +318,10 @@ class _Resuming(io.RawIOBase):
                 self.retries += 1
                 stats.retries += 1
                 if self._failures > self._opts.max_retries:
-                    raise IOError(f"{redact(self.url)}: giving up after {self._opts.max_retries} "
-                                  f"retries at byte {self._pos}: {_short(e)}") from None
+                    raise IOError(
+                        f"{redact(self.url)}: giving up after {self._opts.max_retries} "
+                        f"retries at byte {self._pos}: {_short(e)}"
+                    ) from None
                 _sleep_before_retry(self.url, self._failures, self._pos, e, self._opts)
         n = len(data)
         if n == 0:  # the end of an unbounded stream (bodies check their Content-Length)
@@ -335,6 +356,7 @@ def _http_session():
     s = getattr(_local, "http", None)
     if s is None or getattr(_local, "http_pid", None) != os.getpid():
         import requests
+
         s = requests.Session()
         _local.http, _local.http_pid = s, os.getpid()
     return s
@@ -354,8 +376,9 @@ def _http_status_error(url: str, r) -> IOError:
     if st in (401, 403):
         return _Permanent(f"{redact(url)}: access denied (HTTP {st})")
     if st == 416:
-        return _Permanent(f"{redact(url)}: range not satisfiable (HTTP 416): the object is "
-                          "shorter than its index says")
+        return _Permanent(
+            f"{redact(url)}: range not satisfiable (HTTP 416): the object is shorter than its index says"
+        )
     if st in (408, 429) or st >= 500:
         return _Retryable(f"HTTP {st}", _retry_after(r))
     return _Permanent(f"{redact(url)}: HTTP {st}")
@@ -371,8 +394,9 @@ def _http_opener(url: str, opts: IOOptions):
         ranged = pos > 0 or end is not None
         if ranged:
             headers["Range"] = f"bytes={pos}-" + ("" if end is None else str(end - 1))
-        r = _http_session().get(url, headers=headers, stream=True,
-                                timeout=(opts.connect_timeout, opts.timeout))
+        r = _http_session().get(
+            url, headers=headers, stream=True, timeout=(opts.connect_timeout, opts.timeout)
+        )
         if r.status_code not in (200, 206):
             err = _http_status_error(url, r)
             r.close()
@@ -382,16 +406,18 @@ def _http_opener(url: str, opts: IOOptions):
             m = re.match(r"bytes (\d+)-", r.headers.get("Content-Range", ""))
             if not m or int(m.group(1)) != pos:
                 body.close()
-                raise _Permanent(f"{redact(url)}: server answered a range request for byte "
-                                 f"{pos} with Content-Range {r.headers.get('Content-Range')!r}")
+                raise _Permanent(
+                    f"{redact(url)}: server answered a range request for byte "
+                    f"{pos} with Content-Range {r.headers.get('Content-Range')!r}"
+                )
         elif ranged and pos:
             # the server ignored Range (HTTP 200, whole object): skip to ``pos``
             if url not in _ignored_range_warned:
                 _ignored_range_warned.add(url)
-                log.warning("%s: server ignores byte ranges; reading from the start",
-                            redact(url))
+                log.warning("%s: server ignores byte ranges; reading from the start", redact(url))
             body.skip(pos)
         return body
+
     return open_at
 
 
@@ -435,19 +461,33 @@ def _s3_client(opts: IOOptions):
                     from botocore.config import Config
                 except ImportError:
                     raise ImportError("s3:// URLs need boto3: pip install 'lumina-wds[s3]'") from None
-                cfg = Config(connect_timeout=opts.connect_timeout, read_timeout=opts.timeout,
-                             retries={"total_max_attempts": 1}, max_pool_connections=32)
+                cfg = Config(
+                    connect_timeout=opts.connect_timeout,
+                    read_timeout=opts.timeout,
+                    retries={"total_max_attempts": 1},
+                    max_pool_connections=32,
+                )
                 c = boto3.session.Session().client("s3", config=cfg)
                 for k in [k for k in _s3_clients if k[0] != os.getpid()]:
-                    del _s3_clients[k]   # clients inherited from a parent process
+                    del _s3_clients[k]  # clients inherited from a parent process
                 _s3_clients[key] = c
     return c
 
 
 _S3_NOT_FOUND = {"NoSuchKey", "NoSuchBucket", "404", "NotFound"}
-_S3_PERMANENT = {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch",
-                 "InvalidRange", "416", "InvalidBucketName", "AllAccessDisabled",
-                 "ExpiredToken", "InvalidToken", "AuthorizationHeaderMalformed"}
+_S3_PERMANENT = {
+    "AccessDenied",
+    "403",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "InvalidRange",
+    "416",
+    "InvalidBucketName",
+    "AllAccessDisabled",
+    "ExpiredToken",
+    "InvalidToken",
+    "AuthorizationHeaderMalformed",
+}
 
 
 def _s3_error(url: str, e: Exception) -> Exception:
@@ -457,8 +497,13 @@ def _s3_error(url: str, e: Exception) -> Exception:
         return _NotFound(f"{redact(url)}: not found ({code})")
     if code in _S3_PERMANENT:
         return _Permanent(f"{redact(url)}: {code}")
-    if type(e).__name__ in ("NoCredentialsError", "PartialCredentialsError", "ProfileNotFound",
-                            "NoRegionError", "ParamValidationError"):
+    if type(e).__name__ in (
+        "NoCredentialsError",
+        "PartialCredentialsError",
+        "ProfileNotFound",
+        "NoRegionError",
+        "ParamValidationError",
+    ):
         return _Permanent(f"{redact(url)}: {_short(e)}")
     return e
 
@@ -474,6 +519,7 @@ def _s3_opener(url: str, opts: IOOptions):
             return _S3Body(_s3_client(opts).get_object(Bucket=bucket, Key=key, **kw))
         except Exception as e:  # noqa: BLE001 - botocore raises many types
             raise _s3_error(url, e) from None
+
     return open_at
 
 
@@ -494,7 +540,7 @@ class _S3Body:
         self._read1 = getattr(raw, "read1", None)
 
     def read(self, n: int) -> bytes:
-        if self._read1 is None:    # urllib3 1.x: botocore's read, in bounded pieces
+        if self._read1 is None:  # urllib3 1.x: botocore's read, in bounded pieces
             return self._b.read(min(n, 256 << 10))
         data = self._read1(min(n, _MAX_READ))
         if self._left is not None:
@@ -509,8 +555,10 @@ class _S3Body:
 
 # --- public API ------------------------------------------------------------------------------
 
-def open_direct(url: str, start: int = 0, end: Optional[int] = None,
-                opts: IOOptions = DEFAULT) -> io.BufferedReader:
+
+def open_direct(
+    url: str, start: int = 0, end: Optional[int] = None, opts: IOOptions = DEFAULT
+) -> io.BufferedReader:
     """A buffered binary stream over bytes ``[start, end)`` of ``url`` (``end=None``: to the end),
     straight from its source (no cache: that is :func:`wds_tools.io.open_range`'s policy).
 
@@ -521,9 +569,11 @@ def open_direct(url: str, start: int = 0, end: Optional[int] = None,
         raise ValueError(f"bad byte range [{start}, {end}) for {redact(url)}")
     if url.startswith("pipe:"):
         if not opts.allow_pipe:
-            raise ValueError(f"refusing to run shell URL {scrub(url[:40])!r}: pipe: URLs are "
-                             "disabled (pass IOOptions(allow_pipe=True) / --allow-pipe to "
-                             "enable them)")
+            raise ValueError(
+                f"refusing to run shell URL {scrub(url[:40])!r}: pipe: URLs are "
+                "disabled (pass IOOptions(allow_pipe=True) / --allow-pipe to "
+                "enable them)"
+            )
         if start or end is not None:
             raise ValueError("pipe: URLs do not support byte ranges")
         proc = subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE)  # noqa: S602 (opt-in)
@@ -533,13 +583,16 @@ def open_direct(url: str, start: int = 0, end: Optional[int] = None,
         raw = _Resuming(url, opener(url, opts), start, end, opts)
         return io.BufferedReader(raw, buffer_size=opts.chunk_size)
     if "://" in url and not url.startswith("file://"):
-        raise ValueError(f"unsupported URL scheme in {redact(url)!r} (local path, file://, "
-                         "http(s)://, s3:// are supported)")
+        raise ValueError(
+            f"unsupported URL scheme in {redact(url)!r} (local path, file://, "
+            "http(s)://, s3:// are supported)"
+        )
     return open_local(local_path(url), start, end, opts)
 
 
-def open_local(path: str, start: int = 0, end: Optional[int] = None,
-               opts: IOOptions = DEFAULT) -> io.BufferedReader:
+def open_local(
+    path: str, start: int = 0, end: Optional[int] = None, opts: IOOptions = DEFAULT
+) -> io.BufferedReader:
     """``[start, end)`` of a local file, buffered like the remote streams."""
     try:
         f = open(path, "rb", buffering=0)
@@ -584,9 +637,10 @@ def _http_probe(url: str, opts: IOOptions) -> ObjectInfo:
     timeout = (opts.connect_timeout, opts.timeout)
     r = s.head(url, timeout=timeout, allow_redirects=True, headers={"Accept-Encoding": "identity"})
     if r.status_code == 405:
-        r = s.get(url, headers={"Range": "bytes=0-0", "Accept-Encoding": "identity"},
-                  timeout=timeout, stream=True)
-        r.close()   # the body (one byte, or the whole object if Range was ignored) is not read
+        r = s.get(
+            url, headers={"Range": "bytes=0-0", "Accept-Encoding": "identity"}, timeout=timeout, stream=True
+        )
+        r.close()  # the body (one byte, or the whole object if Range was ignored) is not read
     if r.status_code >= 400:
         raise _http_status_error(url, r)
     size: Optional[int] = None
@@ -594,15 +648,15 @@ def _http_probe(url: str, opts: IOOptions) -> ObjectInfo:
     if r.status_code == 206:
         total = cr.rsplit("/", 1)[1] if "/" in cr else ""
         if not total.isdigit():
-            raise IOError(f"{redact(url)}: the server does not report the object's size "
-                          f"(Content-Range {cr!r})")
+            raise IOError(
+                f"{redact(url)}: the server does not report the object's size (Content-Range {cr!r})"
+            )
         size = int(total)
     elif r.headers.get("Content-Length", "").isdigit():
         size = int(r.headers["Content-Length"])
     if size is None:
         raise IOError(f"{redact(url)}: the server does not report a Content-Length")
-    return ObjectInfo(size, f"{size}|{r.headers.get('ETag', '')}|"
-                            f"{r.headers.get('Last-Modified', '')}")
+    return ObjectInfo(size, f"{size}|{r.headers.get('ETag', '')}|{r.headers.get('Last-Modified', '')}")
 
 
 def _s3_head(url: str, opts: IOOptions) -> dict:
@@ -613,6 +667,7 @@ def _s3_head(url: str, opts: IOOptions) -> dict:
             return _s3_client(opts).head_object(Bucket=bucket, Key=key)
         except Exception as e:  # noqa: BLE001
             raise _s3_error(url, e) from None
+
     return _call_with_retries(url, head, opts)
 
 

@@ -5,6 +5,7 @@ offsets, lengths, token and supervised counts match the index, each sample decod
 indexed path with every check on, token ids are inside the vocabulary, keys are unique. Exits 1
 with the list of problems, 0 when everything holds.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,23 +44,27 @@ def verify_shard(sh: Shard, vocab_size: int) -> List[str]:
         walked = []
     if walked and len(walked) != len(sh):
         problems.append(f"{where}: tar holds {len(walked)} samples, index says {len(sh)}")
-    for i, t in enumerate(walked[:len(sh)]):
+    for i, t in enumerate(walked[: len(sh)]):
         exp = (sh.keys[i], sh.offsets[i], sh.lengths[i], sh.num_tokens[i], sh.num_supervised[i])
-        got = (t["__key__"], t["__offset__"], t["__length__"], int(t["input_ids"].size),
-               t["num_supervised"])
+        got = (t["__key__"], t["__offset__"], t["__length__"], int(t["input_ids"].size), t["num_supervised"])
         if got != exp:
-            problems.append(f"{where}: sample {i} is (key, offset, length, tokens, supervised)="
-                            f"{got} in the tar but {exp} in the index")
+            problems.append(
+                f"{where}: sample {i} is (key, offset, length, tokens, supervised)="
+                f"{got} in the tar but {exp} in the index"
+            )
     for i in range(len(sh)):
         try:
-            s = decode_sample(data, sh.offsets[i], sh.lengths[i], sh.keys[i], sh.num_tokens[i],
-                              sh.dtype, where, check=True)
+            s = decode_sample(
+                data, sh.offsets[i], sh.lengths[i], sh.keys[i], sh.num_tokens[i], sh.dtype, where, check=True
+            )
         except FormatError as e:
             problems.append(str(e))
             continue
         if s["input_ids"].size and int(s["input_ids"].max()) >= vocab_size:
-            problems.append(f"{where}: sample {sh.keys[i]!r}: token id {int(s['input_ids'].max())} "
-                            f">= vocab_size {vocab_size}")
+            problems.append(
+                f"{where}: sample {sh.keys[i]!r}: token id {int(s['input_ids'].max())} "
+                f">= vocab_size {vocab_size}"
+            )
     return problems
 
 
@@ -76,8 +81,7 @@ def verify(path: str, progress: bool = False, opts: wio.IOOptions = wio.DEFAULT)
         try:
             sh = opener()
         except (FormatError, OSError, ValueError) as e:
-            problems.append(f"{wio.redact(getattr(opener, 'url', path))}: cannot open: "
-                            f"{wio.scrub(str(e))}")
+            problems.append(f"{wio.redact(getattr(opener, 'url', path))}: cannot open: {wio.scrub(str(e))}")
             continue
         shards.append(sh)
         if entries is not None:
@@ -85,13 +89,16 @@ def verify(path: str, progress: bool = False, opts: wio.IOOptions = wio.DEFAULT)
             if entry.get("sha256") != sh.index.get("sha256") or entry.get("bytes") != sh.index.get("bytes"):
                 problems.append(f"{sh.where}: manifest entry disagrees with the shard index")
             if entry.get("num_samples") != sh.index["num_samples"]:
-                problems.append(f"{sh.where}: manifest entry says {entry.get('num_samples')} "
-                                f"samples, the shard index {sh.index['num_samples']}")
+                problems.append(
+                    f"{sh.where}: manifest entry says {entry.get('num_samples')} "
+                    f"samples, the shard index {sh.index['num_samples']}"
+                )
     if entries is not None:
         n = sum(sh.index["num_samples"] for sh in shards)
         if n != manifest.get("num_samples"):
-            problems.append(f"{path}: manifest says {manifest.get('num_samples')} samples, "
-                            f"readable shards hold {n}")
+            problems.append(
+                f"{path}: manifest says {manifest.get('num_samples')} samples, readable shards hold {n}"
+            )
     for sh in tqdm(shards, desc="verify", unit="shard", disable=not progress):
         problems += verify_shard(sh, int(sh.index.get("vocab_size") or np.iinfo(sh.dtype).max + 1))
         for k in sh.keys:

@@ -32,6 +32,7 @@ torch: ``import webdataset`` (1.0.2) imports torch at module level when torch is
 stand-ins and works). This module therefore imports webdataset only inside the functions that
 build pipelines, so ``import wds_tools.wds`` and :func:`decode_tokens` need neither.
 """
+
 from __future__ import annotations
 
 import functools
@@ -39,24 +40,39 @@ import io
 import json
 import logging
 from dataclasses import replace
-from typing import (Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence,
-                    Union)
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
 from . import io as wio
 from .collate import pad_batch
-from .format import (FORMAT_NAME, IDS_SUFFIX, JSON_SUFFIX, FormatError, _check_spans,
-                     num_in_spans, spans_to_labels)
+from .format import (
+    FORMAT_NAME,
+    IDS_SUFFIX,
+    JSON_SUFFIX,
+    FormatError,
+    _check_spans,
+    num_in_spans,
+    spans_to_labels,
+)
 from .reader import expand_urls, load_manifest
 
-__all__ = ["MEMBERS", "select_members", "decode_tokens", "pad_collate", "shard_urls",
-           "open_shards_stage", "make_handler", "token_pipeline", "register_gopen",
-           "hf_features"]
+__all__ = [
+    "MEMBERS",
+    "select_members",
+    "decode_tokens",
+    "pad_collate",
+    "shard_urls",
+    "open_shards_stage",
+    "make_handler",
+    "token_pipeline",
+    "register_gopen",
+    "hf_features",
+]
 
 log = logging.getLogger(__name__)
 
-MEMBERS = (IDS_SUFFIX, JSON_SUFFIX)   # the members of a sample; everything else is ignored
+MEMBERS = (IDS_SUFFIX, JSON_SUFFIX)  # the members of a sample; everything else is ignored
 Handler = Callable[[BaseException], bool]
 
 
@@ -83,20 +99,24 @@ def decode_tokens(sample: Mapping[str, Any]) -> Dict[str, Any]:
     try:  # the .npy format only: no pickle, no .npz, no fallback
         ids = np.lib.format.read_array(io.BytesIO(raw_ids), allow_pickle=False)
     except Exception as e:  # noqa: BLE001 - numpy raises ValueError, SyntaxError, ... on garbage
-        raise FormatError(f"{where}: {IDS_SUFFIX} is not a .npy array: "
-                          f"{type(e).__name__}: {e}") from None
+        raise FormatError(f"{where}: {IDS_SUFFIX} is not a .npy array: {type(e).__name__}: {e}") from None
     if ids.ndim != 1 or ids.dtype.kind != "u":
-        raise FormatError(f"{where}: {IDS_SUFFIX} holds {ids.dtype} {ids.shape}, not 1-D "
-                          "unsigned token ids")
+        raise FormatError(f"{where}: {IDS_SUFFIX} holds {ids.dtype} {ids.shape}, not 1-D unsigned token ids")
     try:
         doc = json.loads(raw_json)
         spans, meta = doc["supervised"], doc.get("meta", {})
     except (ValueError, TypeError, KeyError, AttributeError) as e:
         raise FormatError(f"{where}: bad {JSON_SUFFIX} member: {e!r}") from None
     _check_spans(spans, int(ids.shape[0]), where)
-    return {"__key__": key, "__url__": url, "input_ids": ids,
-            "labels": spans_to_labels(ids, spans), "supervised": spans,
-            "num_supervised": num_in_spans(spans), "meta": meta}
+    return {
+        "__key__": key,
+        "__url__": url,
+        "input_ids": ids,
+        "labels": spans_to_labels(ids, spans),
+        "supervised": spans,
+        "num_supervised": num_in_spans(spans),
+        "meta": meta,
+    }
 
 
 def _member(sample: Mapping[str, Any], name: str, where: str) -> bytes:
@@ -104,13 +124,16 @@ def _member(sample: Mapping[str, Any], name: str, where: str) -> bytes:
     if raw is None:
         raise FormatError(f"{where}: lacks its {name} member (not a {FORMAT_NAME} shard?)")
     if not isinstance(raw, (bytes, bytearray, memoryview)):
-        raise FormatError(f"{where}: {name} is a {type(raw).__name__}, not bytes: map "
-                          "decode_tokens over raw samples, without webdataset's .decode()")
+        raise FormatError(
+            f"{where}: {name} is a {type(raw).__name__}, not bytes: map "
+            "decode_tokens over raw samples, without webdataset's .decode()"
+        )
     return bytes(raw)
 
 
-def pad_collate(samples: Sequence[Mapping[str, Any]], pad_id: int = 0,
-                max_seq_len: Optional[int] = None) -> Dict[str, Any]:
+def pad_collate(
+    samples: Sequence[Mapping[str, Any]], pad_id: int = 0, max_seq_len: Optional[int] = None
+) -> Dict[str, Any]:
     """``collation_fn`` for ``.batched(n, collation_fn=...)``: decoded samples -> right-padded
     int64 numpy arrays ``input_ids``, ``labels`` (-100 on padding), ``attention_mask`` (1/0),
     ``lengths`` (per row, after truncation to ``max_seq_len``), plus lists ``__key__``,
@@ -123,11 +146,15 @@ def pad_collate(samples: Sequence[Mapping[str, Any]], pad_id: int = 0,
     ids = [s["input_ids"] for s in samples]
     limit = max_seq_len if max_seq_len is not None else max(len(x) for x in ids)
     arr, _ = pad_batch(ids, [s["supervised"] for s in samples], max(limit, 1), pad_id=pad_id)
-    return {"input_ids": arr[0], "labels": arr[1], "attention_mask": arr[2],
-            "lengths": np.array([min(len(x), limit) for x in ids], dtype=np.int64),
-            "__key__": [s["__key__"] for s in samples],
-            "__url__": [s.get("__url__", "") for s in samples],
-            "meta": [s.get("meta", {}) for s in samples]}
+    return {
+        "input_ids": arr[0],
+        "labels": arr[1],
+        "attention_mask": arr[2],
+        "lengths": np.array([min(len(x), limit) for x in ids], dtype=np.int64),
+        "__key__": [s["__key__"] for s in samples],
+        "__url__": [s.get("__url__", "") for s in samples],
+        "meta": [s.get("meta", {}) for s in samples],
+    }
 
 
 def shard_urls(source: Union[str, Sequence[str]], opts: wio.IOOptions = wio.DEFAULT) -> List[str]:
@@ -167,8 +194,9 @@ def _warn_and_skip(exn: BaseException) -> bool:
     return True
 
 
-def open_shards_stage(src: Iterable[Any], opts: wio.IOOptions = wio.DEFAULT,
-                      handler: Handler = _reraise) -> Iterator[Dict[str, Any]]:
+def open_shards_stage(
+    src: Iterable[Any], opts: wio.IOOptions = wio.DEFAULT, handler: Handler = _reraise
+) -> Iterator[Dict[str, Any]]:
     """Pipeline stage: ``{"url": ...}`` items (or URL strings) -> ``{"url", "stream"}`` opened
     by :func:`wds_tools.io.open_range`; each stream is closed when the next URL is asked for."""
     for item in src:
@@ -185,10 +213,18 @@ def open_shards_stage(src: Iterable[Any], opts: wio.IOOptions = wio.DEFAULT,
             stream.close()
 
 
-def token_pipeline(urls: Union[str, Sequence[str]], *, shuffle: int = 0, shardshuffle: int = 0,
-                   seed: Optional[int] = None, split_by_node: bool = True,
-                   split_by_worker: bool = True, on_error: Union[str, Handler] = "fail",
-                   opts: Optional[wio.IOOptions] = None, allow_pipe: bool = False):
+def token_pipeline(
+    urls: Union[str, Sequence[str]],
+    *,
+    shuffle: int = 0,
+    shardshuffle: int = 0,
+    seed: Optional[int] = None,
+    split_by_node: bool = True,
+    split_by_worker: bool = True,
+    on_error: Union[str, Handler] = "fail",
+    opts: Optional[wio.IOOptions] = None,
+    allow_pipe: bool = False,
+):
     """A ``webdataset`` pipeline of decoded token samples (:func:`decode_tokens`).
 
     ``urls``: shard URLs, brace patterns, or manifests (see :func:`shard_urls`). Stages, in
@@ -218,8 +254,7 @@ def token_pipeline(urls: Union[str, Sequence[str]], *, shuffle: int = 0, shardsh
     if shardshuffle > 0:
         pipe.append(_shuffler(wds, shardshuffle, seed))
     pipe.append(functools.partial(open_shards_stage, opts=opts, handler=handler))
-    pipe.append(wds.pipelinefilter(tar_file_expander)(handler=handler,
-                                                      select_files=select_members))
+    pipe.append(wds.pipelinefilter(tar_file_expander)(handler=handler, select_files=select_members))
     pipe.append(wds.pipelinefilter(group_by_keys)(handler=handler))
     pipe.append(wds.map(decode_tokens, handler=handler))
     if shuffle > 0:
@@ -233,8 +268,7 @@ def _shuffler(wds: Any, bufsize: int, seed: Optional[int]) -> Any:
     return wds.detshuffle(bufsize, initial=min(100, bufsize), seed=seed)
 
 
-def register_gopen(opts: wio.IOOptions = wio.DEFAULT,
-                   schemes: Sequence[str] = ("s3",)) -> Dict[str, Any]:
+def register_gopen(opts: wio.IOOptions = wio.DEFAULT, schemes: Sequence[str] = ("s3",)) -> Dict[str, Any]:
     """Let a plain ``webdataset.WebDataset`` open ``schemes`` URLs through this project's
     transport (webdataset 1.0.2 has no ``s3://`` opener; its ``http(s)://`` one is a ``curl``
     pipe without resume): sets ``webdataset.gopen.gopen_schemes[scheme]`` for this process
@@ -253,8 +287,9 @@ def register_gopen(opts: wio.IOOptions = wio.DEFAULT,
     return previous
 
 
-def _gopen(url: str, mode: str = "rb", bufsize: int = 8192, *, opts: wio.IOOptions,
-           **kw: Any) -> io.BufferedReader:
+def _gopen(
+    url: str, mode: str = "rb", bufsize: int = 8192, *, opts: wio.IOOptions, **kw: Any
+) -> io.BufferedReader:
     if mode != "rb":
         raise ValueError(f"{wio.redact(url)}: this transport only reads (mode {mode!r})")
     return wio.open_range(url, 0, None, opts)
@@ -270,8 +305,14 @@ def hf_features(dtype: Union[str, np.dtype] = "uint16"):
     datasets >= 4.7) and ``supervised`` a list of ``[start, end]`` int64 pairs."""
     import datasets
 
-    return datasets.Features({
-        IDS_SUFFIX: datasets.List(datasets.Value(np.dtype(dtype).name)),
-        JSON_SUFFIX: {"supervised": datasets.List(datasets.List(datasets.Value("int64"))),
-                      "meta": datasets.Json()},
-        "__key__": datasets.Value("string"), "__url__": datasets.Value("string")})
+    return datasets.Features(
+        {
+            IDS_SUFFIX: datasets.List(datasets.Value(np.dtype(dtype).name)),
+            JSON_SUFFIX: {
+                "supervised": datasets.List(datasets.List(datasets.Value("int64"))),
+                "meta": datasets.Json(),
+            },
+            "__key__": datasets.Value("string"),
+            "__url__": datasets.Value("string"),
+        }
+    )

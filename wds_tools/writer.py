@@ -13,6 +13,7 @@ staging: each completed shard is uploaded, then its index (the commit point), an
 copies are removed; the done-marker goes up last. A resumed writer rebuilds its state from the
 store (the committed indexes carry the cursor) and deletes what an interrupted run left there.
 """
+
 from __future__ import annotations
 
 import glob
@@ -46,9 +47,11 @@ __all__ = ["ShardWriter", "rank_files"]
 def rank_files(out_dir: str, prefix: str, rank: int) -> Dict[str, List[str]]:
     """Existing files of one rank: complete indexes, shards, and temp leftovers."""
     base = os.path.join(glob.escape(out_dir), f"{glob.escape(prefix)}-r{rank:05d}")
-    return {"indexes": sorted(glob.glob(base + "-*.idx.json")),
-            "shards": sorted(glob.glob(base + "-*.tar")),
-            "tmp": sorted(glob.glob(base + "-*.tmp"))}
+    return {
+        "indexes": sorted(glob.glob(base + "-*.idx.json")),
+        "shards": sorted(glob.glob(base + "-*.tar")),
+        "tmp": sorted(glob.glob(base + "-*.tmp")),
+    }
 
 
 class ShardWriter:
@@ -78,10 +81,21 @@ class ShardWriter:
     never went up).
     """
 
-    def __init__(self, out_dir: str, *, vocab_size: int, rank: int = 0, world_size: int = 1,
-                 prefix: str = "shard", max_samples: int = 10_000, max_bytes: int = 1 << 30,
-                 tokenizer: Optional[Any] = None, resume: bool = False,
-                 increasing_keys: bool = False, store: Optional[Any] = None):
+    def __init__(
+        self,
+        out_dir: str,
+        *,
+        vocab_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        prefix: str = "shard",
+        max_samples: int = 10_000,
+        max_bytes: int = 1 << 30,
+        tokenizer: Optional[Any] = None,
+        resume: bool = False,
+        increasing_keys: bool = False,
+        store: Optional[Any] = None,
+    ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         if max_samples < 1 or max_bytes < 4096:
@@ -122,7 +136,8 @@ class ShardWriter:
             if files["indexes"] or files["shards"] or files["tmp"] or os.path.exists(marker):
                 raise FileExistsError(
                     f"{self.out_dir} already holds shards of rank {self.rank} (prefix "
-                    f"{self.prefix!r}); pass resume=True to continue them or use a fresh folder")
+                    f"{self.prefix!r}); pass resume=True to continue them or use a fresh folder"
+                )
             return
         for p in files["tmp"]:
             os.remove(p)
@@ -168,8 +183,10 @@ class ShardWriter:
         base = f"{self.prefix}-r{self.rank:05d}"
         objects = {n: size for n, size in store.list(base) if pattern.match(n)}
         if objects and not resume:
-            raise FileExistsError(f"{store.url} already holds objects of rank {self.rank} (prefix "
-                                  f"{self.prefix!r}); pass resume=True to continue them or use a fresh prefix")
+            raise FileExistsError(
+                f"{store.url} already holds objects of rank {self.rank} (prefix "
+                f"{self.prefix!r}); pass resume=True to continue them or use a fresh prefix"
+            )
         store.abort_uploads(base)
         sid = 0
         while True:
@@ -191,8 +208,15 @@ class ShardWriter:
         self.cursor, self.cursor_state = self.resume_cursor, self.resume_state
 
     # -- writing -------------------------------------------------------------------------------
-    def write(self, key: str, input_ids: Sequence[int], *, labels: Optional[Sequence[int]] = None,
-              mask: Optional[Sequence[bool]] = None, meta: Optional[Mapping[str, Any]] = None) -> None:
+    def write(
+        self,
+        key: str,
+        input_ids: Sequence[int],
+        *,
+        labels: Optional[Sequence[int]] = None,
+        mask: Optional[Sequence[bool]] = None,
+        meta: Optional[Mapping[str, Any]] = None,
+    ) -> None:
         """Validate and append one sample. Supervision: ``labels`` (-100 = not trained on,
         otherwise equal to the token) or a boolean ``mask``; neither means nothing supervised."""
         if self._closed:
@@ -201,8 +225,10 @@ class ShardWriter:
         if self.increasing_keys:
             order = (len(key), key)
             if self._last_key is not None and order <= self._last_key:
-                raise FormatError(f"sample key {key!r} does not come after {self._last_key[1]!r} "
-                                  "(increasing_keys: keys must increase, so none repeats)")
+                raise FormatError(
+                    f"sample key {key!r} does not come after {self._last_key[1]!r} "
+                    "(increasing_keys: keys must increase, so none repeats)"
+                )
         elif key in self._keys:
             raise FormatError(f"duplicate sample key {key!r} (keys must be unique in a dataset)")
         ids = self._check_ids(key, input_ids)
@@ -218,8 +244,9 @@ class ShardWriter:
         else:
             spans = []
         data = encode_sample(key, ids, spans, meta)
-        if self._f is not None and (self._n + 1 > self.max_samples
-                                    or self._bytes + len(data) + len(END_OF_ARCHIVE) > self.max_bytes):
+        if self._f is not None and (
+            self._n + 1 > self.max_samples or self._bytes + len(data) + len(END_OF_ARCHIVE) > self.max_bytes
+        ):
             self._finish_shard()
         if self._f is None:
             self._open_shard()
@@ -242,15 +269,18 @@ class ShardWriter:
     def _check_ids(self, key: str, input_ids: Sequence[int]) -> np.ndarray:
         a = np.asarray(input_ids)
         if a.ndim != 1 or a.size == 0:
-            raise FormatError(f"sample {key!r}: input_ids must be a non-empty 1-D sequence, "
-                              f"got shape {a.shape}")
+            raise FormatError(
+                f"sample {key!r}: input_ids must be a non-empty 1-D sequence, got shape {a.shape}"
+            )
         if a.dtype.kind not in "iu":
             raise FormatError(f"sample {key!r}: input_ids must be integers, got {a.dtype}")
         lo, hi = int(a.min()), int(a.max())
         if lo < 0 or hi >= self.vocab_size:
             bad = lo if lo < 0 else hi
-            raise FormatError(f"sample {key!r}: token id {bad} is outside the vocabulary "
-                              f"[0, {self.vocab_size}) ({self.dtype} storage)")
+            raise FormatError(
+                f"sample {key!r}: token id {bad} is outside the vocabulary "
+                f"[0, {self.vocab_size}) ({self.dtype} storage)"
+            )
         return a.astype(self.dtype, copy=False)
 
     def _open_shard(self) -> None:
@@ -259,8 +289,9 @@ class ShardWriter:
         self._f = open(self._path + ".tmp", "wb")
         self._sha = hashlib.sha256()
         self._bytes = self._n = 0
-        self._cols: Dict[str, list] = {k: [] for k in
-                                       ("key", "offset", "length", "num_tokens", "num_supervised")}
+        self._cols: Dict[str, list] = {
+            k: [] for k in ("key", "offset", "length", "num_tokens", "num_supervised")
+        }
 
     def _finish_shard(self) -> None:
         self._f.write(END_OF_ARCHIVE)
@@ -272,13 +303,22 @@ class ShardWriter:
         self._f = None
         os.replace(self._path + ".tmp", self._path)
         index = {
-            "format": FORMAT_NAME, "version": FORMAT_VERSION, "kind": "shard_index",
-            "shard": self._name, "shard_id": self._next_shard, "rank": self.rank,
-            "world_size": self.world_size, "dtype": self.dtype.name, "vocab_size": self.vocab_size,
-            "tokenizer": self.tokenizer, "num_samples": self._n,
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "kind": "shard_index",
+            "shard": self._name,
+            "shard_id": self._next_shard,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "dtype": self.dtype.name,
+            "vocab_size": self.vocab_size,
+            "tokenizer": self.tokenizer,
+            "num_samples": self._n,
             "num_tokens": int(sum(self._cols["num_tokens"])),
             "num_supervised": int(sum(self._cols["num_supervised"])),
-            "bytes": self._bytes, "sha256": self._sha.hexdigest(), "cursor": self.cursor,
+            "bytes": self._bytes,
+            "sha256": self._sha.hexdigest(),
+            "cursor": self.cursor,
             "samples": self._cols,
         }
         if self.cursor_state is not None:
@@ -313,10 +353,19 @@ class ShardWriter:
             return
         if self._f is not None:
             self._finish_shard()
-        marker = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "kind": "rank_done",
-                  "prefix": self.prefix, "rank": self.rank, "world_size": self.world_size,
-                  "num_shards": self._next_shard, "num_samples": self.num_samples,
-                  "num_tokens": self.num_tokens, "cursor": self.cursor, "extra": dict(extra or {})}
+        marker = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "kind": "rank_done",
+            "prefix": self.prefix,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "num_shards": self._next_shard,
+            "num_samples": self.num_samples,
+            "num_tokens": self.num_tokens,
+            "cursor": self.cursor,
+            "extra": dict(extra or {}),
+        }
         path = os.path.join(self.out_dir, done_marker_name(self.prefix, self.rank))
         write_json_atomic(path, marker)
         if self.store is not None:

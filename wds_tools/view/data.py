@@ -7,6 +7,7 @@ shard indexes and, for image metadata, from the first samples of those shards; t
 how much was read. Shard indexes are opened on demand and kept in a small LRU, so a dataset of
 millions of samples costs little more memory than its manifest.
 """
+
 from __future__ import annotations
 
 import collections
@@ -20,11 +21,21 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import numpy as np
 
 from .. import io as wio
-from ..format import FormatError, IGNORE_INDEX
+from ..format import IGNORE_INDEX, FormatError
 from ..reader import Shard, load_manifest, open_shards
 
-__all__ = ["ViewError", "ShardEntry", "Dataset", "Overview", "SearchResult", "open_dataset",
-           "open_source", "MixReport", "mix_report", "SEARCH_FIELDS"]
+__all__ = [
+    "ViewError",
+    "ShardEntry",
+    "Dataset",
+    "Overview",
+    "SearchResult",
+    "open_dataset",
+    "open_source",
+    "MixReport",
+    "mix_report",
+    "SEARCH_FIELDS",
+]
 
 SEARCH_FIELDS = ("key", "id", "source", "meta")
 
@@ -57,10 +68,10 @@ class ShardEntry:
 class Overview:
     """The overview figures of a dataset; ``*_shards`` / ``meta_samples`` say what was read."""
 
-    lengths: np.ndarray                  # tokens per sample, of every sample of the read shards
-    supervised_frac: np.ndarray          # supervised / tokens per sample, same samples
-    images_per_sample: Dict[int, int]    # from the metadata of ``meta_samples`` samples
-    grids: Dict[str, int]                # "HxW" grid (in tokens) -> number of images
+    lengths: np.ndarray  # tokens per sample, of every sample of the read shards
+    supervised_frac: np.ndarray  # supervised / tokens per sample, same samples
+    images_per_sample: Dict[int, int]  # from the metadata of ``meta_samples`` samples
+    grids: Dict[str, int]  # "HxW" grid (in tokens) -> number of images
     meta_samples: int
     read_shards: int
     errors: List[str] = field(default_factory=list)
@@ -70,9 +81,9 @@ class Overview:
 @dataclass
 class SearchResult:
     rows: List[Dict[str, Any]]
-    start: int          # first global sample number searched
-    stop: int           # one past the last searched
-    complete: bool      # the search reached the end of the dataset
+    start: int  # first global sample number searched
+    stop: int  # one past the last searched
+    complete: bool  # the search reached the end of the dataset
 
 
 def _meta_images(meta: Any) -> List[Dict[str, Any]]:
@@ -93,24 +104,34 @@ def grid_label(im: Dict[str, Any]) -> str:
 class Dataset:
     """One dataset: exact totals from its manifest, shard indexes opened lazily (LRU)."""
 
-    def __init__(self, name: str, source: str, entries: List[ShardEntry], doc: Dict[str, Any],
-                 opts: wio.IOOptions = wio.DEFAULT, *, cache_shards: int = 16,
-                 cache_samples: int = 200_000, stats_shards: int = 16, meta_bytes_per_shard: int = 1 << 20,
-                 stats_budget_s: float = 0.6, first: Optional[Shard] = None):
+    def __init__(
+        self,
+        name: str,
+        source: str,
+        entries: List[ShardEntry],
+        doc: Dict[str, Any],
+        opts: wio.IOOptions = wio.DEFAULT,
+        *,
+        cache_shards: int = 16,
+        cache_samples: int = 200_000,
+        stats_shards: int = 16,
+        meta_bytes_per_shard: int = 1 << 20,
+        stats_budget_s: float = 0.6,
+        first: Optional[Shard] = None,
+    ):
         self.name, self.source, self.entries, self.doc, self.opts = name, source, entries, doc, opts
         counts = np.fromiter((e.num_samples for e in entries), np.int64, len(entries))
         self.starts = np.concatenate(([0], np.cumsum(counts)))
         self.num_samples = int(self.starts[-1])
         self.num_tokens = int(doc.get("num_tokens", sum(e.num_tokens for e in entries)))
-        self.num_supervised = int(doc.get("num_supervised",
-                                          sum(e.num_supervised for e in entries)))
+        self.num_supervised = int(doc.get("num_supervised", sum(e.num_supervised for e in entries)))
         self.bytes = int(doc.get("bytes", sum(e.bytes for e in entries)))
         # the LRU of shard indexes is bounded by shards and by samples (an index costs ~200
         # bytes of Python objects per sample: 16 indexes of 10,000 samples ~ 30 MB)
         self.cache_shards, self.cache_samples = max(1, cache_shards), cache_samples
         self.stats_shards = max(1, stats_shards)
         self.meta_bytes_per_shard, self.stats_budget_s = meta_bytes_per_shard, stats_budget_s
-        self.index_reads = 0    # shard indexes fetched (tests check laziness with it)
+        self.index_reads = 0  # shard indexes fetched (tests check laziness with it)
         self._cache: "collections.OrderedDict[int, Shard]" = collections.OrderedDict()
         self._lock = threading.Lock()
         self._overview: Optional[Overview] = None
@@ -136,8 +157,9 @@ class Dataset:
             if keep:
                 self._cache[j] = sh
                 while len(self._cache) > 1 and (
-                        len(self._cache) > self.cache_shards
-                        or sum(len(c) for c in self._cache.values()) > self.cache_samples):
+                    len(self._cache) > self.cache_shards
+                    or sum(len(c) for c in self._cache.values()) > self.cache_samples
+                ):
                     self._cache.popitem(last=False)
         return sh
 
@@ -152,16 +174,24 @@ class Dataset:
         j, i = self.locate(g)
         sh = self.shard(j)
         if i >= len(sh):
-            raise ViewError(500, f"{sh.where}: its index holds {len(sh)} samples, the manifest "
-                                 f"says {self.entries[j].num_samples}")
+            raise ViewError(
+                500,
+                f"{sh.where}: its index holds {len(sh)} samples, the manifest "
+                f"says {self.entries[j].num_samples}",
+            )
         return sh, j, i
 
     def sample(self, g: int) -> Dict[str, Any]:
         """Sample ``g`` decoded (one ranged read), with where its bytes are."""
         sh, j, i = self._shard_at(g)
         s = sh.read(i)
-        s.update(__g__=g, __shard_no__=j, __shard_name__=self.entries[j].name,
-                 __offset__=sh.offsets[i], __length__=sh.lengths[i])
+        s.update(
+            __g__=g,
+            __shard_no__=j,
+            __shard_name__=self.entries[j].name,
+            __offset__=sh.offsets[i],
+            __length__=sh.lengths[i],
+        )
         return s
 
     def raw(self, g: int) -> Tuple[str, bytes]:
@@ -195,8 +225,7 @@ class Dataset:
         n = len(self.entries)
         if n <= self.stats_shards:
             return list(range(n))
-        return sorted({int(round(k * (n - 1) / (self.stats_shards - 1)))
-                       for k in range(self.stats_shards)})
+        return sorted({int(round(k * (n - 1) / (self.stats_shards - 1))) for k in range(self.stats_shards)})
 
     def overview(self) -> Overview:
         """Figures from a bounded sample of shards (computed once, then cached)."""
@@ -218,12 +247,12 @@ class Dataset:
             if read and time.perf_counter() - t0 > self.stats_budget_s:
                 break
             try:
-                sh = self.shard(j, keep=False)   # only its columns are kept, as arrays
+                sh = self.shard(j, keep=False)  # only its columns are kept, as arrays
                 nt = np.asarray(sh.num_tokens, np.int64)
                 lengths.append(nt)
                 sup.append(np.asarray(sh.num_supervised, np.int64) / np.maximum(nt, 1))
                 read.append(j)
-                n, total = 0, 0   # the first samples of the shard, up to a byte budget
+                n, total = 0, 0  # the first samples of the shard, up to a byte budget
                 budget = self.meta_bytes_per_shard
                 while n < len(sh) and (n == 0 or total + sh.lengths[n] <= budget):
                     total += sh.lengths[n]
@@ -237,16 +266,28 @@ class Dataset:
             except (FormatError, OSError) as e:
                 errors.append(wio.scrub(str(e)))
         cat = np.concatenate if lengths else (lambda _: np.zeros(0, np.int64))
-        return Overview(lengths=cat(lengths), supervised_frac=cat(sup) if sup else np.zeros(0),
-                        images_per_sample=dict(sorted(per_sample.items())),
-                        grids=dict(sorted(grids.items(), key=lambda kv: -kv[1])),
-                        meta_samples=meta_samples, read_shards=len(read), errors=errors,
-                        seconds=time.perf_counter() - t0)
+        return Overview(
+            lengths=cat(lengths),
+            supervised_frac=cat(sup) if sup else np.zeros(0),
+            images_per_sample=dict(sorted(per_sample.items())),
+            grids=dict(sorted(grids.items(), key=lambda kv: -kv[1])),
+            meta_samples=meta_samples,
+            read_shards=len(read),
+            errors=errors,
+            seconds=time.perf_counter() - t0,
+        )
 
     # --- search -------------------------------------------------------------------------------
 
-    def search(self, query: str, field: str, start: int = 0, max_results: int = 100,
-               budget_s: float = 2.0, budget_bytes: int = 64 << 20) -> SearchResult:
+    def search(
+        self,
+        query: str,
+        field: str,
+        start: int = 0,
+        max_results: int = 100,
+        budget_s: float = 2.0,
+        budget_bytes: int = 64 << 20,
+    ) -> SearchResult:
         """Samples from ``start`` on whose key (substring), metadata ``id`` or ``source``
         (substring of the value) or whole metadata JSON (substring) matches ``query``.
 
@@ -280,8 +321,11 @@ class Dataset:
                     g = int(self.starts[j]) + s["__index__"] + 1
                     if _meta_match(s["meta"], field, query):
                         rows.append(_row(s, g - 1, self.entries[j].name))
-                    if len(rows) >= max_results or nbytes >= budget_bytes or (
-                            time.perf_counter() - t0 > budget_s):
+                    if (
+                        len(rows) >= max_results
+                        or nbytes >= budget_bytes
+                        or (time.perf_counter() - t0 > budget_s)
+                    ):
                         break
                 else:
                     g = next_shard
@@ -291,8 +335,13 @@ class Dataset:
         return SearchResult(rows=rows, start=start, stop=g, complete=g >= self.num_samples)
 
     def _index_row(self, sh: Shard, j: int, k: int) -> Dict[str, Any]:
-        return {"g": int(self.starts[j]) + k, "key": sh.keys[k], "tokens": sh.num_tokens[k],
-                "supervised": sh.num_supervised[k], "shard": self.entries[j].name}
+        return {
+            "g": int(self.starts[j]) + k,
+            "key": sh.keys[k],
+            "tokens": sh.num_tokens[k],
+            "supervised": sh.num_supervised[k],
+            "shard": self.entries[j].name,
+        }
 
     def find_key(self, key: str, budget_s: float = 5.0) -> Optional[int]:
         """Global number of the sample with exactly this key, searching shard indexes within
@@ -300,8 +349,11 @@ class Dataset:
         t0 = time.perf_counter()
         for j in range(len(self.entries)):
             if j and time.perf_counter() - t0 > budget_s:
-                raise ViewError(404, f"key {key!r} not found in the first {j} of "
-                                     f"{len(self.entries)} shards of {self.name} (time budget)")
+                raise ViewError(
+                    404,
+                    f"key {key!r} not found in the first {j} of "
+                    f"{len(self.entries)} shards of {self.name} (time budget)",
+                )
             try:
                 sh = self.shard(j, keep=False)
             except (FormatError, OSError):
@@ -315,10 +367,16 @@ def _row(s: Dict[str, Any], g: int, shard_name: str) -> Dict[str, Any]:
     meta = s["meta"] if isinstance(s["meta"], dict) else {}
     ims = _meta_images(meta)
     n = int(s["input_ids"].size)
-    return {"g": g, "key": s["__key__"], "tokens": n,
-            "supervised": int(np.count_nonzero(s["labels"][:n] != IGNORE_INDEX)),
-            "images": [grid_label(im) for im in ims], "id": meta.get("id"),
-            "source": meta.get("source"), "shard": shard_name}
+    return {
+        "g": g,
+        "key": s["__key__"],
+        "tokens": n,
+        "supervised": int(np.count_nonzero(s["labels"][:n] != IGNORE_INDEX)),
+        "images": [grid_label(im) for im in ims],
+        "id": meta.get("id"),
+        "source": meta.get("source"),
+        "shard": shard_name,
+    }
 
 
 def _meta_match(meta: Any, field: str, query: str) -> bool:
@@ -332,6 +390,7 @@ def _meta_match(meta: Any, field: str, query: str) -> bool:
 
 # --- opening sources --------------------------------------------------------------------------
 
+
 def _default_name(url: str) -> str:
     stem = wio.redact(url).rstrip("/")
     if stem.endswith(".json") and stem.rsplit("/", 1)[-1] == "index.json":
@@ -339,25 +398,35 @@ def _default_name(url: str) -> str:
     return stem.rsplit("/", 1)[-1] or "dataset"
 
 
-def open_dataset(url: str, opts: wio.IOOptions = wio.DEFAULT, name: Optional[str] = None,
-                 **kw: Any) -> Dataset:
+def open_dataset(
+    url: str, opts: wio.IOOptions = wio.DEFAULT, name: Optional[str] = None, **kw: Any
+) -> Dataset:
     """A manifest (``index.json`` or a folder holding one), a shard index or a shard."""
     if not wio.is_remote(url) and os.path.isdir(url):
         url = os.path.join(url, "index.json")
     name = name or _default_name(url)
     if url.endswith(".json") and not url.endswith(".idx.json"):
         doc = load_manifest(url, opts)
-        entries = [ShardEntry(s["url"], s["index_url"], int(s.get("num_samples", 0)),
-                              int(s.get("num_tokens", 0)), int(s.get("num_supervised", 0)),
-                              int(s.get("bytes", 0))) for s in doc["shards"]]
+        entries = [
+            ShardEntry(
+                s["url"],
+                s["index_url"],
+                int(s.get("num_samples", 0)),
+                int(s.get("num_tokens", 0)),
+                int(s.get("num_supervised", 0)),
+                int(s.get("bytes", 0)),
+            )
+            for s in doc["shards"]
+        ]
         return Dataset(name, url, entries, doc, opts, **kw)
-    shards = open_shards(url, opts)   # one shard or one shard index
+    shards = open_shards(url, opts)  # one shard or one shard index
     if len(shards) != 1:
         raise ValueError(f"{wio.redact(url)}: expected one shard, found {len(shards)}")
     sh = shards[0]
     idx = sh.index
-    e = ShardEntry(sh.url, None, len(sh), int(sum(sh.num_tokens)), int(sum(sh.num_supervised)),
-                   int(idx.get("bytes", 0)))
+    e = ShardEntry(
+        sh.url, None, len(sh), int(sum(sh.num_tokens)), int(sum(sh.num_supervised)), int(idx.get("bytes", 0))
+    )
     doc = {k: idx[k] for k in ("dtype", "vocab_size", "tokenizer") if k in idx}
     return Dataset(name, url, [e], doc, opts, first=sh, **kw)
 
@@ -368,13 +437,14 @@ class Source:
 
     path: str
     datasets: List[Dataset]
-    config: Any = None            # wds_tools.config.DataConfig for a data config source
+    config: Any = None  # wds_tools.config.DataConfig for a data config source
 
 
 def open_source(path: str, opts: wio.IOOptions = wio.DEFAULT, **kw: Any) -> Source:
     """A data config YAML (local), or a manifest, shard index or shard (local or remote)."""
     if path.endswith((".yaml", ".yml")):
         from ..config import load_data_config
+
         if wio.is_remote(path):
             raise ValueError(f"{wio.redact(path)}: a data config must be a local file")
         cfg = load_data_config(path)
@@ -385,12 +455,13 @@ def open_source(path: str, opts: wio.IOOptions = wio.DEFAULT, **kw: Any) -> Sour
 
 # --- mixture ----------------------------------------------------------------------------------
 
+
 @dataclass
 class MixReport:
     """``wds-tools mix`` reports at growing prefixes of one reader's stream."""
 
-    samples: List[int]                 # simulated samples at each point
-    reports: List[Dict[str, Any]]      # mix_cli.dry_run output at each point
+    samples: List[int]  # simulated samples at each point
+    reports: List[Dict[str, Any]]  # mix_cli.dry_run output at each point
     batch_size: int
 
     @property
@@ -398,12 +469,18 @@ class MixReport:
         return self.reports[-1]
 
 
-def mix_report(config: str, samples: int, batch_size: int, points: int = 24,
-               dry_run: Optional[Callable[..., Dict[str, Any]]] = None) -> MixReport:
+def mix_report(
+    config: str,
+    samples: int,
+    batch_size: int,
+    points: int = 24,
+    dry_run: Optional[Callable[..., Dict[str, Any]]] = None,
+) -> MixReport:
     """Realized shares over steps: ``wds-tools mix --samples N`` for ``points`` values of N up
     to ``samples`` (each point is exactly what that command prints)."""
     if dry_run is None:
         from ..mix_cli import dry_run as default_dry_run
+
         dry_run = default_dry_run
     ns = sorted({max(batch_size, int(round(samples * k / points))) for k in range(1, points + 1)})
     reports = []
@@ -417,7 +494,7 @@ def mix_report(config: str, samples: int, batch_size: int, points: int = 24,
 
 def iter_tokens(ids: np.ndarray, labels: np.ndarray) -> Iterator[Tuple[int, int, bool]]:
     """Runs ``(start, end, trained)`` of positions with the same supervision."""
-    trained = labels[:len(ids)] != IGNORE_INDEX
+    trained = labels[: len(ids)] != IGNORE_INDEX
     if not len(ids):
         return
     edges = np.flatnonzero(np.diff(trained.astype(np.int8))) + 1

@@ -7,6 +7,7 @@ paths, unknown routes) is a 4xx. Responses carry a Content-Security-Policy that 
 (the pages have none) and a ``Host`` check refuses DNS-rebinding requests when bound to
 loopback.
 """
+
 from __future__ import annotations
 
 import collections
@@ -31,8 +32,10 @@ __all__ = ["App", "Response", "ViewServer", "Viewer", "load_renderer", "make_ser
 
 log = logging.getLogger(__name__)
 
-CSP = ("default-src 'none'; img-src 'self' data:; style-src 'self'; form-action 'self'; "
-       "frame-ancestors 'none'; base-uri 'none'")
+CSP = (
+    "default-src 'none'; img-src 'self' data:; style-src 'self'; form-action 'self'; "
+    "frame-ancestors 'none'; base-uri 'none'"
+)
 _NUM = r"(\d{1,15})"
 _ROUTES = [
     (re.compile(r"^/$"), "home"),
@@ -64,8 +67,7 @@ def load_renderer(spec: str, arg: Optional[str] = None) -> Any:
     """
     module, sep, attr = spec.partition(":")
     if not sep or not module or not attr:
-        raise ValueError(f"--renderer {spec!r}: expected MODULE:CALLABLE "
-                         "(e.g. lumina.render:load_renderer)")
+        raise ValueError(f"--renderer {spec!r}: expected MODULE:CALLABLE (e.g. lumina.render:load_renderer)")
     try:
         obj: Any = importlib.import_module(module)
     except ImportError as e:
@@ -76,8 +78,10 @@ def load_renderer(spec: str, arg: Optional[str] = None) -> Any:
         raise ValueError(f"--renderer {spec}: {module} has no callable {attr}")
     renderer = obj(arg) if arg is not None else obj()
     if not callable(getattr(renderer, "render", None)):
-        raise ValueError(f"--renderer {spec}: it returned {type(renderer).__name__}, which has "
-                         "no render(input_ids, block) method")
+        raise ValueError(
+            f"--renderer {spec}: it returned {type(renderer).__name__}, which has "
+            "no render(input_ids, block) method"
+        )
     return renderer
 
 
@@ -90,25 +94,37 @@ class App:
     the mixture dry run of a data config (as ``wds-tools mix --samples --batch-size``).
     """
 
-    def __init__(self, source: Source, *, tokenizer: Optional[str] = None,
-                 renderer: Any = None, page_size: int = 50, mix_samples: int = 4000,
-                 batch_size: int = 8, image_cache: int = 64,
-                 dry_run: Optional[Callable[..., Dict[str, Any]]] = None):
+    def __init__(
+        self,
+        source: Source,
+        *,
+        tokenizer: Optional[str] = None,
+        renderer: Any = None,
+        page_size: int = 50,
+        mix_samples: int = 4000,
+        batch_size: int = 8,
+        image_cache: int = 64,
+        dry_run: Optional[Callable[..., Dict[str, Any]]] = None,
+    ):
         if page_size < 1 or mix_samples < 1 or batch_size < 1:
             raise ValueError("page_size, mix_samples and batch_size must be >= 1")
         self.source, self.renderer = source, renderer
         self.page_size, self.mix_samples, self.batch_size = page_size, mix_samples, batch_size
-        self.allowed_hosts: Optional[set] = None   # set by the server once the port is known
+        self.allowed_hosts: Optional[set] = None  # set by the server once the port is known
         self._tokenizer_path = tokenizer
         self._text: Optional[pages.TokenText] = None
-        self._tok_lock, self._render_lock, self._mix_lock = (threading.Lock(), threading.Lock(),
-                                                             threading.Lock())
+        self._tok_lock, self._render_lock, self._mix_lock = (
+            threading.Lock(),
+            threading.Lock(),
+            threading.Lock(),
+        )
         self._images: "collections.OrderedDict[tuple, bytes]" = collections.OrderedDict()
         self._image_cache = image_cache
         self._mix: Optional[Tuple[Optional[MixReport], Optional[str]]] = None
         self._dry_run = dry_run
         if tokenizer is not None:
             import os
+
             f = os.path.join(tokenizer, "tokenizer.json") if os.path.isdir(tokenizer) else tokenizer
             if not os.path.exists(f):
                 raise ValueError(f"--tokenizer {tokenizer}: no tokenizer.json there")
@@ -120,10 +136,12 @@ class App:
         try:
             if method not in ("GET", "HEAD"):
                 raise ViewError(405, f"method {method} not allowed")
-            if self.allowed_hosts is not None and host is not None and \
-                    host.lower() not in self.allowed_hosts:
-                raise ViewError(403, "unexpected Host header (this server answers only "
-                                     "requests addressed to its own loopback address)")
+            if self.allowed_hosts is not None and host is not None and host.lower() not in self.allowed_hosts:
+                raise ViewError(
+                    403,
+                    "unexpected Host header (this server answers only "
+                    "requests addressed to its own loopback address)",
+                )
             return self._route(target)
         except ViewError as e:
             return self._error(e.status, str(e))
@@ -135,8 +153,9 @@ class App:
             return self._error(500, f"internal error: {type(e).__name__}: {wio.scrub(str(e))}")
 
     def _error(self, status: int, message: str) -> Response:
-        return Response(status, "text/html; charset=utf-8",
-                        pages.error_page(status, message, self.source).encode())
+        return Response(
+            status, "text/html; charset=utf-8", pages.error_page(status, message, self.source).encode()
+        )
 
     def _route(self, target: str) -> Response:
         if not target.startswith("/") or target.startswith("//"):
@@ -144,8 +163,9 @@ class App:
         parts = urlsplit(target)
         path = parts.path
         if "%" in path or "\\" in path or "/." in path or "//" in path:
-            raise ViewError(400, "bad path (encoded characters, dot segments or empty segments "
-                                 "are not served)")
+            raise ViewError(
+                400, "bad path (encoded characters, dot segments or empty segments are not served)"
+            )
         for rx, name in _ROUTES:
             m = rx.match(path)
             if m:
@@ -172,8 +192,7 @@ class App:
     # --- pages --------------------------------------------------------------------------------
 
     def _css(self, query: Dict[str, list]) -> Response:
-        return Response(200, "text/css; charset=utf-8", pages.CSS.encode(),
-                        {"Cache-Control": "max-age=3600"})
+        return Response(200, "text/css; charset=utf-8", pages.CSS.encode(), {"Cache-Control": "max-age=3600"})
 
     def _home(self, query: Dict[str, list]) -> Response:
         if self.source.config is None:
@@ -187,8 +206,12 @@ class App:
         with self._mix_lock:
             if self._mix is None:
                 try:
-                    self._mix = (mix_report(self.source.path, self.mix_samples, self.batch_size,
-                                            dry_run=self._dry_run), None)
+                    self._mix = (
+                        mix_report(
+                            self.source.path, self.mix_samples, self.batch_size, dry_run=self._dry_run
+                        ),
+                        None,
+                    )
                 except (ValueError, OSError) as e:
                     self._mix = (None, wio.scrub(str(e)))
             return self._mix
@@ -213,8 +236,7 @@ class App:
     def _sample(self, k: str, g: str, query: Dict[str, list]) -> Response:
         i = self._dataset(k)
         s = self.source.datasets[i].sample(int(g))
-        return self._html(pages.sample_page(self.source, i, s, self._token_text(),
-                                            self.renderer is not None))
+        return self._html(pages.sample_page(self.source, i, s, self._token_text(), self.renderer is not None))
 
     def _key(self, k: str, key: str, query: Dict[str, list]) -> Response:
         i = self._dataset(k)
@@ -225,8 +247,9 @@ class App:
 
     def _raw(self, k: str, g: str, query: Dict[str, list]) -> Response:
         name, data = self.source.datasets[self._dataset(k)].raw(int(g))
-        return Response(200, "application/x-tar", data,
-                        {"Content-Disposition": f'attachment; filename="{name}"'})
+        return Response(
+            200, "application/x-tar", data, {"Content-Disposition": f'attachment; filename="{name}"'}
+        )
 
     def _image(self, k: str, g: str, j: str, query: Dict[str, list]) -> Response:
         i, n, b = self._dataset(k), int(g), int(j)
@@ -256,19 +279,23 @@ class App:
         with self._tok_lock:
             if self._text is None:
                 from ..inspect_cli import _load_tokenizer
+
                 self._text = pages.TokenText(_load_tokenizer(self._tokenizer_path))
             return self._text
 
 
 def _error_svg(message: str) -> bytes:
     msg = pages.e(wio.scrub(message)[:160])
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="360" height="60">'
-            f'<rect width="360" height="60" fill="#fff4e5" stroke="#fed7aa"/>'
-            f'<text x="8" y="24" font-size="12" fill="#9a3412">render failed</text>'
-            f'<text x="8" y="44" font-size="10" fill="#9a3412">{msg}</text></svg>').encode()
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="360" height="60">'
+        f'<rect width="360" height="60" fill="#fff4e5" stroke="#fed7aa"/>'
+        f'<text x="8" y="24" font-size="12" fill="#9a3412">render failed</text>'
+        f'<text x="8" y="44" font-size="10" fill="#9a3412">{msg}</text></svg>'
+    ).encode()
 
 
 # --- HTTP ---------------------------------------------------------------------------------------
+
 
 class _Handler(BaseHTTPRequestHandler):
     server_version = "wds-tools-view"
@@ -299,8 +326,7 @@ class _Handler(BaseHTTPRequestHandler):
         if not head:
             self.wfile.write(r.body)
 
-    def send_error(self, code: int, message: Optional[str] = None,
-                   explain: Optional[str] = None) -> None:
+    def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
         # malformed requests (bad request line, unsupported method): a plain answer, no echo
         self.send_response(code)
         self.send_header("Content-Type", "text/plain; charset=utf-8")
@@ -320,6 +346,7 @@ class ViewServer(ThreadingHTTPServer):
         family_v6 = ":" in address[0]
         if family_v6:
             import socket
+
             self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
         self.app = app
@@ -351,8 +378,8 @@ def make_server(app: App, host: str = "127.0.0.1", port: int = 0) -> ViewServer:
 class Viewer:
     """A viewer running in a background thread (tests, notebooks)::
 
-        with Viewer(App(open_source("data/index.json"))) as v:
-            print(v.url)
+    with Viewer(App(open_source("data/index.json"))) as v:
+        print(v.url)
     """
 
     def __init__(self, app: App, host: str = "127.0.0.1", port: int = 0):
@@ -365,8 +392,7 @@ class Viewer:
         return self.server.url
 
     def start(self) -> "Viewer":
-        self._thread = threading.Thread(target=self.server.serve_forever, name="wds-view",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self.server.serve_forever, name="wds-view", daemon=True)
         self._thread.start()
         return self
 
