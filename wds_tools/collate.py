@@ -118,7 +118,10 @@ def compact_layout(ids: Sequence[np.ndarray], shape: Tuple[int, int, int],
     dt = np.result_type(*[x.dtype for x in ids]) if ids else np.dtype(np.uint8)
     if dt.kind not in "ui":
         dt = np.dtype(np.int64)
-    out = [("ids", (b, t), dt), ("ignore", (b, t), np.dtype(np.uint8))]
+    out: List[Tuple[str, Tuple[int, ...], np.dtype]] = [
+        ("ids", (b, t), dt),
+        ("ignore", (b, t), np.dtype(np.uint8)),
+    ]
     if pack:
         small = np.dtype(np.uint16 if t <= np.iinfo(np.uint16).max else np.int32)
         return out + [("pos", (b, t), small), ("seg", (b, t), small)]

@@ -187,7 +187,9 @@ def merge(
     docs = [d for _, d in loaded if d is not None]
     if not docs and not problems:
         raise MergeError([f"{root}: no shard indexes (*.idx.json) found"])
-    shards, seen_keys, ident = [], {}, None
+    shards: List[Dict[str, Any]] = []
+    seen_keys: Dict[str, str] = {}
+    ident = None
     named = set()
     it = tqdm(zip(indexes, docs), total=len(docs), desc="merge", disable=not progress, unit="shard")
     for ipath, idx in it:
@@ -268,7 +270,7 @@ def _check_ranks(tree, docs, marker_paths, problems) -> List[Dict[str, Any]]:
         m = _load(tree, p, problems, "rank_done")
         if m is not None:
             markers[(m["prefix"], m["rank"])] = m
-    expected = {}
+    expected: Dict[Any, Any] = {}
     for idx in docs:
         prefix = idx["shard"].rsplit("-r", 1)[0]
         expected.setdefault(prefix, {"world_size": idx.get("world_size", 1), "ranks": set()})

@@ -21,7 +21,7 @@ import hashlib
 import json
 import os
 import re
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, BinaryIO, Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -116,7 +116,7 @@ class ShardWriter:
         self._last_key: Optional[tuple] = None
         self._keys: set = set()
         self._next_shard = 0
-        self._f = None
+        self._f: Optional[BinaryIO] = None
         self._closed = False
         os.makedirs(out_dir, exist_ok=True)
         self._prepare(resume)
@@ -255,7 +255,9 @@ class ShardWriter:
         self._cols["length"].append(len(data))
         self._cols["num_tokens"].append(int(ids.size))
         self._cols["num_supervised"].append(num_in_spans(spans))
-        self._f.write(data)
+        f = self._f
+        assert f is not None  # opened above
+        f.write(data)
         self._sha.update(data)
         self._bytes += len(data)
         self._n += 1
@@ -294,12 +296,14 @@ class ShardWriter:
         }
 
     def _finish_shard(self) -> None:
-        self._f.write(END_OF_ARCHIVE)
+        f = self._f
+        assert f is not None  # only called with a shard open
+        f.write(END_OF_ARCHIVE)
         self._sha.update(END_OF_ARCHIVE)
         self._bytes += len(END_OF_ARCHIVE)
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
         self._f = None
         os.replace(self._path + ".tmp", self._path)
         index = {
