@@ -19,6 +19,7 @@ write, so this measures CPU, not disk). Prints a table and, with ``--docs``, rep
     python benchmarks/bench_reader.py --samples 500 --repeat 1 --no-docs   # smoke
     python benchmarks/bench_reader.py --profile 20 --no-docs   # + where iter_samples spends
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,21 +40,27 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = os.path.join(ROOT, "docs", "benchmarks.md")
 
 
-def make_dataset(out_dir: str, num_samples: int, tokens: int, samples_per_shard: int = 1000,
-                 seed: int = 0, key_prefix: str = "s") -> str:
+def make_dataset(
+    out_dir: str,
+    num_samples: int,
+    tokens: int,
+    samples_per_shard: int = 1000,
+    seed: int = 0,
+    key_prefix: str = "s",
+) -> str:
     """A dataset of ``num_samples`` samples of ``tokens`` +- 10% tokens; returns its manifest."""
     from wds_tools.merge import merge
     from wds_tools.writer import ShardWriter
 
     rng = np.random.default_rng(seed)
-    with ShardWriter(out_dir, vocab_size=65536, max_samples=samples_per_shard,
-                     tokenizer="bench") as w:
+    with ShardWriter(out_dir, vocab_size=65536, max_samples=samples_per_shard, tokenizer="bench") as w:
         for i in range(num_samples):
             n = int(rng.integers(int(tokens * 0.9), int(tokens * 1.1) + 1))
             mask = np.zeros(n, bool)
-            mask[n // 4:] = True
-            w.write(f"{key_prefix}{i:09d}", rng.integers(0, 65536, n), mask=mask,
-                    meta={"source": "bench", "i": i})
+            mask[n // 4 :] = True
+            w.write(
+                f"{key_prefix}{i:09d}", rng.integers(0, 65536, n), mask=mask, meta={"source": "bench", "i": i}
+            )
     merge(out_dir, verify_checksums=False)
     return os.path.join(out_dir, "index.json")
 
@@ -79,14 +86,17 @@ def measure(fn: Callable[[], Iterable], repeat: int) -> Dict[str, float]:
 
 def wds_tools_pass(manifest: str):
     from wds_tools.reader import iter_samples
+
     return lambda: (s["input_ids"] for s in iter_samples(manifest))
 
 
 def webdataset_pass(folder: str):
     import webdataset as wds
+
     shards = sorted(glob.glob(os.path.join(folder, "*.tar")))
-    return lambda: (s["input_ids.npy"] for s in
-                    wds.WebDataset(shards, shardshuffle=False, empty_check=False).decode())
+    return lambda: (
+        s["input_ids.npy"] for s in wds.WebDataset(shards, shardshuffle=False, empty_check=False).decode()
+    )
 
 
 def lean_pass(manifest: str, block: int = 256):
@@ -106,11 +116,13 @@ def lean_pass(manifest: str, block: int = 256):
                 with wio.open_range(sh.url, base, end) as f:
                     buf = f.read(end - base)
                 yield from sh.decode_block(buf, base, a, b)[0]
+
     return run
 
 
 def mmap_pass(manifest: str):
     from wds_tools.reader import open_shards
+
     plan = []
     for sh in open_shards(manifest):
         with open(sh.url, "rb") as f:  # the npy header length of each sample, read once
@@ -124,6 +136,7 @@ def mmap_pass(manifest: str):
                 m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             for off, nt in zip(offs, ntoks):
                 yield np.frombuffer(m, dtype=dtype, count=nt, offset=off)
+
     return run
 
 
@@ -151,19 +164,22 @@ def profile_pass(manifest: str, top: int) -> str:
 
 def format_table(rows: List[Dict], nbytes: int, base: str) -> str:
     ref = next(r for r in rows if r["name"] == base)
-    lines = ["| reader | samples/s | Mtokens/s | MB/s | vs plain webdataset |",
-             "|---|---:|---:|---:|---:|"]
+    lines = ["| reader | samples/s | Mtokens/s | MB/s | vs plain webdataset |", "|---|---:|---:|---:|---:|"]
     for r in rows:
         sps = r["samples"] / r["seconds"]
-        lines.append(f"| {r['name']} | {sps:,.0f} | {r['tokens'] / r['seconds'] / 1e6:,.1f} | "
-                     f"{nbytes / r['seconds'] / 1e6:,.0f} | "
-                     f"{sps / (ref['samples'] / ref['seconds']):.1f}x |")
+        lines.append(
+            f"| {r['name']} | {sps:,.0f} | {r['tokens'] / r['seconds'] / 1e6:,.1f} | "
+            f"{nbytes / r['seconds'] / 1e6:,.0f} | "
+            f"{sps / (ref['samples'] / ref['seconds']):.1f}x |"
+        )
     return "\n".join(lines)
 
 
 def machine() -> str:
-    return (f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-            f"numpy {np.__version__}")
+    return (
+        f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"numpy {np.__version__}"
+    )
 
 
 def write_docs(section: str, body: str, path: str = DOCS) -> None:
@@ -172,8 +188,7 @@ def write_docs(section: str, body: str, path: str = DOCS) -> None:
     text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
     block = f"{begin}\n{body}\n{end}"
     if begin in text and end in text:
-        text = re.sub(re.escape(begin) + r".*?" + re.escape(end), lambda _: block, text,
-                      flags=re.S)
+        text = re.sub(re.escape(begin) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -182,16 +197,22 @@ def write_docs(section: str, body: str, path: str = DOCS) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--samples", type=int, default=20_000, help="samples to write and read")
     p.add_argument("--tokens", type=int, default=2_400, help="mean tokens per sample")
     p.add_argument("--repeat", type=int, default=5, help="passes per reader; the best counts")
     p.add_argument("--dir", default=None, help="dataset folder (default: a temp folder, removed)")
     p.add_argument("--docs", default=DOCS, help="markdown file to update")
     p.add_argument("--no-docs", action="store_true", help="print only")
-    p.add_argument("--profile", type=int, default=0, metavar="N",
-                   help="also print the N functions iter_samples spends most time in (cProfile)")
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also print the N functions iter_samples spends most time in (cProfile)",
+    )
     args = p.parse_args(argv)
 
     tmp = None
@@ -201,16 +222,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         manifest = os.path.join(folder, "index.json")
         if not os.path.exists(manifest):
-            print(f"writing {args.samples:,} samples of ~{args.tokens:,} tokens to {folder}",
-                  file=sys.stderr)
+            print(f"writing {args.samples:,} samples of ~{args.tokens:,} tokens to {folder}", file=sys.stderr)
             make_dataset(folder, args.samples, args.tokens)
         nbytes = dataset_bytes(folder)
         rows = []
-        for name, fn in (("plain webdataset `WebDataset(...).decode()`", webdataset_pass(folder)),
-                         ("wds_tools `iter_samples` (ids + labels + meta)", wds_tools_pass(manifest)),
-                         ("wds_tools loader hot path: block reads + block decode (ids + spans)",
-                          lean_pass(manifest)),
-                         ("mmap + `np.frombuffer` at indexed offsets (limit)", mmap_pass(manifest))):
+        for name, fn in (
+            ("plain webdataset `WebDataset(...).decode()`", webdataset_pass(folder)),
+            ("wds_tools `iter_samples` (ids + labels + meta)", wds_tools_pass(manifest)),
+            ("wds_tools loader hot path: block reads + block decode (ids + spans)", lean_pass(manifest)),
+            ("mmap + `np.frombuffer` at indexed offsets (limit)", mmap_pass(manifest)),
+        ):
             r = measure(fn, args.repeat)
             r["name"] = name
             rows.append(r)
@@ -219,11 +240,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.profile:
             print(profile_pass(manifest, args.profile), file=sys.stderr)
         n = rows[0]["samples"]
-        body = (f"`python benchmarks/bench_reader.py --samples {args.samples} --tokens "
-                f"{args.tokens} --repeat {args.repeat}`: {n:,} samples, "
-                f"{rows[0]['tokens'] / n:,.0f} tokens each on average, {nbytes / 1e6:,.0f} MB of "
-                f"shards in the page cache; single process, best of {args.repeat} passes; "
-                f"{machine()}; {time.strftime('%Y-%m-%d')}.\n\n{table}")
+        body = (
+            f"`python benchmarks/bench_reader.py --samples {args.samples} --tokens "
+            f"{args.tokens} --repeat {args.repeat}`: {n:,} samples, "
+            f"{rows[0]['tokens'] / n:,.0f} tokens each on average, {nbytes / 1e6:,.0f} MB of "
+            f"shards in the page cache; single process, best of {args.repeat} passes; "
+            f"{machine()}; {time.strftime('%Y-%m-%d')}.\n\n{table}"
+        )
         print(table)
         if not args.no_docs:
             write_docs("bench_reader", body, args.docs)

@@ -1,6 +1,7 @@
 """Token-budget micro-batches (``build_loader(..., max_tokens=N)``): every batch's padded
 ``rows x longest row`` within the budget, greedy, exact resume, equal and lossless splits over
 ranks and workers, shares that follow the weights, and the refusals that keep ranks in step."""
+
 from __future__ import annotations
 
 import json
@@ -24,11 +25,11 @@ BUDGET, CAP, ROWS = 256, 128, 64
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("token_budget"))
-    m = {"short": make_dataset(root, "short", 0, 600, shard_sizes=[250, 13, 337], min_len=4,
-                               max_len=24),
-         "long": make_dataset(root, "long", 1, 403, shard_sizes=[100, 3, 250, 50], min_len=40,
-                              max_len=200),
-         "mid": make_dataset(root, "mid", 2, 150, samples_per_shard=40, min_len=20, max_len=60)}
+    m = {
+        "short": make_dataset(root, "short", 0, 600, shard_sizes=[250, 13, 337], min_len=4, max_len=24),
+        "long": make_dataset(root, "long", 1, 403, shard_sizes=[100, 3, 250, 50], min_len=40, max_len=200),
+        "mid": make_dataset(root, "mid", 2, 150, samples_per_shard=40, min_len=20, max_len=60),
+    }
     truth = {}
     for man in m.values():
         for s in iter_samples(man):
@@ -58,8 +59,16 @@ def test_every_batch_is_within_the_budget_greedy_and_holds_its_samples(data, tmp
     truth = data[2]
     # two groups (never in one batch): short samples make wide batches, long ones narrow
     cfg = config(data, tmp_path, groups=("chat", "t2i"))
-    loader = build_loader(cfg, rank=0, world_size=1, batch_size=ROWS, num_workers=0,
-                          max_seq_len=CAP, max_tokens=BUDGET, output="numpy")
+    loader = build_loader(
+        cfg,
+        rank=0,
+        world_size=1,
+        batch_size=ROWS,
+        num_workers=0,
+        max_seq_len=CAP,
+        max_tokens=BUDGET,
+        output="numpy",
+    )
     batches = take(loader, 80)
     widths = {"short": set(), "long": set()}
     for i, b in enumerate(batches):
@@ -76,7 +85,7 @@ def test_every_batch_is_within_the_budget_greedy_and_holds_its_samples(data, tmp
             assert np.array_equal(b["input_ids"][r, :n], ids[:n])
             assert np.array_equal(b["labels"][r, :n], labels[:n])
             assert not b["attention_mask"][r, n:].any() and (b["labels"][r, n:] == -100).all()
-        later = [c for c in batches[i + 1:] if c["dataset"][0] == b["dataset"][0]]
+        later = [c for c in batches[i + 1 :] if c["dataset"][0] == b["dataset"][0]]
         if later:  # greedy: the group's next sample (its next batch's first) did not fit here
             first = min(len(truth[later[0]["__key__"][0]][0]), CAP)
             assert rows == ROWS or (rows + 1) * max(t, first) > BUDGET
@@ -86,16 +95,23 @@ def test_every_batch_is_within_the_budget_greedy_and_holds_its_samples(data, tmp
 
 def test_a_sample_longer_than_the_budget_is_truncated_to_it(data, tmp_path):
     truth = data[2]
-    loader = build_loader(config(data, tmp_path, names=("long",), weights=(1,)), rank=0,
-                          world_size=1, batch_size=8, num_workers=0, max_seq_len=4096,
-                          max_tokens=50, output="numpy")
+    loader = build_loader(
+        config(data, tmp_path, names=("long",), weights=(1,)),
+        rank=0,
+        world_size=1,
+        batch_size=8,
+        num_workers=0,
+        max_seq_len=4096,
+        max_tokens=50,
+        output="numpy",
+    )
     cut = 0
     for b in take(loader, 40):
         assert b["input_ids"].shape[0] * b["input_ids"].shape[1] <= 50
         for r, key in enumerate(b["__key__"]):
             ids = truth[key][0]
             assert int(b["lengths"][r]) == min(len(ids), 50)
-            assert np.array_equal(b["input_ids"][r, :min(len(ids), 50)], ids[:50])
+            assert np.array_equal(b["input_ids"][r, : min(len(ids), 50)], ids[:50])
             cut += len(ids) > 50
     assert cut > 0 and loader.stats()["truncated_tokens"] > 0
 
@@ -106,16 +122,22 @@ def _same(a, b):
         assert np.array_equal(np.asarray(a[f]), np.asarray(b[f]))
 
 
-@pytest.mark.parametrize("num_workers, weight_by, stop", [
-    (0, "samples", 7), (0, "tokens", 11),
-    pytest.param(2, "samples", 5, marks=pytest.mark.slow)])   # DataLoader workers
-def test_resume_yields_exactly_the_uninterrupted_batches(data, tmp_path, num_workers, weight_by,
-                                                         stop):
-    cfg = config(data, tmp_path, names=("short", "long", "mid"), weights=(0.5, 0.3, 0.2),
-                 weight_by=weight_by)
-    kw = dict(rank=1, world_size=2, batch_size=ROWS, num_workers=num_workers, max_seq_len=CAP,
-              max_tokens=BUDGET, transfer_batches=3,
-              output="torch" if num_workers else "numpy")
+@pytest.mark.parametrize(
+    "num_workers, weight_by, stop",
+    [(0, "samples", 7), (0, "tokens", 11), pytest.param(2, "samples", 5, marks=pytest.mark.slow)],
+)  # DataLoader workers
+def test_resume_yields_exactly_the_uninterrupted_batches(data, tmp_path, num_workers, weight_by, stop):
+    cfg = config(data, tmp_path, names=("short", "long", "mid"), weights=(0.5, 0.3, 0.2), weight_by=weight_by)
+    kw = dict(
+        rank=1,
+        world_size=2,
+        batch_size=ROWS,
+        num_workers=num_workers,
+        max_seq_len=CAP,
+        max_tokens=BUDGET,
+        transfer_batches=3,
+        output="torch" if num_workers else "numpy",
+    )
     full = take(build_loader(cfg, **kw), 20)
     first = build_loader(cfg, **kw)
     it = iter(first)
@@ -146,16 +168,16 @@ def test_two_ranks_two_workers_read_each_epoch_once(data, tmp_path):
     cfg = config(data, tmp_path, names=("long",), weights=(1,))
     kw = dict(world_size=2, num_workers=2, batch_size=ROWS, max_seq_len=CAP, max_tokens=BUDGET)
     n, consumers = 403, 4
-    per = n // consumers                          # samples of one consumer per epoch
+    per = n // consumers  # samples of one consumer per epoch
     epoch0 = []
     for rank in range(2):
         for slot in range(2):
             plans = _consumer_batches(cfg, rank, slot, 60, **kw)
             assert all(len(p["keys"]) * p["shape"][2] <= BUDGET for p in plans)
             keys = [k for p in plans for k in p["keys"]]
-            assert len(keys) > per                # the consumer went on into epoch 1
+            assert len(keys) > per  # the consumer went on into epoch 1
             epoch0 += keys[:per]
-    assert len(epoch0) == len(set(epoch0)) == n - n % consumers   # nothing repeated or lost
+    assert len(epoch0) == len(set(epoch0)) == n - n % consumers  # nothing repeated or lost
     assert set(epoch0) <= {k for k in truth if k.startswith("long-")}
 
 
@@ -198,10 +220,17 @@ def test_state_of_another_budget_is_refused(data, tmp_path):
 @pytest.mark.parametrize("weight_by", ["samples", "tokens"])
 def test_realized_shares_follow_the_weights(data, tmp_path, weight_by):
     weights = (0.6, 0.3, 0.1)
-    cfg = config(data, tmp_path, names=("short", "long", "mid"), weights=weights,
-                 weight_by=weight_by)
-    loader = build_loader(cfg, rank=0, world_size=1, batch_size=ROWS, num_workers=0,
-                          max_seq_len=CAP, max_tokens=BUDGET, output="numpy")
+    cfg = config(data, tmp_path, names=("short", "long", "mid"), weights=weights, weight_by=weight_by)
+    loader = build_loader(
+        cfg,
+        rank=0,
+        world_size=1,
+        batch_size=ROWS,
+        num_workers=0,
+        max_seq_len=CAP,
+        max_tokens=BUDGET,
+        output="numpy",
+    )
     samples, tokens = Counter(), Counter()
     for b in take(loader, 250):
         for d, n in zip(b["dataset"], b["lengths"].tolist()):
@@ -218,8 +247,24 @@ def test_realized_shares_follow_the_weights(data, tmp_path, weight_by):
 def test_stream_cli_replays_budget_batches(data, tmp_path):
     config(data, tmp_path)
     out = str(tmp_path / "replay.jsonl")
-    assert stream_main([str(tmp_path / "budget.yaml"), "--max-tokens", str(BUDGET), "--batch-size", str(ROWS),
-                        "--max-seq-len", str(CAP), "--batches", "6", "--output", out]) == 0
+    assert (
+        stream_main(
+            [
+                str(tmp_path / "budget.yaml"),
+                "--max-tokens",
+                str(BUDGET),
+                "--batch-size",
+                str(ROWS),
+                "--max-seq-len",
+                str(CAP),
+                "--batches",
+                "6",
+                "--output",
+                out,
+            ]
+        )
+        == 0
+    )
     lines = [json.loads(x) for x in open(out)]
     assert len(lines) == 6
     for rec in lines:
@@ -233,8 +278,7 @@ def test_token_stream_yields_the_loaders_budget_batches(data, tmp_path):
     from wds_tools.torch_loader import TokenStream
 
     cfg = config(data, tmp_path)
-    kw = dict(rank=0, world_size=1, batch_size=ROWS, num_workers=0, max_seq_len=CAP,
-              max_tokens=BUDGET)
+    kw = dict(rank=0, world_size=1, batch_size=ROWS, num_workers=0, max_seq_len=CAP, max_tokens=BUDGET)
     ds = TokenStream(cfg, **kw)
     want = take(build_loader(cfg, output="numpy", transfer_batches=1, **kw), 8)
     got = [b for _, b in zip(range(8), ds)]

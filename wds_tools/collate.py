@@ -14,6 +14,7 @@ small unsigned dtype, a one-byte "not a target" mask and the row lengths (or, pa
 position ids in 16 or 32 bits): 3 bytes per token instead of 24 for uint16 ids, padded. The
 receiving process expands them (``expand``) into exactly what ``pad_batch``/``pack_batch`` return.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -22,8 +23,17 @@ import numpy as np
 
 from .format import IGNORE_INDEX
 
-__all__ = ["pad_batch", "pack_batch", "PAD_FIELDS", "PACK_FIELDS", "rows_for_packing",
-           "pad_compact", "pack_compact", "compact_layout", "expand"]
+__all__ = [
+    "pad_batch",
+    "pack_batch",
+    "PAD_FIELDS",
+    "PACK_FIELDS",
+    "rows_for_packing",
+    "pad_compact",
+    "pack_compact",
+    "compact_layout",
+    "expand",
+]
 
 PAD_FIELDS = ("input_ids", "labels", "attention_mask")
 PACK_FIELDS = ("input_ids", "labels", "attention_mask", "position_ids", "segment_ids")
@@ -36,8 +46,13 @@ def _alloc(shape: Tuple[int, ...], alloc: Optional[Alloc]) -> np.ndarray:
     return alloc(shape) if alloc is not None else np.empty(shape, dtype=np.int64)
 
 
-def pad_batch(ids: Sequence[np.ndarray], spans: Sequence[Spans], max_seq_len: int, pad_id: int = 0,
-              alloc: Optional[Alloc] = None) -> Tuple[np.ndarray, Dict[str, int]]:
+def pad_batch(
+    ids: Sequence[np.ndarray],
+    spans: Sequence[Spans],
+    max_seq_len: int,
+    pad_id: int = 0,
+    alloc: Optional[Alloc] = None,
+) -> Tuple[np.ndarray, Dict[str, int]]:
     """``[3, B, T]`` int64 (input_ids, labels, attention_mask) and counts
     ``{"tokens", "padding", "truncated"}`` (real tokens, pad positions, tokens cut off)."""
     lens = [min(len(x), max_seq_len) for x in ids]
@@ -91,17 +106,24 @@ def rows_for_packing(lengths: Sequence[int], max_seq_len: int, num_rows: int) ->
     return rows
 
 
-def pack_batch(ids: Sequence[np.ndarray], spans: Sequence[Spans], rows: Sequence[Sequence[int]],
-               max_seq_len: int, pad_id: int = 0,
-               alloc: Optional[Alloc] = None) -> Tuple[np.ndarray, Dict[str, int]]:
+def pack_batch(
+    ids: Sequence[np.ndarray],
+    spans: Sequence[Spans],
+    rows: Sequence[Sequence[int]],
+    max_seq_len: int,
+    pad_id: int = 0,
+    alloc: Optional[Alloc] = None,
+) -> Tuple[np.ndarray, Dict[str, int]]:
     """``[5, B, T]`` int64 (input_ids, labels, attention_mask, position_ids, segment_ids) with the
     samples ``rows[r]`` (indexes into ``ids``) laid end to end in row ``r``; ``T`` is the longest
     row. Counts as in ``pad_batch``. (The compact packed batch, expanded: one packing layout.)"""
     lens = [min(len(x), max_seq_len) for x in ids]
     used = [sum(lens[i] for i in r) for r in rows]
     b, t = len(rows), max(used)
-    arrays = {name: np.empty(shape, dt)
-              for name, shape, dt in compact_layout(ids, (len(PACK_FIELDS), b, t), pack=True)}
+    arrays = {
+        name: np.empty(shape, dt)
+        for name, shape, dt in compact_layout(ids, (len(PACK_FIELDS), b, t), pack=True)
+    }
     pack_compact(ids, spans, rows, max_seq_len, arrays)
     out = expand(arrays, pad_id, _alloc((len(PACK_FIELDS), b, t), alloc))
     real = sum(used)
@@ -111,8 +133,10 @@ def pack_batch(ids: Sequence[np.ndarray], spans: Sequence[Spans], rows: Sequence
 
 # --- compact batches: a few bytes per token across processes ----------------------------------
 
-def compact_layout(ids: Sequence[np.ndarray], shape: Tuple[int, int, int],
-                   pack: bool) -> List[Tuple[str, Tuple[int, ...], np.dtype]]:
+
+def compact_layout(
+    ids: Sequence[np.ndarray], shape: Tuple[int, int, int], pack: bool
+) -> List[Tuple[str, Tuple[int, ...], np.dtype]]:
     """``(name, shape, dtype)`` of the arrays of a compact batch of final shape ``[k, B, T]``."""
     _, b, t = shape
     dt = np.result_type(*[x.dtype for x in ids]) if ids else np.dtype(np.uint8)
@@ -128,8 +152,9 @@ def compact_layout(ids: Sequence[np.ndarray], shape: Tuple[int, int, int],
     return out + [("lens", (b,), np.dtype(np.int64))]
 
 
-def pad_compact(ids: Sequence[np.ndarray], spans: Sequence[Spans], max_seq_len: int,
-                arrays: Dict[str, np.ndarray]) -> None:
+def pad_compact(
+    ids: Sequence[np.ndarray], spans: Sequence[Spans], max_seq_len: int, arrays: Dict[str, np.ndarray]
+) -> None:
     """Fill the compact arrays (``compact_layout(..., pack=False)``) of a padded batch: ids (0 on
     padding), ``ignore`` (1 where the label is -100) and the row lengths."""
     x_all, ign, lens = arrays["ids"], arrays["ignore"], arrays["lens"]
@@ -146,11 +171,16 @@ def pad_compact(ids: Sequence[np.ndarray], spans: Sequence[Spans], max_seq_len: 
         for s, e in spans[i]:
             if s >= n:
                 break
-            row[s:e if e < n else n] = 0
+            row[s : e if e < n else n] = 0
 
 
-def pack_compact(ids: Sequence[np.ndarray], spans: Sequence[Spans], rows: Sequence[Sequence[int]],
-                 max_seq_len: int, arrays: Dict[str, np.ndarray]) -> None:
+def pack_compact(
+    ids: Sequence[np.ndarray],
+    spans: Sequence[Spans],
+    rows: Sequence[Sequence[int]],
+    max_seq_len: int,
+    arrays: Dict[str, np.ndarray],
+) -> None:
     """Fill the compact arrays (``compact_layout(..., pack=True)``) of a packed batch: ids,
     ``ignore`` (1 where the label is -100: unsupervised, first token of a sample, padding),
     position ids and segment ids (0 on padding)."""
@@ -165,10 +195,10 @@ def pack_compact(ids: Sequence[np.ndarray], spans: Sequence[Spans], rows: Sequen
         for k, i in enumerate(members):
             x = ids[i]
             n = len(x) if len(x) < max_seq_len else max_seq_len
-            x_all[r, off:off + n] = x[:n]
-            pos[r, off:off + n] = ar[:n]
-            seg[r, off:off + n] = k + 1
-            row = ign[r, off:off + n]
+            x_all[r, off : off + n] = x[:n]
+            pos[r, off : off + n] = ar[:n]
+            seg[r, off : off + n] = k + 1
+            row = ign[r, off : off + n]
             for s, e in spans[i]:
                 if s >= n:
                     break

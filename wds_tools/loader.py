@@ -12,6 +12,7 @@ only when used), and this front. ``output="numpy", num_workers=0`` runs without 
 ``DataLoader`` of your own (torchdata, Lightning, the HF Trainer) use
 ``wds_tools.torch_loader.TokenStream``. See ``docs/streaming.md`` for the semantics.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Union
@@ -29,20 +30,40 @@ from .stream import (
     load_plans,
 )
 
-__all__ = ["build_loader", "StreamingLoader", "Consumer", "DatasetReader", "load_plans",
-           "iter_mixed", "STATE_VERSION", "OUTPUTS"]
+__all__ = [
+    "build_loader",
+    "StreamingLoader",
+    "Consumer",
+    "DatasetReader",
+    "load_plans",
+    "iter_mixed",
+    "STATE_VERSION",
+    "OUTPUTS",
+]
 
 OUTPUTS = ("torch", "numpy")
 
 
-def build_loader(data_config: Union[DataConfig, str], *, rank: Optional[int] = None,
-                 world_size: Optional[int] = None, batch_size: int = 1, num_workers: int = 0,
-                 max_seq_len: int = 4096, pad_id: int = 0, seed: Optional[int] = None,
-                 pack: bool = False, prefetch_factor: int = 2, pin_memory: bool = False,
-                 transfer_batches: int = 4, shuffle: Optional[bool] = None,
-                 max_epochs: Optional[int] = None, output: str = "torch",
-                 io_options: wio.IOOptions = wio.DEFAULT,
-                 max_tokens: Optional[int] = None) -> StreamingLoader:
+def build_loader(
+    data_config: Union[DataConfig, str],
+    *,
+    rank: Optional[int] = None,
+    world_size: Optional[int] = None,
+    batch_size: int = 1,
+    num_workers: int = 0,
+    max_seq_len: int = 4096,
+    pad_id: int = 0,
+    seed: Optional[int] = None,
+    pack: bool = False,
+    prefetch_factor: int = 2,
+    pin_memory: bool = False,
+    transfer_batches: int = 4,
+    shuffle: Optional[bool] = None,
+    max_epochs: Optional[int] = None,
+    output: str = "torch",
+    io_options: wio.IOOptions = wio.DEFAULT,
+    max_tokens: Optional[int] = None,
+) -> StreamingLoader:
     """The loader of one data-parallel rank.
 
     Args:
@@ -84,13 +105,27 @@ def build_loader(data_config: Union[DataConfig, str], *, rank: Optional[int] = N
         try:
             from .torch_loader import TorchBackend
         except ImportError as e:
-            raise ValueError(f"output='torch' and DataLoader workers need torch ({e}): install "
-                             "torch, or use output='numpy' with num_workers=0") from None
+            raise ValueError(
+                f"output='torch' and DataLoader workers need torch ({e}): install "
+                "torch, or use output='numpy' with num_workers=0"
+            ) from None
         backend = TorchBackend(prefetch_factor, pin_memory, tensors=output == "torch")
     else:
         backend = NumpyBackend()
-    return build_stream(data_config, rank=rank, world_size=world_size, batch_size=batch_size,
-                        num_workers=num_workers, max_seq_len=max_seq_len, pad_id=pad_id,
-                        seed=seed, pack=pack, transfer_batches=transfer_batches, shuffle=shuffle,
-                        max_epochs=max_epochs, backend=backend, io_options=io_options,
-                        max_tokens=max_tokens)
+    return build_stream(
+        data_config,
+        rank=rank,
+        world_size=world_size,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        max_seq_len=max_seq_len,
+        pad_id=pad_id,
+        seed=seed,
+        pack=pack,
+        transfer_batches=transfer_batches,
+        shuffle=shuffle,
+        max_epochs=max_epochs,
+        backend=backend,
+        io_options=io_options,
+        max_tokens=max_tokens,
+    )

@@ -5,6 +5,7 @@ members generically: it reads a run of samples with one sequential (ranged) read
 each in place. Nothing is unpickled; members other than ``.input_ids.npy`` and ``.json`` are
 never decoded.
 """
+
 from __future__ import annotations
 
 import logging
@@ -35,8 +36,7 @@ from .format import (
     spans_to_labels,
 )
 
-__all__ = ["Shard", "ReadStats", "load_manifest", "open_shards", "iter_samples", "iter_tar",
-           "expand_urls"]
+__all__ = ["Shard", "ReadStats", "load_manifest", "open_shards", "iter_samples", "iter_tar", "expand_urls"]
 
 log = logging.getLogger(__name__)
 CHUNK_BYTES = 1 << 20
@@ -50,8 +50,9 @@ def expand_urls(spec: Union[str, Sequence[str]]) -> List[str]:
     return [u for s in specs for u in braceexpand.braceexpand(s)]
 
 
-def load_manifest(url: str, opts: wio.IOOptions = wio.DEFAULT, *,
-                  allow_outside_root: Optional[bool] = None) -> Dict[str, Any]:
+def load_manifest(
+    url: str, opts: wio.IOOptions = wio.DEFAULT, *, allow_outside_root: Optional[bool] = None
+) -> Dict[str, Any]:
     """The dataset manifest at ``url``, version-checked, shard URLs resolved to absolute.
 
     Every ``path``/``index`` entry must be relative and stay inside the manifest's folder: a
@@ -78,12 +79,12 @@ def load_manifest(url: str, opts: wio.IOOptions = wio.DEFAULT, *,
             if k in s and not is_count(s[k]):
                 raise FormatError(f"{at}.{k}: must be a non-negative integer, got {short_repr(s[k])}")
         s["url"] = _join_entry(url, s.get("path"), f"{at}.path", allow_outside_root, warned)
-        s["index_url"] = _join_entry(url, s.get("index"), f"{at}.index", allow_outside_root,
-                                     warned)
+        s["index_url"] = _join_entry(url, s.get("index"), f"{at}.index", allow_outside_root, warned)
     for k in ("num_samples", "num_tokens"):
         if k in doc and not is_count(doc[k]):
-            raise FormatError(f"{where}: manifest {k!r} must be a non-negative integer, "
-                              f"got {short_repr(doc[k])}")
+            raise FormatError(
+                f"{where}: manifest {k!r} must be a non-negative integer, got {short_repr(doc[k])}"
+            )
     return doc
 
 
@@ -94,32 +95,49 @@ def _read_doc(url: str, opts: wio.IOOptions) -> Any:
     except (FormatError, OSError):
         raise
     except ValueError as e:
-        raise FormatError(f"{wio.redact(url)}: not a JSON document: "
-                          f"{' '.join(wio.scrub(str(e)).split())}") from None
+        raise FormatError(
+            f"{wio.redact(url)}: not a JSON document: {' '.join(wio.scrub(str(e)).split())}"
+        ) from None
 
 
-def _join_entry(base: str, rel: Any, at: str, allow_outside_root: Optional[bool],
-                warned: Optional[list] = None) -> str:
+def _join_entry(
+    base: str, rel: Any, at: str, allow_outside_root: Optional[bool], warned: Optional[list] = None
+) -> str:
     """``rel`` (a manifest or index entry) resolved against ``base``; refuses an entry that
     leaves ``base``'s folder (see :func:`load_manifest` for ``allow_outside_root``)."""
     if not isinstance(rel, str) or not rel or "\0" in rel:
         raise FormatError(f"{at}: must be a non-empty relative path, got {short_repr(rel)}")
     if not allow_outside_root:
         import posixpath
+
         norm = posixpath.normpath(rel.replace("\\", "/"))
         absolute = rel.startswith("/") and "://" not in rel
-        if (allow_outside_root is None and absolute and not wio.is_remote(base)
-                and not base.startswith("pipe:")):
+        if (
+            allow_outside_root is None
+            and absolute
+            and not wio.is_remote(base)
+            and not base.startswith("pipe:")
+        ):
             if warned is not None and not warned:
                 warned.append(True)
-                log.warning("%s: absolute path in a local manifest accepted (pass "
-                            "allow_outside_root=False to refuse)", at)
-        elif ("://" in rel or rel.startswith(("pipe:", "/", "~")) or os.path.isabs(rel)
-                or re.match(r"^[A-Za-z]:", rel) or norm == ".." or norm.startswith("../")):
+                log.warning(
+                    "%s: absolute path in a local manifest accepted (pass "
+                    "allow_outside_root=False to refuse)",
+                    at,
+                )
+        elif (
+            "://" in rel
+            or rel.startswith(("pipe:", "/", "~"))
+            or os.path.isabs(rel)
+            or re.match(r"^[A-Za-z]:", rel)
+            or norm == ".."
+            or norm.startswith("../")
+        ):
             raise FormatError(
                 f"{at}: {short_repr(rel)} leaves the dataset folder (absolute path, URL, pipe: or "
                 "'..'); entries must be relative paths inside the folder of the file naming them "
-                "(pass allow_outside_root=True to accept it)")
+                "(pass allow_outside_root=True to accept it)"
+            )
     try:
         return wio.join_url(base, rel)
     except ValueError as e:
@@ -148,26 +166,35 @@ class Shard:
         # ids >= vocab_size can only be stored when the dtype holds more values than the
         # vocabulary (a uint16 shard of a 65,536 vocabulary needs no check)
         self.vocab_limit: Optional[int] = (
-            vocab if vocab is not None and vocab <= int(np.iinfo(self.dtype).max) else None)
-        if not (len(self.keys) == len(self.offsets) == len(self.lengths) == len(self.num_tokens)
-                == len(self.num_supervised) == self.index["num_samples"]):
+            vocab if vocab is not None and vocab <= int(np.iinfo(self.dtype).max) else None
+        )
+        if not (
+            len(self.keys)
+            == len(self.offsets)
+            == len(self.lengths)
+            == len(self.num_tokens)
+            == len(self.num_supervised)
+            == self.index["num_samples"]
+        ):
             raise FormatError(f"{self.where}: index columns disagree with num_samples")
 
     @classmethod
-    def open(cls, url: str, index_url: Optional[str] = None,
-             opts: wio.IOOptions = wio.DEFAULT) -> "Shard":
+    def open(cls, url: str, index_url: Optional[str] = None, opts: wio.IOOptions = wio.DEFAULT) -> "Shard":
         """Open ``url`` (a ``.tar``) with its index (default: ``X.idx.json`` beside it)."""
         index_url = index_url or wio.join_url(url, shard_index_name(os.path.basename(url)))
         try:
             index = wio.read_json(index_url, opts)
         except FileNotFoundError:
-            raise FormatError(f"{wio.redact(url)}: no shard index {os.path.basename(index_url)} "
-                              "beside it (incomplete write, or not a wds-tokens shard)") from None
+            raise FormatError(
+                f"{wio.redact(url)}: no shard index {os.path.basename(index_url)} "
+                "beside it (incomplete write, or not a wds-tokens shard)"
+            ) from None
         except FormatError:
             raise
         except ValueError as e:  # not JSON
-            raise FormatError(f"{wio.redact(index_url)}: unreadable shard index: "
-                              f"{wio.scrub(str(e))}") from None
+            raise FormatError(
+                f"{wio.redact(index_url)}: unreadable shard index: {wio.scrub(str(e))}"
+            ) from None
         check_version(index, wio.redact(index_url))
         return cls(url, index, opts)
 
@@ -178,8 +205,10 @@ class Shard:
         ``wds-tools verify``)."""
         digest, n = sha256_url(self.url, self.opts)
         if n != self.index.get("bytes"):
-            raise FormatError(f"{self.where}: {n} bytes, its index says {self.index.get('bytes')} "
-                              "(truncated or overwritten shard)")
+            raise FormatError(
+                f"{self.where}: {n} bytes, its index says {self.index.get('bytes')} "
+                "(truncated or overwritten shard)"
+            )
         if digest != self.index.get("sha256"):
             raise FormatError(f"{self.where}: sha256 mismatch with its index (corrupt shard)")
 
@@ -187,8 +216,15 @@ class Shard:
         return len(self.keys)
 
     def _decode(self, buf, base: int, i: int) -> Dict[str, Any]:
-        s = decode_sample(buf, self.offsets[i] - base, self.lengths[i], self.keys[i],
-                          self.num_tokens[i], self.dtype, self.where)
+        s = decode_sample(
+            buf,
+            self.offsets[i] - base,
+            self.lengths[i],
+            self.keys[i],
+            self.num_tokens[i],
+            self.dtype,
+            self.where,
+        )
         if self.vocab_limit is not None:
             errors: dict = {}
             self._check_vocab([s["input_ids"]], errors, i)
@@ -207,17 +243,28 @@ class Shard:
         index in the form ``format.decode_block`` takes, computed once per shard."""
         cols = self.__dict__.get("_columns")
         if cols is None:
-            cols = self._columns = (np.asarray(self.offsets, np.int64),
-                                    np.asarray(self.lengths, np.int64),
-                                    np.asarray(self.num_tokens, np.int64), key_table(self.keys))
+            cols = self._columns = (
+                np.asarray(self.offsets, np.int64),
+                np.asarray(self.lengths, np.int64),
+                np.asarray(self.num_tokens, np.int64),
+                key_table(self.keys),
+            )
         return cols
 
     def decode_block(self, buf, base: int, a: int, b: int) -> tuple:
         """``format.decode_block`` of samples ``a..b-1``, whose bytes start at ``buf[0]`` =
         byte ``base`` of the shard."""
         off, ln, nt, (table, klen) = self.columns()
-        out = decode_block(buf, off[a:b] - base, ln[a:b], self.keys[a:b], nt[a:b], self.dtype,
-                           self.where, (table[a:b], klen[a:b]))
+        out = decode_block(
+            buf,
+            off[a:b] - base,
+            ln[a:b],
+            self.keys[a:b],
+            nt[a:b],
+            self.dtype,
+            self.where,
+            (table[a:b], klen[a:b]),
+        )
         if self.vocab_limit is not None:
             self._check_vocab(out[0], out[3], a)
         return out
@@ -234,10 +281,16 @@ class Shard:
                 ids[k] = None
                 errors[k] = FormatError(
                     f"{self.where}: sample {self.keys[a + k]!r}: token id {int(x[p])} at position "
-                    f"{p} is outside the vocabulary (vocab_size {limit})")
+                    f"{p} is outside the vocabulary (vocab_size {limit})"
+                )
 
-    def iter(self, start: int = 0, stop: Optional[int] = None, stats: Optional["ReadStats"] = None,
-             _pool: Optional[List[np.ndarray]] = None) -> Iterator[Dict[str, Any]]:
+    def iter(
+        self,
+        start: int = 0,
+        stop: Optional[int] = None,
+        stats: Optional["ReadStats"] = None,
+        _pool: Optional[List[np.ndarray]] = None,
+    ) -> Iterator[Dict[str, Any]]:
         """Samples ``start..stop-1`` through one sequential (ranged) read of their bytes,
         decoded a piece at a time (``format.decode_block``). ``stats`` (optional) counts the
         samples and tokens yielded.
@@ -276,18 +329,27 @@ class Shard:
                     supervised += e - s
                 if prev < n:
                     labels[prev:] = ign
-                yield {"__key__": keys[i], "input_ids": x, "labels": labels, "meta": meta,
-                       "num_supervised": supervised, "__shard__": url, "__index__": i}
+                yield {
+                    "__key__": keys[i],
+                    "input_ids": x,
+                    "labels": labels,
+                    "meta": meta,
+                    "num_supervised": supervised,
+                    "__shard__": url,
+                    "__index__": i,
+                }
             if errors:
                 i = a + min(errors)
                 if offsets[i] - base + lengths[i] > len(buf):
                     raise FormatError(
                         f"{self.where}: truncated shard: ends inside sample {keys[i]!r} "
-                        f"(byte {base + len(buf)} of {self.index['bytes']})")
+                        f"(byte {base + len(buf)} of {self.index['bytes']})"
+                    )
                 raise errors[i - a]
 
-    def _runs(self, start: int, stop: Optional[int],
-              pool: Optional[List[np.ndarray]] = None) -> Iterator[tuple]:
+    def _runs(
+        self, start: int, stop: Optional[int], pool: Optional[List[np.ndarray]] = None
+    ) -> Iterator[tuple]:
         """``(buf, base, a, b)``: the bytes of samples ``a..b-1`` start at ``buf[0]`` = shard
         byte ``base``. One sequential (ranged) read, in pieces of whole samples of up to
         ``CHUNK_BYTES`` (one sample at least), each read into a read-only buffer (ids are views
@@ -359,8 +421,12 @@ class ReadStats:
     skipped_shards: List[tuple] = field(default_factory=list)
 
 
-def open_shards(source: Union[str, Sequence[str]], opts: wio.IOOptions = wio.DEFAULT, *,
-                allow_outside_root: Optional[bool] = None) -> List[Shard]:
+def open_shards(
+    source: Union[str, Sequence[str]],
+    opts: wio.IOOptions = wio.DEFAULT,
+    *,
+    allow_outside_root: Optional[bool] = None,
+) -> List[Shard]:
     """Shards named by a manifest, a shard index, shard URLs or brace patterns of them.
 
     Entries of a manifest or index must stay inside its folder unless ``allow_outside_root``
@@ -381,8 +447,9 @@ def _shard_sources(source, opts, allow_outside_root):
                 for s in load_manifest(url, opts, allow_outside_root=allow_outside_root)["shards"]:
                     yield _Opener(s["url"], s["index_url"], opts)
             elif doc.get("kind") == "shard_index":
-                shard_url = _join_entry(url, doc.get("shard"), f"{wio.redact(url)}: shard",
-                                        allow_outside_root)
+                shard_url = _join_entry(
+                    url, doc.get("shard"), f"{wio.redact(url)}: shard", allow_outside_root
+                )
                 yield lambda u=shard_url, d=doc: Shard(u, d, opts)
             else:
                 raise FormatError(f"{wio.redact(url)}: unknown kind {doc.get('kind')!r}")
@@ -400,10 +467,15 @@ class _Opener:
         return Shard.open(self.url, self.index_url, self.opts)
 
 
-def iter_samples(source: Union[str, Sequence[str]], *, on_error: str = "fail",
-                 stats: Optional[ReadStats] = None, opts: wio.IOOptions = wio.DEFAULT,
-                 verify_checksums: bool = False,
-                 allow_outside_root: Optional[bool] = None) -> Iterator[Dict[str, Any]]:
+def iter_samples(
+    source: Union[str, Sequence[str]],
+    *,
+    on_error: str = "fail",
+    stats: Optional[ReadStats] = None,
+    opts: wio.IOOptions = wio.DEFAULT,
+    verify_checksums: bool = False,
+    allow_outside_root: Optional[bool] = None,
+) -> Iterator[Dict[str, Any]]:
     """Every sample of ``source`` in order: dicts with ``__key__``, ``input_ids`` (stored dtype,
     read-only), ``labels`` (int64, -100 where not supervised), ``meta``.
 
@@ -437,8 +509,9 @@ def iter_samples(source: Union[str, Sequence[str]], *, on_error: str = "fail",
             stats.skipped_shards.append((where, str(e)))
 
 
-def iter_tar(url: str, opts: wio.IOOptions = wio.DEFAULT,
-             data: Optional[bytes] = None) -> Iterator[Dict[str, Any]]:
+def iter_tar(
+    url: str, opts: wio.IOOptions = wio.DEFAULT, data: Optional[bytes] = None
+) -> Iterator[Dict[str, Any]]:
     """Samples of a shard read without its index, by walking the tar headers.
 
     Slower than the indexed path; used by ``verify`` and for shards whose index is lost.
@@ -451,7 +524,7 @@ def iter_tar(url: str, opts: wio.IOOptions = wio.DEFAULT,
 
     where = wio.redact(url)
     cur: Dict[str, Any] = {}
-    with (io.BytesIO(data) if data is not None else wio.open_range(url, 0, None, opts)) as f:
+    with io.BytesIO(data) if data is not None else wio.open_range(url, 0, None, opts) as f:
         pos = 0
         while True:
             block = f.read(BLOCK)
@@ -472,8 +545,9 @@ def iter_tar(url: str, opts: wio.IOOptions = wio.DEFAULT,
                 try:
                     cur["input_ids"] = np.load(io.BytesIO(payload), allow_pickle=False)
                 except Exception as e:  # noqa: BLE001 - numpy raises SyntaxError etc. on garbage
-                    raise FormatError(f"{where}: {name}: not a loadable .npy array: "
-                                      f"{type(e).__name__}: {e}") from None
+                    raise FormatError(
+                        f"{where}: {name}: not a loadable .npy array: {type(e).__name__}: {e}"
+                    ) from None
             elif suffix == "json":
                 try:
                     cur["json"] = json.loads(payload)
@@ -487,10 +561,17 @@ def iter_tar(url: str, opts: wio.IOOptions = wio.DEFAULT,
 
 def _finish_tar_sample(cur: Dict[str, Any], where: str) -> Dict[str, Any]:
     if "input_ids" not in cur or "json" not in cur:
-        raise FormatError(f"{where}: sample {cur['__key__']!r} lacks its "
-                          f"{'input_ids.npy' if 'input_ids' not in cur else 'json'} member")
+        raise FormatError(
+            f"{where}: sample {cur['__key__']!r} lacks its "
+            f"{'input_ids.npy' if 'input_ids' not in cur else 'json'} member"
+        )
     spans = cur["json"].get("supervised", [])
-    return {"__key__": cur["__key__"], "__offset__": cur["__offset__"],
-            "__length__": cur["__length__"], "input_ids": cur["input_ids"],
-            "labels": spans_to_labels(cur["input_ids"], spans), "meta": cur["json"].get("meta", {}),
-            "num_supervised": num_in_spans(spans)}
+    return {
+        "__key__": cur["__key__"],
+        "__offset__": cur["__offset__"],
+        "__length__": cur["__length__"],
+        "input_ids": cur["input_ids"],
+        "labels": spans_to_labels(cur["input_ids"], spans),
+        "meta": cur["json"].get("meta", {}),
+        "num_supervised": num_in_spans(spans),
+    }

@@ -26,6 +26,7 @@ process always knows the state that reproduces exactly the batches still to come
 
 See ``docs/streaming.md`` for the semantics (what is dropped, determinism, resume).
 """
+
 from __future__ import annotations
 
 import json
@@ -38,15 +39,31 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from . import io as wio
-from .collate import (PACK_FIELDS, PAD_FIELDS, compact_layout, expand, pack_batch, pack_compact,
-                      pad_batch, pad_compact)
+from .collate import (
+    PACK_FIELDS,
+    PAD_FIELDS,
+    compact_layout,
+    expand,
+    pack_batch,
+    pack_compact,
+    pad_batch,
+    pad_compact,
+)
 from .config import DataConfig, resolve_data_config
 from .format import FormatError
 from .mixing import DatasetPlan, EpochSlice, Mixer, dataset_weights
 from .reader import Shard, load_manifest
 
-__all__ = ["build_stream", "StreamingLoader", "NumpyBackend", "Consumer", "DatasetReader",
-           "load_plans", "iter_mixed", "STATE_VERSION"]
+__all__ = [
+    "build_stream",
+    "StreamingLoader",
+    "NumpyBackend",
+    "Consumer",
+    "DatasetReader",
+    "load_plans",
+    "iter_mixed",
+    "STATE_VERSION",
+]
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
@@ -62,13 +79,15 @@ def load_plans(cfg: DataConfig, opts: wio.IOOptions = wio.DEFAULT) -> List[Datas
         except (OSError, ValueError) as e:
             raise type(e)(f"{cfg.source}: dataset {d.name!r}: cannot open manifest: {e}") from None
         if not manifest["num_samples"]:
-            raise ValueError(f"{cfg.source}: dataset {d.name!r}: manifest {wio.redact(d.manifest)} "
-                             "has no samples")
+            raise ValueError(
+                f"{cfg.source}: dataset {d.name!r}: manifest {wio.redact(d.manifest)} has no samples"
+            )
         plans.append(DatasetPlan.from_manifest(i, d, manifest))
     return plans
 
 
 # --- one dataset, one consumer ---------------------------------------------------------------
+
 
 class DatasetReader:
     """The samples of one dataset for one consumer, epoch after epoch.
@@ -78,16 +97,23 @@ class DatasetReader:
     ``[epoch, pos, skipped_shards, skipped_samples, bad_shards]`` is exact.
     """
 
-    def __init__(self, plan: DatasetPlan, cfg: DataConfig, seed: int, consumer: int,
-                 num_consumers: int, opts: wio.IOOptions = wio.DEFAULT,
-                 state: Optional[Sequence[Any]] = None, read_data: bool = True):
+    def __init__(
+        self,
+        plan: DatasetPlan,
+        cfg: DataConfig,
+        seed: int,
+        consumer: int,
+        num_consumers: int,
+        opts: wio.IOOptions = wio.DEFAULT,
+        state: Optional[Sequence[Any]] = None,
+        read_data: bool = True,
+    ):
         self.plan, self.cfg, self.seed = plan, cfg, seed
         self.consumer, self.num_consumers, self.opts = consumer, num_consumers, opts
         self.read_data = read_data
         self.fail = cfg.on_error == "fail"
         self._shards: "OrderedDict[int, Shard]" = OrderedDict()
-        epoch, pos, skipped_shards, skipped_samples, bad = (
-            state if state is not None else (0, 0, 0, 0, []))
+        epoch, pos, skipped_shards, skipped_samples, bad = state if state is not None else (0, 0, 0, 0, [])
         self.skipped_shards: int = skipped_shards
         self.skipped_samples: int = skipped_samples
         self.bad = set(bad)
@@ -98,8 +124,11 @@ class DatasetReader:
     # -- state ------------------------------------------------------------------------------
     @property
     def pos(self) -> int:
-        return int(self.slice.window_start[self.w]) + self.q if self.w < self.slice.num_windows \
+        return (
+            int(self.slice.window_start[self.w]) + self.q
+            if self.w < self.slice.num_windows
             else self.slice.length
+        )
 
     def state(self) -> list:
         if self._peeked is not None:
@@ -109,11 +138,14 @@ class DatasetReader:
     # -- windows ----------------------------------------------------------------------------
     def _start_epoch(self, epoch: int, pos: int = 0) -> None:
         self.epoch = epoch
-        self.slice = EpochSlice(self.plan, self.cfg.shuffle, self.seed, epoch, self.consumer,
-                                self.num_consumers)
+        self.slice = EpochSlice(
+            self.plan, self.cfg.shuffle, self.seed, epoch, self.consumer, self.num_consumers
+        )
         if not 0 <= pos <= self.slice.length:
-            raise ValueError(f"loader state: position {pos} outside epoch of "
-                             f"{self.slice.length} samples of dataset {self.plan.name!r}")
+            raise ValueError(
+                f"loader state: position {pos} outside epoch of "
+                f"{self.slice.length} samples of dataset {self.plan.name!r}"
+            )
         self.w = self.slice.window_of(pos) if pos < self.slice.length else self.slice.num_windows
         self.order: List[int] = []
         self.q = 0
@@ -128,8 +160,10 @@ class DatasetReader:
             self._load_window(self.w)
             return
         if self._read_in_epoch == 0 and self._skipped_in_epoch >= self.slice.length:
-            raise FormatError(f"dataset {self.plan.name!r}: a whole epoch of this reader's "
-                              "shards was unreadable (see the warnings above)")
+            raise FormatError(
+                f"dataset {self.plan.name!r}: a whole epoch of this reader's "
+                "shards was unreadable (see the warnings above)"
+            )
         self._read_in_epoch = self._skipped_in_epoch = 0
         self.bad = set()
         self._start_epoch(self.epoch + 1, 0)
@@ -141,8 +175,10 @@ class DatasetReader:
             if self.opts.verify_checksums and self.read_data:
                 sh.verify_checksum()  # FormatError -> _shard_failed, like any bad shard
             if len(sh) != int(self.plan.shard_samples[s]):
-                raise FormatError(f"{sh.where}: index has {len(sh)} samples, the manifest says "
-                                  f"{int(self.plan.shard_samples[s])}")
+                raise FormatError(
+                    f"{sh.where}: index has {len(sh)} samples, the manifest says "
+                    f"{int(self.plan.shard_samples[s])}"
+                )
             self._shards[s] = sh
             if len(self._shards) > _SHARD_CACHE:
                 self._shards.popitem(last=False)
@@ -169,13 +205,13 @@ class DatasetReader:
             self.w_buf.append(buf)
             blk.extend([bi] * n)
             if sh is None or buf is None:  # a bad shard, or a dry run: nothing to decode
-                keys.extend([None] * n if sh is None else sh.keys[a:a + n])
-                toks.extend([0] * n if sh is None else sh.num_tokens[a:a + n])
+                keys.extend([None] * n if sh is None else sh.keys[a : a + n])
+                toks.extend([0] * n if sh is None else sh.num_tokens[a : a + n])
                 ids.extend([None] * n)
                 spans.extend([None] * n)
                 continue
-            keys.extend(sh.keys[a:a + n])
-            toks.extend(sh.num_tokens[a:a + n])
+            keys.extend(sh.keys[a : a + n])
+            toks.extend(sh.num_tokens[a : a + n])
             x, sp, _, errors = sh.decode_block(buf, sh.offsets[a], a, a + n)
             for k, e in errors.items():
                 errs[len(ids) + k] = e
@@ -198,8 +234,10 @@ class DatasetReader:
             with wio.open_range(sh.url, base, end, self.opts) as f:
                 buf = f.read(end - base)
             if len(buf) < end - base:
-                raise FormatError(f"{sh.where}: truncated shard: {len(buf)} of {end - base} bytes "
-                                  f"at byte {base} (samples {a}..{a + n - 1})")
+                raise FormatError(
+                    f"{sh.where}: truncated shard: {len(buf)} of {end - base} bytes "
+                    f"at byte {base} (samples {a}..{a + n - 1})"
+                )
         except (FormatError, OSError) as e:
             self._shard_failed(s, e)
             return None, False
@@ -208,8 +246,13 @@ class DatasetReader:
     def _shard_failed(self, s: int, e: BaseException) -> None:
         if self.fail:
             raise e
-        log.warning("dataset %r: skipping the rest of shard %s in epoch %d: %s", self.plan.name,
-                    wio.redact(self.plan.urls[s]), self.epoch, e)
+        log.warning(
+            "dataset %r: skipping the rest of shard %s in epoch %d: %s",
+            self.plan.name,
+            wio.redact(self.plan.urls[s]),
+            self.epoch,
+            e,
+        )
         self.bad.add(s)
         self.skipped_shards += 1
 
@@ -255,16 +298,30 @@ class DatasetReader:
             self._peeked = (self.take(), before)
         return self._peeked[0]
 
+
 # --- one consumer: batches -------------------------------------------------------------------
+
 
 class Consumer:
     """Batches of one consumer (rank, slot); ``state()`` after any batch restores it exactly."""
 
-    def __init__(self, plans: Sequence[DatasetPlan], cfg: DataConfig, *, seed: int, consumer: int,
-                 num_consumers: int, batch_size: int, max_seq_len: int, pad_id: int = 0,
-                 pack: bool = False, opts: wio.IOOptions = wio.DEFAULT,
-                 state: Optional[Dict[str, Any]] = None, read_data: bool = True,
-                 max_tokens: Optional[int] = None):
+    def __init__(
+        self,
+        plans: Sequence[DatasetPlan],
+        cfg: DataConfig,
+        *,
+        seed: int,
+        consumer: int,
+        num_consumers: int,
+        batch_size: int,
+        max_seq_len: int,
+        pad_id: int = 0,
+        pack: bool = False,
+        opts: wio.IOOptions = wio.DEFAULT,
+        state: Optional[Dict[str, Any]] = None,
+        read_data: bool = True,
+        max_tokens: Optional[int] = None,
+    ):
         self.plans, self.cfg, self.batch_size = plans, cfg, batch_size
         # with a token budget, a sample is truncated to min(max_seq_len, max_tokens): it must
         # fit a micro-batch on its own
@@ -274,16 +331,23 @@ class Consumer:
         self.max_tokens = max_tokens
         self.names = [p.name for p in plans]
         groups = cfg.groups
-        caps = [None if p.config.max_epochs is None
-                else p.config.max_epochs * p.samples_per_epoch(num_consumers) for p in plans]
-        self.mixer = Mixer(list(dataset_weights(cfg, plans)),
-                           [groups.index(p.config.group) for p in plans], caps,
-                           min_left=1 if pack else batch_size)
+        caps = [
+            None if p.config.max_epochs is None else p.config.max_epochs * p.samples_per_epoch(num_consumers)
+            for p in plans
+        ]
+        self.mixer = Mixer(
+            list(dataset_weights(cfg, plans)),
+            [groups.index(p.config.group) for p in plans],
+            caps,
+            min_left=1 if pack else batch_size,
+        )
         self.by_tokens = cfg.weight_by == "tokens"
         st = state or {}
         rs = st.get("readers") or [None] * len(plans)
-        self.readers = [DatasetReader(p, cfg, seed, consumer, num_consumers, opts, rs[i], read_data)
-                        for i, p in enumerate(plans)]
+        self.readers = [
+            DatasetReader(p, cfg, seed, consumer, num_consumers, opts, rs[i], read_data)
+            for i, p in enumerate(plans)
+        ]
         if st:
             self.mixer.load([st["units"], st["samples"]])
         self.tokens = list(st.get("tokens", [0] * len(plans)))
@@ -293,9 +357,15 @@ class Consumer:
 
     def state(self) -> Dict[str, Any]:
         units, samples = self.mixer.state()
-        return {"batches": self.batches, "units": units, "samples": samples,
-                "tokens": list(self.tokens), "padding": self.padding, "truncated": self.truncated,
-                "readers": [r.state() for r in self.readers]}
+        return {
+            "batches": self.batches,
+            "units": units,
+            "samples": samples,
+            "tokens": list(self.tokens),
+            "padding": self.padding,
+            "truncated": self.truncated,
+            "readers": [r.state() for r in self.readers],
+        }
 
     def _take(self, d: int):
         s = self.readers[d].take()
@@ -381,16 +451,24 @@ class Consumer:
         self.batches += 1
         self.padding += shape[1] * shape[2] - sum(lens)
         self.truncated += sum(s[3] for s in got) - sum(lens)
-        return {"datasets": ds, "keys": [s[0] for s in got], "ids": ids,
-                "spans": [s[2] for s in got], "rows": rows, "shape": shape, "lengths": row_lens}
+        return {
+            "datasets": ds,
+            "keys": [s[0] for s in got],
+            "ids": ids,
+            "spans": [s[2] for s in got],
+            "rows": rows,
+            "shape": shape,
+            "lengths": row_lens,
+        }
 
     def collate(self, plan: Dict[str, Any], alloc=None) -> np.ndarray:
         """The ``[k, B, T]`` int64 array of a planned batch (memory from ``alloc(shape)``)."""
         if plan["rows"] is None:
             arr, _ = pad_batch(plan["ids"], plan["spans"], self.max_seq_len, self.pad_id, alloc)
         else:
-            arr, _ = pack_batch(plan["ids"], plan["spans"], plan["rows"], self.max_seq_len,
-                                self.pad_id, alloc)
+            arr, _ = pack_batch(
+                plan["ids"], plan["spans"], plan["rows"], self.max_seq_len, self.pad_id, alloc
+            )
         assert arr.shape == plan["shape"], (arr.shape, plan["shape"])
         return arr
 
@@ -403,6 +481,7 @@ class Consumer:
 
 
 # --- batches of one rank: chunks of a slot, expanded in the consuming process ----------------
+
 
 class _Arena:
     """One buffer, of exactly the size of the batches of one transfer; batches are carved out of
@@ -423,7 +502,7 @@ class _Arena:
         off = self.used
         n = int(np.prod(shape)) * dtype.itemsize
         self.used = off + _align(n)
-        return off, self.flat[off:off + n].view(dtype).reshape(shape)
+        return off, self.flat[off : off + n].view(dtype).reshape(shape)
 
     def __call__(self, shape):  # an int64 [k, B, T] batch (``Consumer.collate``'s alloc)
         return self.take(shape, np.int64)[1]
@@ -435,7 +514,7 @@ def _align(n: int) -> int:
 
 def _carve(flat: np.ndarray, off: int, shape, dtype) -> np.ndarray:
     dtype = np.dtype(dtype)
-    return flat[off:off + int(np.prod(shape)) * dtype.itemsize].view(dtype).reshape(shape)
+    return flat[off : off + int(np.prod(shape)) * dtype.itemsize].view(dtype).reshape(shape)
 
 
 class _SlotStream:
@@ -454,12 +533,20 @@ class _SlotStream:
         self.fields = PACK_FIELDS if loader.pack else PAD_FIELDS
 
     def consumer(self, slot: int, state: Optional[Dict[str, Any]] = None) -> Consumer:
-        return Consumer(self.plans, self.cfg, seed=self.seed,
-                        consumer=self.rank * self.num_slots + slot,
-                        num_consumers=self.num_consumers, state=state,
-                        batch_size=self.batch_size, max_seq_len=self.max_seq_len,
-                        pad_id=self.pad_id, pack=self.pack, opts=self.opts,
-                        max_tokens=self.max_tokens)
+        return Consumer(
+            self.plans,
+            self.cfg,
+            seed=self.seed,
+            consumer=self.rank * self.num_slots + slot,
+            num_consumers=self.num_consumers,
+            state=state,
+            batch_size=self.batch_size,
+            max_seq_len=self.max_seq_len,
+            pad_id=self.pad_id,
+            pack=self.pack,
+            opts=self.opts,
+            max_tokens=self.max_tokens,
+        )
 
     def chunks(self, worker: int, shared_buffer: Optional[Any] = None) -> Iterator[Dict[str, Any]]:
         """Chunks of up to ``transfer`` batches of worker ``worker``'s slot (the first chunk of
@@ -487,8 +574,9 @@ class _SlotStream:
             if plans:
                 if shared_buffer is not None:
                     layouts = [compact_layout(p["ids"], p["shape"], pack) for p in plans]
-                    nbytes = sum(_align(int(np.prod(sh)) * dt.itemsize)
-                                 for lay in layouts for _, sh, dt in lay)
+                    nbytes = sum(
+                        _align(int(np.prod(sh)) * dt.itemsize) for lay in layouts for _, sh, dt in lay
+                    )
                     arena = _Arena(nbytes, shared_buffer(nbytes))
                 else:
                     arena = _Arena(sum(int(np.prod(p["shape"])) * 8 for p in plans))
@@ -505,16 +593,15 @@ class _SlotStream:
                     else:
                         piece = (plan["shape"], arena.used)
                         c.collate(plan, arena)
-                    metas.append((piece, [names[d] for d in plan["datasets"]], plan["keys"],
-                                  plan["lengths"], state))
-                yield {"slot": slot, "arena": arena.buffer, "batches": metas,
-                       "compact": compact}
+                    metas.append(
+                        (piece, [names[d] for d in plan["datasets"]], plan["keys"], plan["lengths"], state)
+                    )
+                yield {"slot": slot, "arena": arena.buffer, "batches": metas, "compact": compact}
             if len(plans) < n:
                 return
             n = self.transfer
 
-    def batches(self, chunks: Iterator[Dict[str, Any]],
-                backend: "NumpyBackend") -> Iterator[tuple]:
+    def batches(self, chunks: Iterator[Dict[str, Any]], backend: "NumpyBackend") -> Iterator[tuple]:
         """(slot, batch dict, state after it, last of its chunk) in the consuming process, as
         the backend's arrays (int64 numpy arrays, or tensors: views of the arena, or freshly
         expanded into the backend's memory, pinned if it says so)."""
@@ -528,11 +615,13 @@ class _SlotStream:
                 if ch["compact"]:
                     if empty is not None:
                         x = empty(shape)
-                        expand({name: _carve(flat, off, sh, dt) for name, off, sh, dt in where},
-                               pad_id, x.numpy())
+                        expand(
+                            {name: _carve(flat, off, sh, dt) for name, off, sh, dt in where},
+                            pad_id,
+                            x.numpy(),
+                        )
                     else:
-                        x = expand({name: _carve(flat, off, sh, dt)
-                                    for name, off, sh, dt in where}, pad_id)
+                        x = expand({name: _carve(flat, off, sh, dt) for name, off, sh, dt in where}, pad_id)
                 else:
                     x = _carve(flat, where, shape, np.int64)
                     if to_tensor is not None:
@@ -557,8 +646,10 @@ class NumpyBackend:
 
     def chunks(self, stream: _SlotStream, num_workers: int) -> Iterator[Dict[str, Any]]:
         if num_workers:
-            raise ValueError("DataLoader workers need torch: pip install torch, or use "
-                             "num_workers=0 (reads in this process)")
+            raise ValueError(
+                "DataLoader workers need torch: pip install torch, or use "
+                "num_workers=0 (reads in this process)"
+            )
         return stream.chunks(0)
 
     @staticmethod
@@ -568,8 +659,10 @@ class NumpyBackend:
     def gather(self, obj: Any, world_size: int) -> List[Any]:
         if world_size == 1:
             return [obj]
-        raise RuntimeError("gathering loader states across ranks needs torch.distributed "
-                           "(build the loader with output='torch')")
+        raise RuntimeError(
+            "gathering loader states across ranks needs torch.distributed "
+            "(build the loader with output='torch')"
+        )
 
 
 class StreamingLoader:
@@ -579,10 +672,24 @@ class StreamingLoader:
     iterating again continues exactly where the last delivered batch left off.
     """
 
-    def __init__(self, cfg: DataConfig, plans: List[DatasetPlan], *, rank: int, world_size: int,
-                 batch_size: int, num_workers: int, max_seq_len: int, pad_id: int, seed: int,
-                 pack: bool, opts: wio.IOOptions, transfer_batches: int = 4,
-                 backend: Optional["NumpyBackend"] = None, max_tokens: Optional[int] = None):
+    def __init__(
+        self,
+        cfg: DataConfig,
+        plans: List[DatasetPlan],
+        *,
+        rank: int,
+        world_size: int,
+        batch_size: int,
+        num_workers: int,
+        max_seq_len: int,
+        pad_id: int,
+        seed: int,
+        pack: bool,
+        opts: wio.IOOptions,
+        transfer_batches: int = 4,
+        backend: Optional["NumpyBackend"] = None,
+        max_tokens: Optional[int] = None,
+    ):
         self.cfg, self.plans = cfg, plans
         self.rank, self.world_size = rank, world_size
         self.batch_size, self.num_workers = batch_size, num_workers
@@ -609,10 +716,13 @@ class StreamingLoader:
                 raise RuntimeError(
                     "this loader was iterated again (or given a state) after this iterator "
                     "started: only the newest iterator continues the stream (it starts where "
-                    "the last delivered batch left off)")
+                    "the last delivered batch left off)"
+                )
             if slot != self._next_slot:  # workers deliver in turn order; never expected
-                raise RuntimeError(f"loader: a batch of worker slot {slot} arrived when slot "
-                                   f"{self._next_slot} was due (please report this)")
+                raise RuntimeError(
+                    f"loader: a batch of worker slot {slot} arrived when slot "
+                    f"{self._next_slot} was due (please report this)"
+                )
             self._slots[slot] = state
             self._chunk_pos += 1
             if last:  # a worker's turn is one chunk (short ones: resumed mid-turn, or the end)
@@ -640,23 +750,34 @@ class StreamingLoader:
         c = self.world_size * self.num_slots
         total = 0
         for g in self.cfg.groups:
-            left = sum((p.config.max_epochs or 0) * p.samples_per_epoch(c) for p in self.plans
-                       if p.config.group == g)
+            left = sum(
+                (p.config.max_epochs or 0) * p.samples_per_epoch(c) for p in self.plans if p.config.group == g
+            )
             total += left // self.batch_size
         return total * self.num_slots
 
     # -- state ------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
         """This rank's position: a few integers per worker slot and dataset (JSON-able)."""
-        return {"format": "wds_tools.loader", "version": STATE_VERSION, "rank": self.rank,
-                "world_size": self.world_size, "num_slots": self.num_slots,
-                "batch_size": self.batch_size, "max_seq_len": self.max_seq_len,
-                "pack": self.pack, "max_tokens": self.max_tokens, "seed": self.seed,
-                "weight_by": self.cfg.weight_by,
-                "datasets": [p.name for p in self.plans],
-                "num_samples": [p.num_samples for p in self.plans],
-                "transfer_batches": self.transfer_batches if self.num_slots > 1 else 1,
-                "next_slot": self._next_slot, "chunk_pos": self._chunk_pos, "slots": json.loads(json.dumps(self._slots))}
+        return {
+            "format": "wds_tools.loader",
+            "version": STATE_VERSION,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "num_slots": self.num_slots,
+            "batch_size": self.batch_size,
+            "max_seq_len": self.max_seq_len,
+            "pack": self.pack,
+            "max_tokens": self.max_tokens,
+            "seed": self.seed,
+            "weight_by": self.cfg.weight_by,
+            "datasets": [p.name for p in self.plans],
+            "num_samples": [p.num_samples for p in self.plans],
+            "transfer_batches": self.transfer_batches if self.num_slots > 1 else 1,
+            "next_slot": self._next_slot,
+            "chunk_pos": self._chunk_pos,
+            "slots": json.loads(json.dumps(self._slots)),
+        }
 
     def load_state_dict(self, sd: Dict[str, Any]) -> None:
         """Continue from ``sd`` (this rank's ``state_dict()``, or ``{"ranks": [sd_0, sd_1, ...]}``
@@ -664,22 +785,39 @@ class StreamingLoader:
         if isinstance(sd, dict) and "ranks" in sd:
             ranks = sd["ranks"]
             if len(ranks) != self.world_size:
-                raise ValueError(f"loader state holds {len(ranks)} ranks, this run has world size "
-                                 f"{self.world_size} (the data layout depends on it)")
+                raise ValueError(
+                    f"loader state holds {len(ranks)} ranks, this run has world size "
+                    f"{self.world_size} (the data layout depends on it)"
+                )
             sd = ranks[self.rank]
         if not isinstance(sd, dict) or sd.get("format") != "wds_tools.loader":
             raise ValueError("not a wds_tools loader state")
         if sd.get("version") != STATE_VERSION:
-            raise ValueError(f"loader state version {sd.get('version')!r} is not supported "
-                             f"(this wds_tools writes and reads version {STATE_VERSION})")
+            raise ValueError(
+                f"loader state version {sd.get('version')!r} is not supported "
+                f"(this wds_tools writes and reads version {STATE_VERSION})"
+            )
         mine = self.state_dict()
-        for k in ("rank", "world_size", "num_slots", "transfer_batches", "batch_size",
-                  "max_seq_len", "pack", "max_tokens", "seed", "weight_by", "datasets",
-                  "num_samples"):
+        for k in (
+            "rank",
+            "world_size",
+            "num_slots",
+            "transfer_batches",
+            "batch_size",
+            "max_seq_len",
+            "pack",
+            "max_tokens",
+            "seed",
+            "weight_by",
+            "datasets",
+            "num_samples",
+        ):
             if sd.get(k) != mine[k]:
                 hint = " (num_workers)" if k == "num_slots" else ""
-                raise ValueError(f"loader state was saved with {k}{hint}={sd.get(k)!r}, this "
-                                 f"loader has {mine[k]!r}; resume with the same setting")
+                raise ValueError(
+                    f"loader state was saved with {k}{hint}={sd.get(k)!r}, this "
+                    f"loader has {mine[k]!r}; resume with the same setting"
+                )
         if len(sd["slots"]) != self.num_slots or not 0 <= sd["next_slot"] < self.num_slots:
             raise ValueError("loader state: malformed slots")
         self._generation += 1
@@ -705,22 +843,32 @@ class StreamingLoader:
             samples = sum(s["samples"][i] for s in slots)
             tokens = sum(s["tokens"][i] for s in slots)
             rs = [s["readers"][i] for s in slots]
-            per.append({"name": p.name, "target_share": float(self.weights[i]),
-                        "samples": samples, "tokens": tokens,
-                        "epoch": max((r[0] for r in rs), default=0),
-                        "skipped_shards": sum(r[2] for r in rs),
-                        "skipped_samples": sum(r[3] for r in rs)})
+            per.append(
+                {
+                    "name": p.name,
+                    "target_share": float(self.weights[i]),
+                    "samples": samples,
+                    "tokens": tokens,
+                    "epoch": max((r[0] for r in rs), default=0),
+                    "skipped_shards": sum(r[2] for r in rs),
+                    "skipped_samples": sum(r[3] for r in rs),
+                }
+            )
         ns = sum(d["samples"] for d in per) or 1
         nt = sum(d["tokens"] for d in per) or 1
         for d in per:
             d["sample_share"], d["token_share"] = d["samples"] / ns, d["tokens"] / nt
         padding = sum(s["padding"] for s in slots)
         real = sum(sum(s["tokens"]) for s in slots)
-        return {"rank": self.rank, "batches": sum(s["batches"] for s in slots),
-                "weight_by": self.cfg.weight_by, "datasets": per,
-                "padding_share": padding / (padding + real) if padding + real else 0.0,
-                "truncated_tokens": sum(s["truncated"] for s in slots),
-                "skipped_shards": sum(d["skipped_shards"] for d in per)}
+        return {
+            "rank": self.rank,
+            "batches": sum(s["batches"] for s in slots),
+            "weight_by": self.cfg.weight_by,
+            "datasets": per,
+            "padding_share": padding / (padding + real) if padding + real else 0.0,
+            "truncated_tokens": sum(s["truncated"] for s in slots),
+            "skipped_shards": sum(d["skipped_shards"] for d in per),
+        }
 
 
 def _dist_rank_world() -> Tuple[int, int]:
@@ -733,13 +881,24 @@ def _dist_rank_world() -> Tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def build_stream(data_config: Union[DataConfig, str], *, rank: Optional[int] = None,
-                 world_size: Optional[int] = None, batch_size: int = 1, num_workers: int = 0,
-                 max_seq_len: int = 4096, pad_id: int = 0, seed: Optional[int] = None,
-                 pack: bool = False, transfer_batches: int = 4, shuffle: Optional[bool] = None,
-                 max_epochs: Optional[int] = None, backend: Optional["NumpyBackend"] = None,
-                 io_options: wio.IOOptions = wio.DEFAULT,
-                 max_tokens: Optional[int] = None) -> StreamingLoader:
+def build_stream(
+    data_config: Union[DataConfig, str],
+    *,
+    rank: Optional[int] = None,
+    world_size: Optional[int] = None,
+    batch_size: int = 1,
+    num_workers: int = 0,
+    max_seq_len: int = 4096,
+    pad_id: int = 0,
+    seed: Optional[int] = None,
+    pack: bool = False,
+    transfer_batches: int = 4,
+    shuffle: Optional[bool] = None,
+    max_epochs: Optional[int] = None,
+    backend: Optional["NumpyBackend"] = None,
+    io_options: wio.IOOptions = wio.DEFAULT,
+    max_tokens: Optional[int] = None,
+) -> StreamingLoader:
     """The loader of one data-parallel rank, with the given backend (default: numpy, in
     process; see the module docstring). The arguments are :func:`wds_tools.loader.build_loader`'s
     (documented there), which most callers want: it picks the backend.
@@ -751,40 +910,67 @@ def build_stream(data_config: Union[DataConfig, str], *, rank: Optional[int] = N
         world_size = w if world_size is None else world_size
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
-    for name, v, lo in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
-                        ("max_seq_len", max_seq_len, 1),
-                        ("transfer_batches", transfer_batches, 1)):
+    for name, v, lo in (
+        ("batch_size", batch_size, 1),
+        ("num_workers", num_workers, 0),
+        ("max_seq_len", max_seq_len, 1),
+        ("transfer_batches", transfer_batches, 1),
+    ):
         if not isinstance(v, int) or v < lo:
             raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
     if pack and cfg.bounded:
-        raise ValueError(f"{cfg.source}: packing needs an unbounded stream (remove max_epochs): "
-                         "packed batch counts depend on sample lengths, so ranks could disagree")
+        raise ValueError(
+            f"{cfg.source}: packing needs an unbounded stream (remove max_epochs): "
+            "packed batch counts depend on sample lengths, so ranks could disagree"
+        )
     if max_tokens is not None:
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             raise ValueError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
         if pack:
-            raise ValueError("max_tokens and pack exclude each other: packing already fills "
-                             "batch_size rows of max_seq_len tokens (its budget)")
+            raise ValueError(
+                "max_tokens and pack exclude each other: packing already fills "
+                "batch_size rows of max_seq_len tokens (its budget)"
+            )
         if cfg.bounded:
-            raise ValueError(f"{cfg.source}: max_tokens needs an unbounded stream (remove "
-                             "max_epochs; stop by steps): token-budget batch counts depend on "
-                             "sample lengths, so ranks could disagree and ZeRO-3 would hang")
+            raise ValueError(
+                f"{cfg.source}: max_tokens needs an unbounded stream (remove "
+                "max_epochs; stop by steps): token-budget batch counts depend on "
+                "sample lengths, so ranks could disagree and ZeRO-3 would hang"
+            )
     io_options = cfg.io_options(io_options)
     plans = load_plans(cfg, io_options)
     consumers = world_size * max(1, num_workers)
     for p in plans:
         p.check_consumers(consumers)
-    return StreamingLoader(cfg, plans, rank=rank, world_size=world_size, batch_size=batch_size,
-                           num_workers=num_workers, max_seq_len=max_seq_len, pad_id=pad_id,
-                           seed=cfg.seed if seed is None else int(seed), pack=pack,
-                           opts=io_options, transfer_batches=transfer_batches, backend=backend,
-                           max_tokens=max_tokens)
+    return StreamingLoader(
+        cfg,
+        plans,
+        rank=rank,
+        world_size=world_size,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        max_seq_len=max_seq_len,
+        pad_id=pad_id,
+        seed=cfg.seed if seed is None else int(seed),
+        pack=pack,
+        opts=io_options,
+        transfer_batches=transfer_batches,
+        backend=backend,
+        max_tokens=max_tokens,
+    )
 
 
-def iter_mixed(data_config: Union[DataConfig, str], *, consumer: int = 0, num_consumers: int = 1,
-               seed: Optional[int] = None, max_seq_len: int = 1 << 30,
-               shuffle: Optional[bool] = None, max_epochs: Optional[int] = None,
-               io_options: wio.IOOptions = wio.DEFAULT) -> Iterator[Dict[str, Any]]:
+def iter_mixed(
+    data_config: Union[DataConfig, str],
+    *,
+    consumer: int = 0,
+    num_consumers: int = 1,
+    seed: Optional[int] = None,
+    max_seq_len: int = 1 << 30,
+    shuffle: Optional[bool] = None,
+    max_epochs: Optional[int] = None,
+    io_options: wio.IOOptions = wio.DEFAULT,
+) -> Iterator[Dict[str, Any]]:
     """The *mixed* sample stream of one consumer of a data config, uncollated: dicts with
     ``__key__``, ``dataset``, ``input_ids`` (read-only view, stored dtype) and ``supervised``
     (spans). Groups are chosen per sample here. What a batch is built from.
@@ -796,9 +982,16 @@ def iter_mixed(data_config: Union[DataConfig, str], *, consumer: int = 0, num_co
     plans = load_plans(cfg, io_options)
     for p in plans:
         p.check_consumers(num_consumers)
-    c = Consumer(plans, cfg, seed=cfg.seed if seed is None else seed, consumer=consumer,
-                 num_consumers=num_consumers, batch_size=1, max_seq_len=max_seq_len,
-                 opts=io_options)
+    c = Consumer(
+        plans,
+        cfg,
+        seed=cfg.seed if seed is None else seed,
+        consumer=consumer,
+        num_consumers=num_consumers,
+        batch_size=1,
+        max_seq_len=max_seq_len,
+        opts=io_options,
+    )
     names, mixer, take = c.names, c.mixer, c._take
     while True:
         g = mixer.choose_group()

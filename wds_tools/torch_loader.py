@@ -16,6 +16,7 @@ Two ways in:
   (``DataLoader(ds, batch_size=None)``) or single samples (``batch_size=None`` here: collate
   them yourself).
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
@@ -32,6 +33,7 @@ __all__ = ["TokenStream", "TorchBackend", "shared_buffer"]
 
 
 # --- the backend of build_loader's own loader ------------------------------------------------
+
 
 def shared_buffer(nbytes: int) -> torch.Tensor:
     """A uint8 tensor of ``nbytes`` in shared memory (it crosses to the main process as a
@@ -78,8 +80,12 @@ class TorchBackend(NumpyBackend):
     def chunks(self, stream: _SlotStream, num_workers: int) -> Iterator[Dict[str, Any]]:
         if not num_workers:
             return stream.chunks(0)
-        loader = DataLoader(_StreamDataset(stream), batch_size=None, num_workers=num_workers,
-                            prefetch_factor=self.prefetch_factor)
+        loader = DataLoader(
+            _StreamDataset(stream),
+            batch_size=None,
+            num_workers=num_workers,
+            prefetch_factor=self.prefetch_factor,
+        )
         return iter(loader)
 
     def gather(self, obj: Any, world_size: int) -> List[Any]:
@@ -94,6 +100,7 @@ class TorchBackend(NumpyBackend):
 
 
 # --- a stateful IterableDataset for other people's loops -------------------------------------
+
 
 class TokenStream(IterableDataset):
     """The stream of one data-parallel rank as a stateful ``IterableDataset``.
@@ -115,21 +122,43 @@ class TokenStream(IterableDataset):
     such runs with ``build_loader``'s loader or ``StatefulDataLoader``.
     """
 
-    def __init__(self, data_config: Union[DataConfig, str], *, batch_size: Optional[int] = 8,
-                 num_workers: int = 0, rank: Optional[int] = None,
-                 world_size: Optional[int] = None, max_seq_len: int = 4096, pad_id: int = 0,
-                 seed: Optional[int] = None, pack: bool = False, shuffle: Optional[bool] = None,
-                 max_epochs: Optional[int] = None, io_options: IOOptions = DEFAULT,
-                 max_tokens: Optional[int] = None):
+    def __init__(
+        self,
+        data_config: Union[DataConfig, str],
+        *,
+        batch_size: Optional[int] = 8,
+        num_workers: int = 0,
+        rank: Optional[int] = None,
+        world_size: Optional[int] = None,
+        max_seq_len: int = 4096,
+        pad_id: int = 0,
+        seed: Optional[int] = None,
+        pack: bool = False,
+        shuffle: Optional[bool] = None,
+        max_epochs: Optional[int] = None,
+        io_options: IOOptions = DEFAULT,
+        max_tokens: Optional[int] = None,
+    ):
         if batch_size is None and pack:
             raise ValueError("pack=True needs a batch_size (rows per batch)")
         if batch_size is None and max_tokens is not None:
             raise ValueError("max_tokens needs a batch_size (the most samples per batch)")
         self._loader = build_stream(
-            data_config, rank=rank, world_size=world_size, batch_size=batch_size or 1,
-            num_workers=num_workers, max_seq_len=max_seq_len, pad_id=pad_id, seed=seed,
-            pack=pack, transfer_batches=1, shuffle=shuffle, max_epochs=max_epochs,
-            io_options=io_options, max_tokens=max_tokens)
+            data_config,
+            rank=rank,
+            world_size=world_size,
+            batch_size=batch_size or 1,
+            num_workers=num_workers,
+            max_seq_len=max_seq_len,
+            pad_id=pad_id,
+            seed=seed,
+            pack=pack,
+            transfer_batches=1,
+            shuffle=shuffle,
+            max_epochs=max_epochs,
+            io_options=io_options,
+            max_tokens=max_tokens,
+        )
         self.per_sample = batch_size is None
         self.num_workers = num_workers
         self._states: Dict[int, Optional[Dict[str, Any]]] = {}
@@ -138,9 +167,11 @@ class TokenStream(IterableDataset):
         info = get_worker_info()
         n = info.num_workers if info is not None else 0
         if n != self.num_workers:
-            raise ValueError(f"TokenStream was built for num_workers={self.num_workers} but runs "
-                             f"in a DataLoader with num_workers={n}: pass the DataLoader's value "
-                             "(it is part of the data layout)")
+            raise ValueError(
+                f"TokenStream was built for num_workers={self.num_workers} but runs "
+                f"in a DataLoader with num_workers={n}: pass the DataLoader's value "
+                "(it is part of the data layout)"
+            )
         return info.id if info is not None else 0
 
     def __iter__(self) -> Iterator[Dict[str, Any]]:
@@ -171,37 +202,53 @@ class TokenStream(IterableDataset):
 
     def state_dict(self) -> Dict[str, Any]:
         """The position of the slot(s) iterated in this process (JSON-able)."""
-        return {"format": "wds_tools.token_stream", "version": STATE_VERSION,
-                "layout": self._layout(), "slots": {str(k): v for k, v in self._states.items()}}
+        return {
+            "format": "wds_tools.token_stream",
+            "version": STATE_VERSION,
+            "layout": self._layout(),
+            "slots": {str(k): v for k, v in self._states.items()},
+        }
 
     def load_state_dict(self, sd: Dict[str, Any]) -> None:
         if not isinstance(sd, dict) or sd.get("format") != "wds_tools.token_stream":
             raise ValueError("not a wds_tools TokenStream state")
         if sd.get("version") != STATE_VERSION:
-            raise ValueError(f"TokenStream state version {sd.get('version')!r} is not supported "
-                             f"(this wds_tools reads version {STATE_VERSION})")
+            raise ValueError(
+                f"TokenStream state version {sd.get('version')!r} is not supported "
+                f"(this wds_tools reads version {STATE_VERSION})"
+            )
         if sd.get("layout") != self._layout():
-            raise ValueError(f"TokenStream state was saved with layout {sd.get('layout')!r}, "
-                             f"this stream has {self._layout()!r}; resume with the same settings")
+            raise ValueError(
+                f"TokenStream state was saved with layout {sd.get('layout')!r}, "
+                f"this stream has {self._layout()!r}; resume with the same settings"
+            )
         self._states.update({int(k): v for k, v in sd["slots"].items()})
 
     def _layout(self) -> Dict[str, Any]:
         lo = self._loader
-        layout = {"rank": lo.rank, "world_size": lo.world_size, "num_workers": self.num_workers,
-                  "batch_size": None if self.per_sample else lo.batch_size, "seed": lo.seed,
-                  "max_seq_len": lo.max_seq_len, "pack": lo.pack,
-                  "datasets": [p.name for p in lo.plans]}
+        layout = {
+            "rank": lo.rank,
+            "world_size": lo.world_size,
+            "num_workers": self.num_workers,
+            "batch_size": None if self.per_sample else lo.batch_size,
+            "seed": lo.seed,
+            "max_seq_len": lo.max_seq_len,
+            "pack": lo.pack,
+            "datasets": [p.name for p in lo.plans],
+        }
         if lo.max_tokens is not None:  # only then: states saved before the option still load
             layout["max_tokens"] = lo.max_tokens
         return layout
 
 
-def _sample(key: str, dataset: str, ids: np.ndarray, spans: Any,
-            max_seq_len: int) -> Dict[str, Any]:
+def _sample(key: str, dataset: str, ids: np.ndarray, spans: Any, max_seq_len: int) -> Dict[str, Any]:
     from .format import spans_to_labels
 
     ids = ids[:max_seq_len]
     labels = spans_to_labels(ids, spans)[:max_seq_len]
-    return {"input_ids": torch.from_numpy(ids.astype(np.int64)),
-            "labels": torch.from_numpy(np.asarray(labels, dtype=np.int64)),
-            "dataset": dataset, "__key__": key}
+    return {
+        "input_ids": torch.from_numpy(ids.astype(np.int64)),
+        "labels": torch.from_numpy(np.asarray(labels, dtype=np.int64)),
+        "dataset": dataset,
+        "__key__": key,
+    }
