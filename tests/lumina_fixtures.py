@@ -97,3 +97,31 @@ def mixed_items(image_dir, n: int = 12) -> list:
         },
     ]
     return [dict(kinds[i % 4](i), id=f"item-{i}") for i in range(n)]
+
+
+def tiny_train_flags(model_dir: str, out_dir, seq_len: int) -> list:
+    """The trainer flags the 2-process CPU training tests share (tiny model, ZeRO-3 config,
+    micro-batch 2, a high learning rate, one warm-up step, a log line per step)."""
+    root = Path(__file__).resolve().parent.parent
+    return [
+        "--deepspeed_config",
+        str(root / "ds_configs" / "zero3.json"),
+        "--init_from",
+        model_dir,
+        "--output_dir",
+        str(out_dir),
+        "--micro_batch_size",
+        "2",
+        "--max_seq_len",
+        str(seq_len),
+        "--lr",
+        "3e-3",
+        "--warmup_steps",
+        "1",
+        "--log_every",
+        "1",
+        "--num_workers",
+        "1",
+        "--progress_bar",
+        "never",
+    ]

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lumina_fixtures import mixed_items
+from lumina_fixtures import mixed_items, tiny_train_flags
 from reliability_log import record
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -379,26 +379,7 @@ def _train_cmd(tiny, out_dir, max_steps=6, kill_in_save=None):
         *entry,
         "--data_config",
         tiny["data_config"],
-        "--deepspeed_config",
-        str(ROOT / "ds_configs" / "zero3.json"),
-        "--init_from",
-        tiny["model"],
-        "--output_dir",
-        str(out_dir),
-        "--micro_batch_size",
-        "2",
-        "--max_seq_len",
-        str(SEQ_LEN),
-        "--lr",
-        "3e-3",
-        "--warmup_steps",
-        "1",
-        "--log_every",
-        "1",
-        "--num_workers",
-        "1",
-        "--progress_bar",
-        "never",
+        *tiny_train_flags(tiny["model"], out_dir, SEQ_LEN),
         "--max_steps",
         str(max_steps),
         "--save_every",

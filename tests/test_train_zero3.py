@@ -14,6 +14,8 @@ import textwrap
 import pytest
 import torch
 
+from lumina_fixtures import tiny_train_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQ_LEN = 24
 
@@ -148,30 +150,7 @@ def _run(cmd, out_dir):
 
 
 def _common_flags(tiny, out_dir):
-    return [
-        "--deepspeed_config",
-        os.path.join(ROOT, "ds_configs", "zero3.json"),
-        "--init_from",
-        tiny["model"],
-        "--output_dir",
-        str(out_dir),
-        "--micro_batch_size",
-        "2",
-        "--max_seq_len",
-        str(SEQ_LEN),
-        "--lr",
-        "3e-3",
-        "--warmup_steps",
-        "1",
-        "--log_every",
-        "1",
-        "--num_workers",
-        "1",
-        "--progress_bar",
-        "never",
-        "--z_loss_weight",
-        "1e-4",
-    ]
+    return [*tiny_train_flags(tiny["model"], out_dir, SEQ_LEN), "--z_loss_weight", "1e-4"]
 
 
 def _train(tiny, out_dir, *flags):
