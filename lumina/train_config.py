@@ -209,15 +209,10 @@ class DataSettings:
 
     def io_options(self) -> Any:
         """The ``wds_tools`` I/O options these settings ask for (the shard cache)."""
-        from wds_tools.config import parse_bytes
-        from wds_tools.io import IOOptions
+        from wds_tools.cli_options import cache_io_options
 
-        if not self.cache_dir:
-            return IOOptions()
-        if self.cache_max_bytes is None:
-            return IOOptions(cache_dir=self.cache_dir)
-        return IOOptions(
-            cache_dir=self.cache_dir, cache_max_bytes=parse_bytes(self.cache_max_bytes, "--cache_max_bytes")
+        return cache_io_options(
+            self.cache_dir, self.cache_max_bytes, flags=("--cache_dir", "--cache_max_bytes")
         )
 
 

@@ -21,6 +21,7 @@ from typing import Any, Iterable, List, Mapping, Optional, Sequence
 import numpy as np
 
 __all__ = [
+    "check_spans",
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "IDS_SUFFIX",
@@ -155,7 +156,7 @@ def num_in_spans(spans: Iterable[Sequence[int]]) -> int:
 
 
 def _spans_ok(spans: Any, n: int) -> bool:
-    """Fast form of ``_check_spans`` (no message): sorted, disjoint, non-empty, in ``[0, n]``."""
+    """Fast form of ``check_spans`` (no message): sorted, disjoint, non-empty, in ``[0, n]``."""
     if type(spans) is not list:
         return False
     prev = 0
@@ -169,7 +170,7 @@ def _spans_ok(spans: Any, n: int) -> bool:
     return True
 
 
-def _check_spans(spans: Any, n: int, where: str) -> List[List[int]]:
+def check_spans(spans: Any, n: int, where: str) -> List[List[int]]:
     if not isinstance(spans, list):
         raise FormatError(f"{where}: 'supervised' must be a list of [start, end] pairs")
     prev = 0
@@ -310,7 +311,7 @@ def decode_ids_spans(
     except (ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
         raise FormatError(f"{where}: sample {key!r}: bad JSON member: {e!r}") from None
     if check or not _spans_ok(spans, num_tokens):  # bad spans would corrupt or crash labels
-        _check_spans(spans, num_tokens, f"{where}: sample {key!r}")
+        check_spans(spans, num_tokens, f"{where}: sample {key!r}")
     return np.frombuffer(buf, dtype=dtype, count=num_tokens, offset=data), spans, meta
 
 

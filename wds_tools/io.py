@@ -22,6 +22,7 @@ from .transport import (
     IOOptions,
     IOStats,
     ObjectInfo,
+    check_range,
     is_remote,
     join_url,
     local_path,
@@ -53,6 +54,7 @@ __all__ = [
     "scrub",
     "local_path",
     "reset_clients",
+    "readinto_full",
 ]
 
 
@@ -73,8 +75,7 @@ def open_range(url: str, start: int = 0, end: Optional[int] = None, opts: IOOpti
     (except the cache's version check).
     """
     if _cacheable(url, opts):
-        if start < 0 or (end is not None and end < start):
-            raise ValueError(f"bad byte range [{start}, {end}) for {redact(url)}")
+        check_range(url, start, end)  # before a whole-shard download, not after
         path = ShardCache.for_options(opts).fetch(url, opts)
         if path is not None:
             return open_local(path, start, end, opts)
@@ -112,3 +113,21 @@ def object_size(url: str, opts: IOOptions = DEFAULT) -> int:
 def object_version(url: str, opts: IOOptions = DEFAULT) -> str:
     """A string that changes when the object changes (see ``transport.ObjectInfo``)."""
     return object_info(url, opts).version
+
+
+def readinto_full(f: Any, buf: Any) -> int:
+    """Fill ``buf`` (a uint8 numpy array) from the raw stream under the buffered ``f`` (an
+    ``open_range`` stream read only through this function, so its buffer holds nothing); the
+    bytes read (fewer only at the end of
+    the stream). For a read no larger than the stream's buffer, ``f.readinto`` would read into
+    that buffer and copy out again: reading the raw stream saves the second copy (about a tenth
+    of the reader's instructions per sample)."""
+    raw = getattr(f, "raw", f)
+    view = buf.data  # a memoryview of the array
+    got, n = 0, len(buf)
+    while got < n:
+        k = raw.readinto(view[got:])
+        if not k:
+            break
+        got += k
+    return got

@@ -23,7 +23,7 @@ import shutil
 from typing import Iterator, Optional, Tuple
 
 from . import io as wio
-from .transport import _call_with_retries, _s3_client, _s3_error, _s3_split
+from .transport import s3_request, s3_split
 
 __all__ = ["Store", "LocalStore", "S3Store", "open_store", "PART_BYTES"]
 
@@ -114,7 +114,7 @@ class S3Store(Store):
     """``s3://bucket/prefix``: every write is one atomic PUT or one completed multipart upload."""
 
     def __init__(self, url: str, opts: wio.IOOptions = wio.DEFAULT, part_bytes: int = PART_BYTES):
-        self.bucket, key = _s3_split(url.rstrip("/") + "/")
+        self.bucket, key = s3_split(url.rstrip("/") + "/")
         self.prefix = key  # "" or "a/b/"
         self.url = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
         self.opts, self.part_bytes = opts, part_bytes
@@ -124,15 +124,7 @@ class S3Store(Store):
 
     def _call(self, name: str, method: str, **kw):
         """One S3 request, retried on transient errors; permanent ones raise at once."""
-        url = self.url_of(name)
-
-        def fn():
-            try:
-                return getattr(_s3_client(self.opts), method)(**kw)
-            except Exception as e:  # noqa: BLE001 - botocore raises many types
-                raise _s3_error(url, e) from None
-
-        return _call_with_retries(url, fn, self.opts)
+        return s3_request(self.url_of(name), method, self.opts, **kw)
 
     def list(self, prefix: str = "") -> Iterator[Tuple[str, int]]:
         token: Optional[str] = None

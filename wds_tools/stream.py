@@ -231,11 +231,13 @@ class DatasetReader:
                 return sh, None
             base = sh.offsets[a]
             end = sh.offsets[a + n - 1] + sh.lengths[a + n - 1]
+            buf = np.empty(end - base, np.uint8)
             with wio.open_range(sh.url, base, end, self.opts) as f:
-                buf = f.read(end - base)
-            if len(buf) < end - base:
+                got = wio.readinto_full(f, buf)
+            buf.flags.writeable = False  # ids are views of it, read-only as before
+            if got < end - base:
                 raise FormatError(
-                    f"{sh.where}: truncated shard: {len(buf)} of {end - base} bytes "
+                    f"{sh.where}: truncated shard: {got} of {end - base} bytes "
                     f"at byte {base} (samples {a}..{a + n - 1})"
                 )
         except (FormatError, OSError) as e:

@@ -26,7 +26,7 @@ import subprocess
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Tuple
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
 __all__ = [
@@ -36,7 +36,11 @@ __all__ = [
     "stats",
     "DEFAULT",
     "open_direct",
+    "open_local",
+    "check_range",
     "object_info",
+    "s3_request",
+    "s3_split",
     "join_url",
     "is_remote",
     "redact",
@@ -159,7 +163,7 @@ def join_url(base: str, rel: str) -> str:
     if base.startswith(("http://", "https://")):
         return urljoin(base, rel)
     if base.startswith("s3://"):
-        bucket, key = _s3_split(base)
+        bucket, key = s3_split(base)
         if rel.startswith("/"):
             return f"s3://{bucket}{posixpath.normpath(rel)}"
         joined = posixpath.normpath(posixpath.join(posixpath.dirname(key), rel))
@@ -171,7 +175,8 @@ def join_url(base: str, rel: str) -> str:
     return os.path.normpath(os.path.join(os.path.dirname(local_path(base)), rel))
 
 
-def _s3_split(url: str):
+def s3_split(url: str) -> Tuple[str, str]:
+    """(bucket, key) of an ``s3://BUCKET/KEY`` URL."""
     parts = urlsplit(url)
     if not parts.netloc:
         raise ValueError(f"{redact(url)}: an s3 URL needs a bucket (s3://BUCKET/KEY)")
@@ -509,7 +514,7 @@ def _s3_error(url: str, e: Exception) -> Exception:
 
 
 def _s3_opener(url: str, opts: IOOptions):
-    bucket, key = _s3_split(url)
+    bucket, key = s3_split(url)
 
     def open_at(pos: int, end: Optional[int]):
         kw = {}
@@ -556,6 +561,12 @@ class _S3Body:
 # --- public API ------------------------------------------------------------------------------
 
 
+def check_range(url: str, start: int, end: Optional[int]) -> None:
+    """Refuse a byte range ``[start, end)`` that cannot exist (ValueError naming the URL)."""
+    if start < 0 or (end is not None and end < start):
+        raise ValueError(f"bad byte range [{start}, {end}) for {redact(url)}")
+
+
 def open_direct(
     url: str, start: int = 0, end: Optional[int] = None, opts: IOOptions = DEFAULT
 ) -> io.BufferedReader:
@@ -565,8 +576,7 @@ def open_direct(
     Remote streams resume where they broke; see the module docstring. Nothing is requested
     until the first read.
     """
-    if start < 0 or (end is not None and end < start):
-        raise ValueError(f"bad byte range [{start}, {end}) for {redact(url)}")
+    check_range(url, start, end)
     if url.startswith("pipe:"):
         if not opts.allow_pipe:
             raise ValueError(
@@ -659,16 +669,23 @@ def _http_probe(url: str, opts: IOOptions) -> ObjectInfo:
     return ObjectInfo(size, f"{size}|{r.headers.get('ETag', '')}|{r.headers.get('Last-Modified', '')}")
 
 
-def _s3_head(url: str, opts: IOOptions) -> dict:
-    bucket, key = _s3_split(url)
+def s3_request(url: str, method: str, opts: IOOptions = DEFAULT, **kw: Any) -> Any:
+    """One S3 client call (``head_object``, ``put_object``, ...) about ``url``, retried on
+    transient errors; permanent ones (not found, access denied) raise at once, named by the
+    redacted URL."""
 
-    def head():
+    def call():
         try:
-            return _s3_client(opts).head_object(Bucket=bucket, Key=key)
-        except Exception as e:  # noqa: BLE001
+            return getattr(_s3_client(opts), method)(**kw)
+        except Exception as e:  # noqa: BLE001 - botocore raises many types
             raise _s3_error(url, e) from None
 
-    return _call_with_retries(url, head, opts)
+    return _call_with_retries(url, call, opts)
+
+
+def _s3_head(url: str, opts: IOOptions) -> dict:
+    bucket, key = s3_split(url)
+    return s3_request(url, "head_object", opts, Bucket=bucket, Key=key)
 
 
 def object_info(url: str, opts: IOOptions = DEFAULT) -> ObjectInfo:

@@ -51,7 +51,7 @@ from .format import (
     IDS_SUFFIX,
     JSON_SUFFIX,
     FormatError,
-    _check_spans,
+    check_spans,
     num_in_spans,
     spans_to_labels,
 )
@@ -107,7 +107,7 @@ def decode_tokens(sample: Mapping[str, Any]) -> Dict[str, Any]:
         spans, meta = doc["supervised"], doc.get("meta", {})
     except (ValueError, TypeError, KeyError, AttributeError) as e:
         raise FormatError(f"{where}: bad {JSON_SUFFIX} member: {e!r}") from None
-    _check_spans(spans, int(ids.shape[0]), where)
+    check_spans(spans, int(ids.shape[0]), where)
     return {
         "__key__": key,
         "__url__": url,
