@@ -13,16 +13,8 @@
 set -euo pipefail
 
 PYTHON=${PYTHON:-python}
-OUT=""
-args=("$@")
-for ((i = 0; i < ${#args[@]}; i++)); do
-  case "${args[$i]}" in
-    --out_dir) OUT="${args[$((i + 1))]:-}" ;;
-    --out_dir=*) OUT="${args[$i]#--out_dir=}" ;;
-    --splits | --splits=* | --rank | --rank=* | --device | --device=*)
-      echo "pre_tokenize.sh: do not pass ${args[$i]}; the script sets it per rank" >&2; exit 2 ;;
-  esac
-done
+. "$(dirname "$0")/pretok_args.sh"
+OUT=$(pretok_out pre_tokenize.sh "the script sets it per rank" "$@") || exit 2
 if [[ -z "$OUT" ]]; then
   echo "usage: $0 --in_filename IN --out_dir OUT [lumina pre-tokenize flags]" >&2
   exit 2

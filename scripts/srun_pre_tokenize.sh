@@ -22,16 +22,12 @@
 set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
 PYTHON=${PYTHON:-python}
-OUT=""
-args=("$@")
-for ((i = 0; i < ${#args[@]}; i++)); do
-  case "${args[$i]}" in
-    --out_dir) OUT="${args[$((i + 1))]:-}" ;;
-    --out_dir=*) OUT="${args[$i]#--out_dir=}" ;;
-    --splits | --splits=* | --rank | --rank=* | --device | --device=*)
-      echo "srun_pre_tokenize.sh: do not pass ${args[$i]}; SLURM sets it per task" >&2; exit 2 ;;
-  esac
-done
+[ -f scripts/pretok_args.sh ] || {
+  echo "srun_pre_tokenize.sh: submit from the repository root (no scripts/pretok_args.sh in $PWD)" >&2
+  exit 2
+}
+. scripts/pretok_args.sh
+OUT=$(pretok_out srun_pre_tokenize.sh "SLURM sets it per task" "$@") || exit 2
 if [[ -z "$OUT" ]]; then
   echo "usage: sbatch [slurm options] $0 --in_filename IN --out_dir OUT [lumina pre-tokenize flags]" >&2
   exit 2
