@@ -33,6 +33,37 @@ def slow_adapter(item):
     return item
 
 
+def killable_pretok_cmd(in_file, out_dir, tiny, target_size: int) -> list:
+    """``python -m lumina.pre_tokenize`` for the SIGKILL-and-rerun tests: small batches and
+    shards, one worker, and :func:`slow_adapter`, so a kill lands mid-run."""
+    import sys
+
+    return [
+        sys.executable,
+        "-m",
+        "lumina.pre_tokenize",
+        "--in_filename",
+        str(in_file),
+        "--out_dir",
+        str(out_dir),
+        "--tokenizer",
+        tiny[0],
+        "--vq_model",
+        tiny[1],
+        "--target_size",
+        str(target_size),
+        "--num_workers",
+        "1",
+        "--batch_size",
+        "2",
+        "--max_samples_per_shard",
+        "3",
+        "--no_progress",
+        "--adapter",
+        "lumina_fixtures:slow_adapter",
+    ]
+
+
 def smooth_image(h: int, w: int, seed: int, channels: int = 3):
     """A deterministic, compressible test picture (uint8 array)."""
     import numpy as np

@@ -19,7 +19,7 @@ from PIL import Image
 from lumina.pre_tokenize import PreTokenizeConfig, run_config
 from lumina.pre_tokenize import main as pre_tokenize_main
 
-from lumina_fixtures import mixed_items, png_header_only
+from lumina_fixtures import killable_pretok_cmd, mixed_items, png_header_only
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO = TESTS_DIR.parent
@@ -276,31 +276,8 @@ def test_bad_config_is_a_clear_error(tiny_dirs, tmp_path, dataset):
 # Resume: SIGKILL mid-run, rerun the same command, same dataset as an uninterrupted run
 
 
-def _cli(in_file, out_dir, tiny_dirs):
-    return [
-        sys.executable,
-        "-m",
-        "lumina.pre_tokenize",
-        "--in_filename",
-        str(in_file),
-        "--out_dir",
-        str(out_dir),
-        "--tokenizer",
-        tiny_dirs[0],
-        "--vq_model",
-        tiny_dirs[1],
-        "--target_size",
-        str(TARGET),
-        "--num_workers",
-        "1",
-        "--batch_size",
-        "2",
-        "--max_samples_per_shard",
-        "3",
-        "--no_progress",
-        "--adapter",
-        "lumina_fixtures:slow_adapter",
-    ]
+def _cli(in_file, out_dir, tiny):
+    return killable_pretok_cmd(in_file, out_dir, tiny, TARGET)
 
 
 @pytest.mark.slow

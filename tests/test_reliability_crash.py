@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lumina_fixtures import mixed_items, tiny_train_flags
+from lumina_fixtures import killable_pretok_cmd, mixed_items, tiny_train_flags
 from reliability_log import record
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -127,30 +127,7 @@ def test_latest_resolution_ignores_incomplete_checkpoints(tmp_path):
 
 
 def _pretok_cli(in_file, out_dir, tiny):
-    return [
-        sys.executable,
-        "-m",
-        "lumina.pre_tokenize",
-        "--in_filename",
-        str(in_file),
-        "--out_dir",
-        str(out_dir),
-        "--tokenizer",
-        tiny[0],
-        "--vq_model",
-        tiny[1],
-        "--target_size",
-        "256",
-        "--num_workers",
-        "1",
-        "--batch_size",
-        "2",
-        "--max_samples_per_shard",
-        "3",
-        "--no_progress",
-        "--adapter",
-        "lumina_fixtures:slow_adapter",
-    ]
+    return killable_pretok_cmd(in_file, out_dir, tiny, 256)
 
 
 def _read_dataset(out_dir):
