@@ -14,7 +14,17 @@ Layout under ``--output_dir``::
     trainer_meta.json            the TrainConfig the run was started with
 
 The client state (saved by rank 0 in the model-states file) holds the step, every rank's loader
-state (gathered: each rank's loader has its own position) and the cumulative per-dataset counts.
+state (gathered: each rank's loader has its own position), the cumulative per-dataset counts and
+the layout (processes, micro-batch, accumulation); the completion marker repeats the layout, so
+a resume reads it before building the engine, without unpickling anything.
+
+Resuming under another layout: ZeRO-3 shards the fp32 master weights and Adam moments by the
+number of processes, so a checkpoint written by N processes loads only under N. When the number
+changes, rank 0 converts the tag once with DeepSpeed's ``ds_to_universal`` into
+``checkpoints/universal/TAG/`` (atomic: written beside it, renamed when complete; reused when
+present) and the engine loads it with ``"checkpoint": {"load_universal": true}``
+(:func:`convert_to_universal`). Micro-batch or accumulation changes alone keep the shards as
+they are.
 
 Which checkpoint is the latest: DeepSpeed's ``latest`` file is not a commit point (rank 0 writes
 it after its own files; a rank killed inside a save leaves a tag folder with torn or missing
@@ -32,10 +42,14 @@ the trainer's save step in a test-only entry point; nothing here knows about the
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
 import shutil
+import subprocess
+import sys
+import time
 from typing import Any, Optional
 
 from wds_tools.contract import write_json_atomic
@@ -44,7 +58,14 @@ __all__ = [
     "CLIENT_STATE_VERSION",
     "check_client_state",
     "checkpoint_root",
+    "clear_tag",
     "client_state",
+    "convert_to_universal",
+    "layout_changes",
+    "saved_layout",
+    "saved_optimizer_groups",
+    "train_layout",
+    "universal_path",
     "find_latest",
     "is_complete",
     "list_checkpoints",
@@ -59,7 +80,16 @@ __all__ = [
 CLIENT_STATE_VERSION = 1
 MARKER_NAME = "lumina_complete.json"
 ROOT_MARKER_NAME = "lumina_markers.json"
+UNIVERSAL_DIR = "universal"
+UNIVERSAL_MARKER_NAME = "lumina_universal.json"
+# The layout a checkpoint records, with the words the resume log line uses for each entry.
+LAYOUT_KEYS = {
+    "world_size": "processes",
+    "micro_batch_size": "micro-batch",
+    "grad_accum": "grad accumulation",
+}
 _TAG_RE = re.compile(r"^step_(\d+)$")
+_MODEL_STATES = "zero_pp_rank_*_mp_rank_00_model_states.pt"
 
 
 def checkpoint_root(output_dir: str) -> str:
@@ -92,9 +122,25 @@ def unmark(root: str, tag: str) -> None:
         pass
 
 
-def mark_complete(root: str, tag: str, step: int, world_size: int) -> dict:
-    """Write ``tag``'s completion marker: every file below it with its size (rank 0, after every
-    rank's files are written)."""
+def clear_tag(root: str, tag: str) -> None:
+    """Remove ``tag`` and its universal conversion before saving over it (rank 0): a crash leaves
+    it unmarked, and no shard of an earlier save under more processes stays beside the new ones
+    (they would be listed as complete and mixed into a later load or conversion)."""
+    unmark(root, tag)
+    for folder in (os.path.join(root, tag), universal_path(root, tag)):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def mark_complete(
+    root: str,
+    tag: str,
+    step: int,
+    world_size: int,
+    layout: Optional[dict] = None,
+    optimizer_groups: Optional[list[dict]] = None,
+) -> dict:
+    """Write ``tag``'s completion marker: every file below it with its size, the run's ``layout``
+    and the optimizer's per-group settings (rank 0, after every rank's files are written)."""
     folder = os.path.join(root, tag)
     files = {}
     for dirpath, _, names in os.walk(folder):
@@ -103,7 +149,12 @@ def mark_complete(root: str, tag: str, step: int, world_size: int) -> dict:
                 continue
             full = os.path.join(dirpath, name)
             files[os.path.relpath(full, folder)] = os.path.getsize(full)
-    doc = {"tag": tag, "step": step, "world_size": world_size, "files": dict(sorted(files.items()))}
+    doc: dict = {"tag": tag, "step": step, "world_size": world_size}
+    if layout is not None:
+        doc["layout"] = layout
+    if optimizer_groups is not None:
+        doc["optimizer_groups"] = optimizer_groups
+    doc["files"] = dict(sorted(files.items()))
     write_json_atomic(os.path.join(folder, MARKER_NAME), doc, indent=1)
     return doc
 
@@ -210,6 +261,7 @@ def prune_checkpoints(root: str, keep_last: int) -> list[str]:
         doomed += [t for s, t in _tag_folders(root) if s < found[-1][0] and t not in complete]
     for tag in doomed:
         shutil.rmtree(os.path.join(root, tag), ignore_errors=True)
+        shutil.rmtree(universal_path(root, tag), ignore_errors=True)
     return sorted(doomed)
 
 
@@ -229,21 +281,139 @@ def copy_tokenizer(candidates: list[Optional[str]], dest: str) -> Optional[str]:
     return None
 
 
-def client_state(step: int, loader_states: list[Any], data_counts: dict, world_size: int) -> dict:
+def train_layout(world_size: int, micro_batch_size: int, grad_accum: int) -> dict:
+    """The layout a checkpoint records: what may differ when it is resumed."""
+    return {"world_size": world_size, "micro_batch_size": micro_batch_size, "grad_accum": grad_accum}
+
+
+def saved_layout(root: str, tag: str) -> dict:
+    """The layout ``tag`` was written under, from its completion marker (no unpickling).
+
+    Markers written before layouts were recorded give the world size only (micro-batch and
+    accumulation None: unknown); a tag without a marker counts its model-state files.
+    """
+    try:
+        with open(os.path.join(root, tag, MARKER_NAME)) as fh:
+            doc = json.load(fh)
+    except (OSError, ValueError):
+        doc = {}
+    layout = doc.get("layout") if isinstance(doc, dict) else None
+    if isinstance(layout, dict):
+        return {key: layout.get(key) for key in LAYOUT_KEYS}
+    world = doc.get("world_size") if isinstance(doc, dict) else None
+    if not isinstance(world, int):
+        world = len(glob.glob(os.path.join(root, tag, _MODEL_STATES))) or None
+    return {"world_size": world, "micro_batch_size": None, "grad_accum": None}
+
+
+def saved_optimizer_groups(root: str, tag: str) -> Optional[list[dict]]:
+    """The optimizer's per-group settings ``tag``'s marker recorded (weight decay, betas...), or
+    None. DeepSpeed 0.19's universal load of ZeRO-3 gives every group the first group's settings,
+    so the trainer puts these back after it (norms and biases would decay otherwise)."""
+    try:
+        with open(os.path.join(root, tag, MARKER_NAME)) as fh:
+            groups = json.load(fh).get("optimizer_groups")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return groups if isinstance(groups, list) else None
+
+
+def layout_changes(saved: dict, now: dict) -> list[str]:
+    """What differs between a checkpoint's layout and this run's, in words (``processes 2 -> 1``);
+    entries the checkpoint does not know (None) are not compared."""
+    return [
+        f"{words} {saved[key]} -> {now[key]}"
+        for key, words in LAYOUT_KEYS.items()
+        if saved.get(key) is not None and saved[key] != now[key]
+    ]
+
+
+def universal_path(root: str, tag: str) -> str:
+    """Where :func:`convert_to_universal` puts ``tag``'s universal checkpoint (a sibling folder)."""
+    return os.path.join(root, UNIVERSAL_DIR, tag)
+
+
+def convert_to_universal(root: str, tag: str) -> tuple[str, float]:
+    """``tag`` as DeepSpeed's universal checkpoint (``ds_to_universal``), for a load under another
+    number of processes: ``(folder, seconds)``; 0 seconds when an earlier conversion is reused.
+
+    One process (rank 0) calls it. The tool writes into a temporary folder beside the target,
+    which is renamed once complete (with a marker naming the source), so a crash mid-conversion
+    leaves nothing that looks converted. Runs in a child process: the tool prints progress and
+    loads every shard, and its memory goes back when it exits. A failure is a one-line ConfigError
+    with the tool's last error line.
+    """
+    from lumina.train_config import ConfigError
+
+    src, dest = os.path.join(root, tag), universal_path(root, tag)
+    if _converted(dest, tag):
+        return dest, 0.0
+    parent = os.path.dirname(dest)
+    os.makedirs(parent, exist_ok=True)
+    for stale in glob.glob(f"{dest}.tmp*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = f"{dest}.tmp{os.getpid()}"
+    t0 = time.perf_counter()
+    cmd = [
+        sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+        "--input_folder", src, "--output_folder", tmp,
+        "--num_extract_workers", "1", "--num_merge_workers", "1",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TQDM_DISABLE="1"))
+    if proc.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        lines = [x.strip() for x in (proc.stderr + proc.stdout).splitlines() if x.strip()]
+        errors = [x for x in lines if "Error" in x or "error" in x] or lines or ["(no output)"]
+        raise ConfigError(
+            f"--resume: DeepSpeed's ds_to_universal could not convert {src} for a load under "
+            f"another number of processes (exit {proc.returncode}): {errors[-1]}"
+        )
+    write_json_atomic(os.path.join(tmp, UNIVERSAL_MARKER_NAME), {"source": tag, "version": 1}, indent=1)
+    shutil.rmtree(dest, ignore_errors=True)
+    os.rename(tmp, dest)
+    # The tool points ``latest_universal`` (beside its output) at the temporary name: name the tag.
+    with open(os.path.join(parent, "latest_universal"), "w") as fh:
+        fh.write(tag)
+    return dest, time.perf_counter() - t0
+
+
+def _converted(dest: str, tag: str) -> bool:
+    try:
+        with open(os.path.join(dest, UNIVERSAL_MARKER_NAME)) as fh:
+            return json.load(fh).get("source") == tag
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def client_state(
+    step: int,
+    loader_states: list[Any],
+    data_counts: dict,
+    world_size: int,
+    layout: Optional[dict] = None,
+) -> dict:
     """What the trainer adds to a DeepSpeed checkpoint (rank 0 writes it): the step, every rank's
-    loader state (rank order), the cumulative per-dataset counts and the world size."""
-    return {
+    loader state (rank order), the cumulative per-dataset counts, the world size and the layout
+    (:func:`train_layout`)."""
+    state = {
         "version": CLIENT_STATE_VERSION,
         "step": step,
         "world_size": world_size,
         "loader_states": loader_states,
         "data_counts": data_counts,
     }
+    if layout is not None:
+        state["layout"] = layout
+    return state
 
 
-def check_client_state(state: Any, where: str, world_size: int) -> dict:
+def check_client_state(state: Any, where: str, world_size: Optional[int]) -> dict:
     """``state`` (a loaded client state) if this trainer can continue from it, else a one-line
-    ConfigError naming the checkpoint ``where`` and both versions (or both world sizes)."""
+    ConfigError naming the checkpoint ``where`` and both versions (or both world sizes).
+
+    ``world_size`` None accepts any world size (the trainer: the universal conversion and the
+    loader take care of another layout); a number refuses a state written by another one.
+    """
     from lumina.train_config import ConfigError
 
     version = state.get("version") if isinstance(state, dict) else None
@@ -252,7 +422,7 @@ def check_client_state(state: Any, where: str, world_size: int) -> dict:
             f"the checkpoint {where} holds trainer state version {version!r}; this "
             f"trainer reads version {CLIENT_STATE_VERSION}"
         )
-    if state.get("world_size") != world_size:
+    if world_size is not None and state.get("world_size") != world_size:
         raise ConfigError(
             f"the checkpoint {where} was written by {state.get('world_size')} ranks, "
             f"this run has {world_size}: the loader positions are per rank"

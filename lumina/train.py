@@ -14,12 +14,16 @@ loss live in :mod:`lumina.model` / :mod:`lumina.loss`, checkpoints in :mod:`lumi
 the settings in :mod:`lumina.train_config`, the data in ``wds_tools``. Metrics stay on the device
 (or the host, when they come from the CPU batch) and are reduced every ``--log_every`` steps: that
 is the only host sync the loop adds. ``--pack true`` trains on packed rows (several samples per
-row, attention kept inside each sample: :mod:`lumina.packing`).
+row, attention kept inside each sample: :mod:`lumina.packing`); ``--max_tokens N`` sizes
+micro-batches by tokens instead of samples. ``--resume auto`` continues under another number of
+processes, micro-batch size or accumulation (:meth:`Trainer.prepare_resume`).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import inspect
 import json
 import logging
 import math
@@ -53,6 +57,7 @@ __all__ = [
     "build_engine",
     "lr_lambda",
     "main",
+    "resolved_deepspeed_config",
     "run",
     "train",
     "wds_loader_factory",
@@ -93,16 +98,24 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     return fn
 
 
-def build_engine(cfg: TrainConfig, dist: DistInfo, fresh_start: bool = True) -> tuple[Any, dict]:
-    """The DeepSpeed engine around :class:`lumina.model.LuminaChameleon`, and the resolved config."""
+def resolved_deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
+    """The DeepSpeed config of ``cfg`` for ``world_size`` processes (batch sizes filled in)."""
+    return resolve_deepspeed_config(
+        load_deepspeed_json(cfg.deepspeed_config), cfg.data, cfg.optim, world_size
+    )
+
+
+def build_engine(
+    cfg: TrainConfig, dist: DistInfo, fresh_start: bool = True, ds: Optional[dict] = None
+) -> tuple[Any, dict]:
+    """The DeepSpeed engine around :class:`lumina.model.LuminaChameleon`, and the resolved config
+    (``ds``, or :func:`resolved_deepspeed_config`)."""
     import deepspeed
     import torch
 
     from lumina.model import build_model, optimizer_groups
 
-    ds = resolve_deepspeed_config(
-        load_deepspeed_json(cfg.deepspeed_config), cfg.data, cfg.optim, dist.world_size
-    )
+    ds = ds if ds is not None else resolved_deepspeed_config(cfg, dist.world_size)
     torch.manual_seed(cfg.data.seed)
     model, handle = build_model(cfg.model, cfg.loss, ds, rank=dist.rank, zero_image_rows=fresh_start)
     groups = optimizer_groups(model, cfg.optim.weight_decay)
@@ -117,24 +130,44 @@ def build_engine(cfg: TrainConfig, dist: DistInfo, fresh_start: bool = True) -> 
     return engine, ds
 
 
-def wds_loader_factory(cfg: TrainConfig, rank: int, world_size: int, micro_batch_size: int):
-    """The streamed WebDataset mixture of ``--data_config`` (wds_tools)."""
+def wds_loader_factory(
+    cfg: TrainConfig, rank: int, world_size: int, micro_batch_size: int, grad_accum: int = 1
+):
+    """The streamed WebDataset mixture of ``--data_config`` (wds_tools); a setting the loader
+    refuses (``--max_tokens`` with a bounded mixture...) is a one-line ConfigError.
+
+    ``grad_accum`` goes to loaders that take it (micro-batches per optimizer step: part of how a
+    layout-free position maps to this rank's micro-batches).
+    """
     from wds_tools.loader import build_loader
 
-    if not cfg.data.data_config:
+    data = cfg.data
+    if not data.data_config:
         raise ConfigError("--data_config is required (a data config YAML or a manifest)")
-    return build_loader(
-        cfg.data.data_config,
-        rank=rank,
-        world_size=world_size,
-        batch_size=micro_batch_size,
-        num_workers=cfg.data.num_workers,
-        max_seq_len=cfg.data.max_seq_len,
-        pad_id=cfg.data.pad_id,
-        seed=cfg.data.seed,
-        pack=cfg.data.pack,
-        io_options=cfg.data.io_options(),
-    )
+    extra: dict = {}
+    if data.max_tokens is not None:
+        extra["max_tokens"] = data.max_tokens
+    if "grad_accum" in inspect.signature(build_loader).parameters:
+        extra["grad_accum"] = grad_accum
+    try:
+        return build_loader(
+            data.data_config,
+            rank=rank,
+            world_size=world_size,
+            batch_size=micro_batch_size,
+            num_workers=data.num_workers,
+            max_seq_len=data.max_seq_len,
+            pad_id=data.pad_id,
+            seed=data.seed,
+            pack=data.pack,
+            io_options=data.io_options(),
+            **extra,
+        )
+    except ValueError as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        flag = "--max_tokens" if data.max_tokens is not None and "max_tokens" in str(exc) else "--data_config"
+        raise ConfigError(f"{flag}: {exc}") from None
 
 
 # Peak dense bf16 FLOP/s of known accelerators (by device-name substring), for the MFU estimate.
@@ -253,6 +286,56 @@ def _write_run_files(cfg: TrainConfig, engine: Any) -> None:
         log.warning("no tokenizer found (set --tokenizer); exports will not hold one")
 
 
+# Optimizer group entries the LR scheduler owns (the same in every group of this trainer).
+_SCHEDULED = ("params", "lr", "initial_lr")
+
+
+def _group_settings(engine: Any) -> list[dict]:
+    """Each optimizer parameter group's settings (weight decay, betas, eps...), JSON-safe."""
+
+    def plain(v: Any) -> bool:
+        return v is None or isinstance(v, (bool, int, float, str))
+
+    out = []
+    for group in engine.optimizer.optimizer.param_groups:  # ZeRO-3 wraps the torch optimizer
+        entry = {}
+        for key, value in group.items():
+            if key in _SCHEDULED:
+                continue
+            if isinstance(value, (tuple, list)) and all(plain(v) for v in value):
+                entry[key] = list(value)
+            elif plain(value):
+                entry[key] = value
+        out.append(entry)
+    return out
+
+
+def _mend_universal_load(engine: Any, saved: list[dict], where: str) -> None:
+    """Undo two slips of DeepSpeed 0.19.8's universal load under ZeRO-3 (measured here):
+
+    * every parameter group gets the first group's settings: put each group's ``saved``
+      settings back (else norms and biases decay like matrices);
+    * every group's Adam state shares one ``step`` tensor, which torch's AdamW increments in
+      place once per group, so the step count (and the bias correction) ran ahead: give each
+      its own copy.
+    """
+    import torch
+
+    optimizer = engine.optimizer.optimizer  # ZeRO-3 wraps the torch optimizer
+    groups = optimizer.param_groups
+    if len(saved) != len(groups):
+        raise ConfigError(
+            f"--resume: the checkpoint {where} has {len(saved)} optimizer groups, this run {len(groups)}"
+        )
+    for group, entry in zip(groups, saved):
+        for key, value in entry.items():
+            if key not in _SCHEDULED:
+                group[key] = tuple(value) if isinstance(value, list) else value
+    for state in optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+
+
 class Trainer:
     """One training run, in named steps: :meth:`resume_or_start`, then :meth:`fit`, which runs
     :meth:`train_step` (one optimizer step of ``grad_accum`` micro-batches) until ``--max_steps``,
@@ -281,12 +364,15 @@ class Trainer:
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
         self.resume = ckpt_lib.resolve_resume(cfg.ckpt.resume, cfg.ckpt.output_dir)
-        self.engine, ds = build_engine(cfg, dist, fresh_start=self.resume is None)
-        self.grad_accum = ds["gradient_accumulation_steps"]
-        self.loader = (loader_factory or wds_loader_factory)(
-            cfg, dist.rank, dist.world_size, ds["train_micro_batch_size_per_gpu"]
-        )
         self.root = ckpt_lib.checkpoint_root(cfg.ckpt.output_dir)
+        ds = resolved_deepspeed_config(cfg, dist.world_size)
+        self.grad_accum = ds["gradient_accumulation_steps"]
+        micro = ds["train_micro_batch_size_per_gpu"]
+        self.layout = ckpt_lib.train_layout(dist.world_size, micro, self.grad_accum)
+        self.load_from = self.prepare_resume(ds)
+        self.engine, ds = build_engine(cfg, dist, fresh_start=self.resume is None, ds=ds)
+        factory = loader_factory or functools.partial(wds_loader_factory, grad_accum=self.grad_accum)
+        self.loader = factory(cfg, dist.rank, dist.world_size, micro)
         self.step, self.last_saved = 0, -1
         self.counts: dict = {"samples": Counter(), "tokens": Counter()}
         self.stop_at = min(cfg.ckpt.max_steps, cfg.ckpt.stop_after or cfg.ckpt.max_steps)
@@ -305,20 +391,67 @@ class Trainer:
         self.peak_flops = _peak_flops(cfg, dist.device)
 
     # -- the run's position ---------------------------------------------------------------------
+    def prepare_resume(self, ds: dict) -> Optional[tuple[str, str]]:
+        """Where the engine loads the resumed checkpoint from: its tag folder, or, when the number
+        of processes changed, DeepSpeed's universal conversion of it (rank 0 converts once, the
+        others wait; ``ds`` is told to load it). Logs one line when the layout changed.
+
+        ZeRO-3 shards the fp32 master weights and Adam moments over the processes, so only a
+        change in their number needs the conversion; a micro-batch or accumulation change alone
+        loads the shards as they are (the loader maps its position to the new batches).
+        """
+        if self.resume is None:
+            return None
+        root, tag = self.resume
+        changes = ckpt_lib.layout_changes(ckpt_lib.saved_layout(root, tag), self.layout)
+        if not changes:
+            return self.resume
+        dist, note = self.dist, "the ZeRO-3 shards load as they are"
+        load_from = self.resume
+        if any(c.startswith(ckpt_lib.LAYOUT_KEYS["world_size"]) for c in changes):
+            seconds, failure = 0.0, None
+            if dist.is_main:
+                try:
+                    _, seconds = ckpt_lib.convert_to_universal(root, tag)
+                except ConfigError as exc:
+                    failure = str(exc)
+            failure = gather_objects(failure, dist.world_size)[0]  # the others wait for rank 0
+            if failure:
+                raise ConfigError(failure)
+            ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
+            load_from = (os.path.join(root, ckpt_lib.UNIVERSAL_DIR), tag)
+            how = f"converted in {seconds:.1f} s" if seconds else "converted before"
+            note = f"model and optimizer from DeepSpeed's universal checkpoint ({how})"
+        if dist.is_main:
+            print(
+                f"resuming {os.path.join(root, tag)} under another layout: {', '.join(changes)}; {note}",
+                flush=True,
+            )
+        return load_from
+
     def resume_or_start(self) -> None:
         """Continue from the checkpoint ``--resume`` resolved to, or write a fresh run's files."""
-        if self.resume is None:
+        if self.resume is None or self.load_from is None:
             if self.dist.is_main:
                 _write_run_files(self.cfg, self.engine)
                 ckpt_lib.use_markers(self.root)
             return
         where = os.path.join(*self.resume)
-        path, state = self.engine.load_checkpoint(self.resume[0], tag=self.resume[1])
+        settings = _group_settings(self.engine)  # this run's, for checkpoints that lack them
+        path, state = self.engine.load_checkpoint(self.load_from[0], tag=self.load_from[1])
         if path is None:
             raise ConfigError(f"--resume: could not load the checkpoint {where}")
-        state = ckpt_lib.check_client_state(state, where, self.dist.world_size)
+        if self.load_from != self.resume:  # the universal path
+            saved = ckpt_lib.saved_optimizer_groups(*self.resume) or settings
+            _mend_universal_load(self.engine, saved, where)
+        state = ckpt_lib.check_client_state(state, where, None)
         self.step = self.last_saved = int(state["step"])
-        self.loader.load_state_dict({"ranks": state["loader_states"]})
+        try:
+            self.loader.load_state_dict({"ranks": state["loader_states"]})
+        except ValueError as exc:
+            if isinstance(exc, ConfigError):
+                raise
+            raise ConfigError(f"--resume: the loader cannot continue from {where}: {exc}") from None
         self.counts = {k: Counter(v) for k, v in state.get("data_counts", self.counts).items()}
         if self.dist.is_main:
             print(f"resumed from {where} at step {self.step}", flush=True)
@@ -475,16 +608,20 @@ class Trainer:
 
         dist, root, tag = self.dist, self.root, ckpt_lib.tag_for_step(self.step)
         loader_states = self.loader.gather_state_dicts()["ranks"]  # a collective: every rank
-        state = ckpt_lib.client_state(
-            self.step, loader_states, {k: dict(v) for k, v in self.counts.items()}, dist.world_size
-        )
-        if dist.is_main:  # saving over a tag (after a resume from an older one): unmarked until done
-            ckpt_lib.unmark(root, tag)
+        counts = {k: dict(v) for k, v in self.counts.items()}
+        state = ckpt_lib.client_state(self.step, loader_states, counts, dist.world_size, self.layout)
+        if dist.is_main and os.path.exists(os.path.join(root, tag)):
+            # Saving over a tag (after a resume from an older one): gone until marked again, with
+            # no shard of an earlier save under more processes left beside the new ones.
+            ckpt_lib.clear_tag(root, tag)
+        if dist.world_size > 1:
+            torch.distributed.barrier()  # no rank writes into the tag before it is cleared
         self.write_checkpoint(tag, state)
         if dist.world_size > 1:
             torch.distributed.barrier()  # every rank's files are written
         if dist.is_main:
-            ckpt_lib.mark_complete(root, tag, self.step, dist.world_size)
+            groups = _group_settings(self.engine)
+            ckpt_lib.mark_complete(root, tag, self.step, dist.world_size, self.layout, groups)
             deleted = ckpt_lib.prune_checkpoints(root, self.cfg.ckpt.keep_last)
             print(
                 f"saved checkpoint {os.path.join(root, tag)}"

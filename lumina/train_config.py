@@ -188,6 +188,13 @@ class DataSettings:
         "(attention stays inside each sample, positions restart per sample); "
         "--micro_batch_size then counts rows. Needs an unbounded mixture",
     )
+    max_tokens: Optional[int] = _opt(
+        None,
+        "token-budget micro-batches: consecutive samples while rows x longest row stays "
+        "within N positions (and --micro_batch_size rows, the row cap), so short samples make "
+        "wide micro-batches; samples are cut to min(--max_seq_len, N). Not with --pack; needs "
+        "an unbounded mixture (no max_epochs: stop by --max_steps)",
+    )
     pad_id: int = _opt(0, "input id used for right padding (labels are -100 there)")
     seed: int = _opt(0, "seed of the data order, the initialisation and dropout")
     cache_dir: Optional[str] = _opt(
@@ -205,6 +212,14 @@ class DataSettings:
             value = getattr(self, name)
             _check(value is None or value > 0, f"--{name} must be > 0, got {value}")
         _check(self.num_workers >= 0, f"--num_workers must be >= 0, got {self.num_workers}")
+        _check(
+            self.max_tokens is None or self.max_tokens > 0, f"--max_tokens must be > 0, got {self.max_tokens}"
+        )
+        _check(
+            self.max_tokens is None or not self.pack,
+            "--max_tokens and --pack true exclude each other (packing already fills rows to "
+            "--max_seq_len tokens): drop one",
+        )
         _check(self.cache_max_bytes is None or bool(self.cache_dir), "--cache_max_bytes needs --cache_dir")
 
     def io_options(self) -> Any:

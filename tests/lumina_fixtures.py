@@ -156,3 +156,71 @@ def tiny_train_flags(model_dir: str, out_dir, seq_len: int) -> list:
         "--progress_bar",
         "never",
     ]
+
+
+def torchrun_cmd(nproc: int, *args: str) -> list:
+    """``torchrun --standalone --nproc_per_node N`` (as ``python -m torch.distributed.run``) + args."""
+    import sys
+
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+
+
+def fp32_zero3_config(path) -> str:
+    """The shipped ZeRO-3 JSON with bf16 off, written to ``path``: runs compared across layouts
+    then differ only by fp32 reduction order, not by bf16 rounding of differently shaped sums."""
+    import json
+
+    root = Path(__file__).resolve().parent.parent
+    ds = json.loads((root / "lumina" / "ds_configs" / "zero3.json").read_text())
+    ds["bf16"] = {"enabled": False}
+    Path(path).write_text(json.dumps(ds, indent=1))
+    return str(path)
+
+
+def write_uniform_mixture(root, vocab: int, num_samples: int = 12, seq_len: int = 16) -> str:
+    """Two datasets ('a', 'b') of ``num_samples`` random samples, every one ``seq_len`` tokens with
+    its first 4 unsupervised, mixed 50/50 in a YAML; returns the YAML's path.
+
+    Equal lengths and equal supervised counts make every micro-batch of a given size hold the same
+    number of supervised tokens, so the loss of a global batch (mean of per-micro-batch means) does
+    not depend on how the batch is split over ranks and accumulation steps."""
+    import numpy as np
+
+    from wds_tools.merge import merge
+    from wds_tools.writer import ShardWriter
+
+    root = Path(root)
+    for name, seed in (("a", 1), ("b", 2)):
+        rng = np.random.default_rng(seed)
+        with ShardWriter(str(root / name), vocab_size=vocab, max_samples=4) as w:
+            for i in range(num_samples):
+                ids = rng.integers(5, vocab, seq_len)
+                labels = ids.copy()
+                labels[:4] = -100
+                w.write(f"{name}-{i:04d}", ids, labels=labels)
+        merge(str(root / name))
+    path = root / "mix.yaml"
+    path.write_text(
+        "seed: 0\nweight_by: samples\ndatasets:\n"
+        "  - {name: a, manifest: a/index.json, weight: 0.5}\n"
+        "  - {name: b, manifest: b/index.json, weight: 0.5}\n"
+    )
+    return str(path)
+
+
+def rank_pid(launcher_pid: int, rank: int):
+    """The pid of ``rank`` among the children of a ``torchrun`` launcher (None if not there yet):
+    the process a SIGKILL test ends, as a node failure would."""
+    import os
+
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            env = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == launcher_pid and f"RANK={rank}".encode() in env:
+            return int(entry)
+    return None
