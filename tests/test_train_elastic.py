@@ -482,9 +482,12 @@ def test_sigkill_then_one_process_then_two_continues_the_uninterrupted_run(tiny,
         assert marker.exists() and victim is not None, "the first run never reached its first checkpoint"
         os.kill(victim, signal.SIGKILL)
         assert proc.wait(timeout=120) != 0
-    finally:
-        if proc.poll() is None:
+    finally:  # the launcher's session: rank 0 and the loader workers, whatever is left of them
+        try:
             os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
     from lumina.checkpoint import find_latest
 
     resumed_at = int(find_latest(str(out / "checkpoints")).split("_")[1])
@@ -502,3 +505,15 @@ def test_sigkill_then_one_process_then_two_continues_the_uninterrupted_run(tiny,
     worst = _compare(a, b, range(resumed_at + 1, STEPS + 1))
     assert sum(b[STEPS]["dataset_samples"].values()) == 4 * STEPS
     print(f"elastic resume at step {resumed_at}: worst relative loss difference {worst:.2e}")
+
+
+@pytest.mark.slow
+def test_max_tokens_run_sizes_micro_batches_by_tokens(tiny):
+    """``--max_tokens 40`` with 16-token samples and a row cap of 4: 2 samples per micro-batch
+    (3 would be 48 positions), so 3 steps of 1 process consume 6 samples."""
+    out = tiny["base"] / "max_tokens"
+    _train(tiny, 1, out, "--max_steps", "3", "--micro_batch_size", "4", "--max_tokens", "40")
+    m = _metrics(out)
+    assert sorted(m) == [1, 2, 3]
+    assert sum(m[3]["dataset_samples"].values()) == 6 and m[3]["padding_share"] == 0.0
+    assert sum(m[3]["dataset_tokens"].values()) == 6 * 16
