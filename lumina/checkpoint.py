@@ -129,6 +129,7 @@ def clear_tag(root: str, tag: str) -> None:
     unmark(root, tag)
     for folder in (os.path.join(root, tag), universal_path(root, tag)):
         shutil.rmtree(folder, ignore_errors=True)
+    _drop_empty_universal(root)
 
 
 def mark_complete(
@@ -262,7 +263,15 @@ def prune_checkpoints(root: str, keep_last: int) -> list[str]:
     for tag in doomed:
         shutil.rmtree(os.path.join(root, tag), ignore_errors=True)
         shutil.rmtree(universal_path(root, tag), ignore_errors=True)
+    _drop_empty_universal(root)
     return sorted(doomed)
+
+
+def _drop_empty_universal(root: str) -> None:
+    """Remove ``universal/`` once no conversion is left in it (only the tool's pointer file)."""
+    folder = os.path.join(root, UNIVERSAL_DIR)
+    if os.path.isdir(folder) and not any(os.path.isdir(os.path.join(folder, n)) for n in os.listdir(folder)):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def copy_tokenizer(candidates: list[Optional[str]], dest: str) -> Optional[str]:
