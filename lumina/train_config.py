@@ -250,7 +250,9 @@ class CheckpointConfig:
         "auto",
         "'auto': continue from the latest checkpoint in "
         "--output_dir/checkpoints if any; 'never': refuse to start over one; "
-        "or a checkpoint folder (a step_* tag folder)",
+        "or a checkpoint folder (a step_* tag folder). Another number of processes, "
+        "--micro_batch_size or --grad_accum than the checkpoint's is fine (a change of processes "
+        "converts it once to DeepSpeed's universal form)",
     )
 
     def __post_init__(self) -> None:
