@@ -667,6 +667,7 @@ def two_dataset_config(
         "seed": seed,
         "on_error": on_error,
         "shuffle": {"shards": True, "samples": True, "block_size": 16, "window_blocks": 4},
+        "partitions": 2,  # slices of 150: several windows each, so shards are read mid-stream
         "datasets": [
             {
                 "name": "a",

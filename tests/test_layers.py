@@ -191,7 +191,10 @@ def test_the_cli_works_without_torch(two_datasets, tmp_path):
     p = _cli(["merge", os.path.dirname(b)], str(tmp_path))
     assert p.returncode == 0 and os.path.exists(b), p.stderr[-2000:]
     out = tmp_path / "s.jsonl"
-    p = _cli(["stream", cfg, "--batch-size", "4", "--batches", "5", "--output", str(out)], str(tmp_path))
+    p = _cli(
+        ["stream", cfg, "--rank", "0", "--batch-size", "4", "--batches", "5", "--output", str(out)],
+        str(tmp_path),
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(rows) == 5 and all(len(r["samples"]) == 4 for r in rows)
@@ -202,5 +205,8 @@ def test_the_cli_works_without_torch(two_datasets, tmp_path):
     it = iter(loader)
     for r in rows:
         assert [s["key"] for s in r["samples"]] == next(it)["__key__"]
-    p = _cli(["stream", cfg, "--num-workers", "2"], str(tmp_path))
+    p = _cli(["stream", cfg, "--rank", "0", "--num-workers", "2"], str(tmp_path))
     assert p.returncode == 2 and "need torch" in p.stderr and "Traceback" not in p.stderr
+    # the whole-run replay simulates the workers in process: no torch needed
+    p = _cli(["stream", cfg, "--num-workers", "2", "--world-size", "2", "--steps", "2"], str(tmp_path))
+    assert p.returncode == 0 and len(p.stdout.splitlines()) == 4, p.stderr[-2000:]

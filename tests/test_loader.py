@@ -67,7 +67,7 @@ def test_batches_hold_the_samples_their_keys_name(data, tmp_path):
     it = iter(loader)
     for _ in range(30):
         b = next(it)
-        assert set(b) == {"input_ids", "labels", "attention_mask", "lengths", "dataset", "__key__"}
+        assert set(b) == {"input_ids", "labels", "attention_mask", "lengths", "dataset", "__key__", "epoch"}
         assert b["input_ids"].dtype == torch.int64 and b["input_ids"].shape[0] == 4
         for r, key in enumerate(b["__key__"]):
             ids, labels = truth[key]
@@ -99,8 +99,9 @@ def test_every_prefix_tracks_sample_weights_over_very_different_sizes(data, tmp_
             counts[names.index(d)] += 1
             n += 1
             worst = max(worst, float(np.abs(counts - w * n).max()))
-    # each worker is within one sample of the weights; the rank interleaves two of them
-    assert worst <= 2.0, worst
+    # each canonical partition is within one sample of the weights; a rank's micro-batches
+    # interleave its partitions (6 here), whose mixers start phase-shifted
+    assert worst <= 4.0, worst
     st = loader.stats()
     assert [d["samples"] for d in st["datasets"]] == counts.tolist()
     # 120 "tiny" samples over 2 readers of 20 per epoch: it wrapped (a new shuffled epoch)...
@@ -120,7 +121,8 @@ def test_token_weighting_tracks_token_shares(data, tmp_path):
         for d, n in zip(b["dataset"], lens):
             tok[names.index(d)] += n
             worst = max(worst, float(np.abs(tok - w * tok.sum()).max()))
-    assert worst <= 2 * 48, worst  # within one (truncated) sample's tokens per worker
+    # each partition is within one (truncated) sample's tokens; a rank interleaves 6 of them
+    assert worst <= 4 * 48, worst
     assert np.abs(tok / tok.sum() - w).max() < 0.01
 
 
@@ -135,11 +137,12 @@ def test_one_bounded_epoch_reads_every_sample_once(data, tmp_path):
                 {"manifest": m["tiny"], "weight": 1, "max_epochs": 1},
             ],
             shuffle={"block_size": 8},
+            partitions=2,
         )
     )
     loader = build_loader(cfg, rank=0, world_size=1, batch_size=5, num_workers=2, max_seq_len=64)
     keys = [k for b in loader for k in b["__key__"]]
-    # 2 readers: each owns 150 of "mid" and 20 of "tiny" = 170 samples = 34 batches of 5
+    # 2 partitions: each owns 150 of "mid" and 20 of "tiny" = 170 samples; 340 = 68 batches of 5
     assert len(loader) == 68 and len(keys) == 340 == len(set(keys))
     assert {k for k in keys if k.startswith("mid")} == {f"mid-{i:06d}" for i in range(300)}
     assert len({k for k in keys if k.startswith("tiny")}) == 40
@@ -202,6 +205,7 @@ def test_two_ranks_two_workers_equal_batches_disjoint_complete(data, tmp_path):
             {"manifest": m["d2"], "weight": 1, "max_epochs": 1},
         ],
         shuffle={"block_size": 8},
+        partitions=4,
     )
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -209,7 +213,7 @@ def test_two_ranks_two_workers_equal_batches_disjoint_complete(data, tmp_path):
     mp.spawn(_distributed_worker, args=(2, cfg, port, str(tmp_path)), nprocs=2, join=True)
     res = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
     assert [r["rank"] for r in res] == [0, 1] and res[0]["world"] == 2 and res[0]["states"] == 2
-    # 4 readers; per reader 100 + 32 + 9 = 141 samples = 47 batches of 3; 2 readers per rank
+    # 4 partitions of 100 + 32 + 9 = 141 samples: 564 = 94 global micro-batches of 2 x 3
     assert len(res[0]["batches"]) == len(res[1]["batches"]) == res[0]["len"] == 94
     keys = [k for r in res for b in r["batches"] for k in b]
     assert len(keys) == len(set(keys))  # disjoint across ranks and workers
@@ -259,19 +263,32 @@ def test_resume_yields_exactly_the_uninterrupted_batches(data, tmp_path, num_wor
             assert torch.equal(a["position_ids"], b["position_ids"])
 
 
-def test_load_state_refuses_another_layout(data, tmp_path):
+def test_a_state_loads_under_another_layout_only_whole(data, tmp_path):
     cfg = mix_config(data, tmp_path)
-    sd = build_loader(cfg, world_size=2, rank=1, batch_size=4, num_workers=2).state_dict()
-    with pytest.raises(ValueError, match="world_size"):
-        build_loader(cfg, world_size=4, rank=1, batch_size=4, num_workers=2).load_state_dict(sd)
-    with pytest.raises(ValueError, match="num_workers"):
-        build_loader(cfg, world_size=2, rank=1, batch_size=4, num_workers=1).load_state_dict(sd)
+    kw = dict(batch_size=4, num_workers=2, output="numpy")
+    los = [
+        build_loader(cfg, world_size=2, rank=r, num_workers=0, batch_size=4, output="numpy") for r in range(2)
+    ]
+    for lo in los:
+        next(iter(lo))
+    sds = [lo.state_dict() for lo in los]
+    assert los[0].num_partitions == 12  # 6 per rank of the first layout
+    # one rank's state holds only its own partitions: enough for a rank that serves a subset of
+    # them (rank 1 of 4: partitions 1, 5, 9), not for one that serves others
+    build_loader(cfg, world_size=4, rank=1, **kw).load_state_dict(sds[1])
+    with pytest.raises(ValueError, match="gather_state_dicts"):
+        build_loader(cfg, world_size=4, rank=0, **kw).load_state_dict(sds[1])
+    with pytest.raises(ValueError, match="does not divide the run's 12 partitions"):
+        build_loader(cfg, world_size=5, rank=1, batch_size=4, output="numpy").load_state_dict({"ranks": sds})
     with pytest.raises(ValueError, match="version"):
-        build_loader(cfg, world_size=2, rank=1, batch_size=4, num_workers=2).load_state_dict(
-            dict(sd, version=99)
-        )
-    ok = build_loader(cfg, world_size=2, rank=1, batch_size=4, num_workers=2)
-    ok.load_state_dict({"ranks": [None, sd]})  # a gathered state: each rank picks its own
+        build_loader(cfg, world_size=2, rank=1, **kw).load_state_dict(dict(sds[1], version=1))
+    with pytest.raises(ValueError, match="seed"):
+        build_loader(cfg, world_size=2, rank=1, seed=7, **kw).load_state_dict({"ranks": sds})
+    with pytest.raises(ValueError, match="partitions=24"):
+        build_loader(cfg, world_size=2, rank=1, partitions=24, **kw).load_state_dict({"ranks": sds})
+    ok = build_loader(cfg, world_size=3, rank=2, batch_size=2, output="numpy")
+    ok.load_state_dict({"ranks": sds})  # 3 ranks x 4 partitions: loads
+    assert ok.num_partitions == 12 and ok.batches_delivered == 1
 
 
 def _truncate_shard(src_manifest, dst_root):
@@ -345,11 +362,13 @@ def test_a_huge_manifest_is_planned_lazily(data, tmp_path, monkeypatch):
     )
     cfg = load_data_config(write_config(str(tmp_path / "huge.yaml"), [{"manifest": str(path)}]))
     t = time.perf_counter()
-    b = next(iter(build_loader(cfg, batch_size=16, num_workers=0, max_seq_len=64)))
+    loader = build_loader(cfg, batch_size=16, num_workers=0, max_seq_len=64)
+    b = next(iter(loader))
     assert (
         time.perf_counter() - t < 10.0
     )  # laziness is the open count below; this only catches O(shards) work
-    assert b["input_ids"].shape[0] == 16 and len(opened) <= cfg.shuffle.window_blocks
+    # each of the rank's partitions opened at most its first window's shards
+    assert b["input_ids"].shape[0] == 16 and len(opened) <= loader.num_partitions * cfg.shuffle.window_blocks
 
 
 @pytest.mark.slow  # DataLoader workers

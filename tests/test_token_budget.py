@@ -14,7 +14,7 @@ import pytest
 from wds_tools.config import load_data_config
 from wds_tools.loader import build_loader
 from wds_tools.reader import iter_samples
-from wds_tools.stream import _SlotStream, build_stream
+from wds_tools.stream import NumpyBackend, build_stream
 from wds_tools.stream_cli import main as stream_main
 
 from loader_fixtures import make_dataset, write_config
@@ -145,7 +145,7 @@ def test_resume_yields_exactly_the_uninterrupted_batches(data, tmp_path, num_wor
         next(it)
     state = json.loads(json.dumps(first.state_dict()))
     del it
-    assert state["max_tokens"] == BUDGET
+    assert state["layout"]["max_tokens"] == BUDGET
     again = build_loader(cfg, **kw)
     again.load_state_dict(state)
     rest = take(again, 20 - stop)
@@ -156,44 +156,45 @@ def test_resume_yields_exactly_the_uninterrupted_batches(data, tmp_path, num_wor
         assert b["input_ids"].shape[0] * b["input_ids"].shape[1] <= BUDGET
 
 
-def _consumer_batches(cfg, rank, slot, n, **kw):
-    """The first ``n`` batch plans of one (rank, worker slot): what that worker computes."""
-    loader = build_stream(cfg, rank=rank, **kw)  # not iterated: no workers, no torch
-    c = _SlotStream(loader).consumer(slot)
-    return [c.next_plan() for _ in range(n)]
+def _simulated(cfg, rank, n, **kw):
+    """The first ``n`` micro-batches of one rank, its workers run in this process (no torch),
+    and the loader."""
+    loader = build_stream(cfg, rank=rank, backend=NumpyBackend(simulate_workers=True), **kw)
+    return take(loader, n), loader
 
 
 def test_two_ranks_two_workers_read_each_epoch_once(data, tmp_path):
     _, m, truth = data
     cfg = config(data, tmp_path, names=("long",), weights=(1,))
     kw = dict(world_size=2, num_workers=2, batch_size=ROWS, max_seq_len=CAP, max_tokens=BUDGET)
-    n, consumers = 403, 4
-    per = n // consumers  # samples of one consumer per epoch
+    n = 403
     epoch0 = []
     for rank in range(2):
-        for slot in range(2):
-            plans = _consumer_batches(cfg, rank, slot, 60, **kw)
-            assert all(len(p["keys"]) * p["shape"][2] <= BUDGET for p in plans)
-            keys = [k for p in plans for k in p["keys"]]
-            assert len(keys) > per  # the consumer went on into epoch 1
-            epoch0 += keys[:per]
-    assert len(epoch0) == len(set(epoch0)) == n - n % consumers  # nothing repeated or lost
+        got, loader = _simulated(cfg, rank, 150, **kw)
+        assert all(len(b["__key__"]) * b["input_ids"].shape[1] <= BUDGET for b in got)
+        epoch0 += [k for b in got for k, e in zip(b["__key__"], b["epoch"]) if e == 0]
+        parts = loader.state_dict()["parts"]
+        assert len(parts) == loader.num_partitions // 2  # every partition of the rank took part...
+        assert all(p["datasets"]["long"]["reader"][0] >= 1 for p in parts.values())  # ...into epoch 1
+    K = loader.num_partitions
+    assert len(epoch0) == len(set(epoch0)) == n - n % K  # nothing repeated or lost
     assert set(epoch0) <= {k for k in truth if k.startswith("long-")}
 
 
 @pytest.mark.slow  # DataLoader workers
 def test_ranks_get_the_batches_their_workers_plan(data, tmp_path):
-    """Through real workers and transfer batches, each rank delivers its two consumers' batches
-    in turn (3 per turn); both ranks always have a next batch (an unbounded stream)."""
+    """Through real workers and transfer batches, each rank delivers the micro-batches its
+    workers build in turn (worker u % 2 builds micro-batch u whole); both ranks always have a
+    next batch (an unbounded stream)."""
     cfg = config(data, tmp_path, names=("short", "long"), weights=(0.6, 0.4))
     kw = dict(world_size=2, num_workers=2, batch_size=ROWS, max_seq_len=CAP, max_tokens=BUDGET)
     for rank in range(2):
         got = take(build_loader(cfg, rank=rank, transfer_batches=3, output="numpy", **kw), 12)
         assert len(got) == 12
-        plans = [_consumer_batches(cfg, rank, slot, 6, **kw) for slot in range(2)]
-        want = [plans[(i // 3) % 2][(i // 6) * 3 + i % 3] for i in range(12)]
+        want, _ = _simulated(cfg, rank, 12, transfer_batches=3, **kw)
         for b, p in zip(got, want):
-            assert b["__key__"] == p["keys"] and b["input_ids"].shape == p["shape"][1:]
+            assert b["__key__"] == p["__key__"] and b["input_ids"].shape == p["input_ids"].shape
+            assert np.array_equal(b["input_ids"], p["input_ids"])
 
 
 def test_bounded_streams_and_packing_are_refused(data, tmp_path):
@@ -207,14 +208,21 @@ def test_bounded_streams_and_packing_are_refused(data, tmp_path):
             build_loader(cfg, batch_size=8, max_tokens=bad, output="numpy")
 
 
-def test_state_of_another_budget_is_refused(data, tmp_path):
-    cfg = config(data, tmp_path)
+def test_a_state_loads_under_another_budget_with_nothing_repeated(data, tmp_path):
+    cfg = config(data, tmp_path, names=("long",), weights=(1,))
     kw = dict(rank=0, world_size=1, batch_size=ROWS, max_seq_len=CAP, output="numpy")
-    sd = build_loader(cfg, max_tokens=BUDGET, **kw).state_dict()
-    with pytest.raises(ValueError, match="max_tokens"):
-        build_loader(cfg, max_tokens=2 * BUDGET, **kw).load_state_dict(sd)
-    with pytest.raises(ValueError, match="max_tokens"):
-        build_loader(cfg, **kw).load_state_dict(sd)
+    first = build_loader(cfg, max_tokens=BUDGET, **kw)
+    a = take(first, 30)
+    after = build_loader(cfg, max_tokens=2 * BUDGET, **kw)  # a wider budget from here on
+    after.load_state_dict(first.state_dict())
+    b = take(after, 30)
+    assert max(len(x["__key__"]) * x["input_ids"].shape[1] for x in b) > BUDGET  # the new budget
+    keys = [k for x in a + b for k, e in zip(x["__key__"], x["epoch"]) if e == 0]
+    assert len(keys) == len(set(keys))  # nothing of epoch 0 twice across the change
+    plain = build_loader(cfg, **kw)  # and fixed-size micro-batches continue too
+    plain.load_state_dict(after.state_dict())
+    c = take(plain, 5)
+    assert all(len(x["__key__"]) == ROWS for x in c)
 
 
 @pytest.mark.parametrize("weight_by", ["samples", "tokens"])
@@ -251,6 +259,8 @@ def test_stream_cli_replays_budget_batches(data, tmp_path):
         stream_main(
             [
                 str(tmp_path / "budget.yaml"),
+                "--rank",
+                "0",
                 "--max-tokens",
                 str(BUDGET),
                 "--batch-size",

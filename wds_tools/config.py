@@ -42,6 +42,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from .io import IOOptions, redact
+from .schedule import WeightSchedule, parse_weight
 
 __all__ = [
     "DatasetConfig",
@@ -77,6 +78,11 @@ class DatasetConfig:
     ratio: Optional[float] = None
     max_epochs: Optional[int] = None
     group: str = "default"
+    schedule: Optional[WeightSchedule] = None  # weight over optimizer steps (``weight`` = its first)
+    restart: bool = False  # at a resume: start this dataset over (its content changed on purpose)
+
+    def weight_at(self, step: float) -> float:
+        return self.schedule.at(step) if self.schedule is not None else self.weight
 
 
 @dataclass(frozen=True)
@@ -112,6 +118,12 @@ class DataConfig:
     allowed_roots: Tuple[str, ...] = ()  # where manifests may live; () = anywhere
     verify_checksums: bool = False  # re-hash every shard on open (sha256 vs its index)
     cache: Optional[CacheConfig] = None  # cache remote shards whole in a local folder
+    partitions: Optional[int] = None  # canonical partitions (None: chosen at the run's start)
+    stratified: bool = False  # every global batch holds exactly its dataset counts
+
+    @property
+    def scheduled(self) -> bool:
+        return any(d.schedule is not None for d in self.datasets)
 
     def io_options(self, base: IOOptions) -> IOOptions:
         """``base`` with what this config switches on: ``allow_pipe``, ``verify_checksums`` and
@@ -187,6 +199,8 @@ def parse_data_config(
         "allowed_roots",
         "verify_checksums",
         "cache",
+        "partitions",
+        "stratified",
     }
     _no_unknown(doc, known, where)
     pipe_ok = _bool(doc.get("allow_pipe", False), f"{where}: allow_pipe") or bool(allow_pipe)
@@ -218,6 +232,8 @@ def parse_data_config(
         allowed_roots=tuple(cfg_roots or ()) + tuple(caller_roots or ()),
         verify_checksums=_bool(doc.get("verify_checksums", False), f"{where}: verify_checksums"),
         cache=_cache(doc.get("cache"), f"{where}: cache", base_dir),
+        partitions=_opt_int(doc.get("partitions"), f"{where}: partitions", lo=1),
+        stratified=_bool(doc.get("stratified", False), f"{where}: stratified"),
     )
 
 
@@ -315,14 +331,14 @@ def _dataset_entries(
         if not isinstance(e, Mapping):
             raise ValueError(f"{at}: must be a mapping with 'manifest' and 'weight'")
         at = _named(at, e)
-        _no_unknown(e, {"name", "manifest", "weight", "max_epochs", "group", "weight_by"}, at)
+        _no_unknown(e, {"name", "manifest", "weight", "max_epochs", "group", "weight_by", "restart"}, at)
         if "weight_by" in e:
             raise ValueError(
                 f"{at}: weight_by: set 'weight_by' once at the top level (a mixture "
                 "is in samples or in tokens, not both)"
             )
         manifest = _manifest(e.get("manifest"), f"{at}: manifest", base_dir, policy)
-        weight = _positive(e.get("weight", 1.0), f"{at}: weight")
+        weight, schedule = parse_weight(e.get("weight", 1.0), f"{at}: weight")
         out.append(
             DatasetConfig(
                 name=_name(e.get("name"), manifest, f"{at}: name"),
@@ -330,6 +346,8 @@ def _dataset_entries(
                 weight=weight,
                 max_epochs=_opt_int(e.get("max_epochs"), f"{at}: max_epochs", lo=1),
                 group=_group(e.get("group", "default"), f"{at}: group"),
+                schedule=schedule,
+                restart=_bool(e.get("restart", False), f"{at}: restart"),
             )
         )
     return out
@@ -549,7 +567,14 @@ def config_summary(cfg: DataConfig) -> Dict[str, Any]:
         "weight_by": cfg.weight_by,
         "on_error": cfg.on_error,
         "shuffle": vars(cfg.shuffle).copy(),
-        "datasets": [dict(vars(d), manifest=redact(d.manifest)) for d in cfg.datasets],
+        "datasets": [
+            dict(
+                vars(d),
+                manifest=redact(d.manifest),
+                schedule=None if d.schedule is None else d.schedule.to_json(),
+            )
+            for d in cfg.datasets
+        ],
         **({"allowed_roots": [redact(r) for r in cfg.allowed_roots]} if cfg.allowed_roots else {}),
         **({"allow_pipe": True} if cfg.allow_pipe else {}),
         **({"cache": vars(cfg.cache).copy()} if cfg.cache is not None else {}),

@@ -21,19 +21,21 @@ from . import io as wio
 from .config import DataConfig
 from .stream import (
     STATE_VERSION,
-    Consumer,
     DatasetReader,
     NumpyBackend,
+    Partition,
     StreamingLoader,
     build_stream,
     iter_mixed,
     load_plans,
+    merge_states,
 )
 
 __all__ = [
     "build_loader",
     "StreamingLoader",
-    "Consumer",
+    "Partition",
+    "merge_states",
     "DatasetReader",
     "load_plans",
     "iter_mixed",
@@ -63,6 +65,8 @@ def build_loader(
     output: str = "torch",
     io_options: wio.IOOptions = wio.DEFAULT,
     max_tokens: Optional[int] = None,
+    grad_accum: int = 1,
+    partitions: Optional[int] = None,
 ) -> StreamingLoader:
     """The loader of one data-parallel rank.
 
@@ -73,17 +77,16 @@ def build_loader(
             ``RANK``/``WORLD_SIZE`` environment (set by ``deepspeed`` and ``torchrun``), else 0/1.
         batch_size: samples per batch (rows per batch when packing; with ``max_tokens``, the
             most samples of a micro-batch).
-        num_workers: DataLoader worker processes (0: read in this process). Part of the data
-            layout: every rank must use the same value, and a resumed run too.
+        num_workers: DataLoader worker processes (0: read in this process); every worker builds
+            its part of every micro-batch. At most ``partitions / world_size``.
         max_seq_len: samples are truncated on the right to this many tokens.
         pad_id: input id of padding (labels are -100 there, attention mask 0).
         seed: overrides the config's seed.
         pack: put several samples in each row, with ``position_ids`` and ``segment_ids``.
         prefetch_factor: chunks each worker prepares ahead.
         pin_memory: expand worker batches into pinned memory (with CUDA).
-        transfer_batches: a worker sends this many consecutive batches at once (one shared
-            memory buffer: far less per-batch overhead in the training process). Part of the
-            data layout with ``num_workers`` > 1: a worker's turn is this many batches.
+        transfer_batches: a worker sends its pieces of this many consecutive batches at once
+            (one shared memory buffer: far less per-batch overhead in the training process).
         shuffle, max_epochs: override the config (``shuffle=False``: stored order;
             ``max_epochs``: every dataset ends after that many epochs).
         output: ``"torch"`` (int64 tensors) or ``"numpy"`` (int64 arrays; with
@@ -93,8 +96,15 @@ def build_loader(
         max_tokens: token-budget micro-batches: consecutive samples of the stream while the
             padded batch (rows x its longest row, after truncation) stays within ``max_tokens``
             positions and ``batch_size`` rows, so short samples make wide batches. A sample is
-            truncated to ``min(max_seq_len, max_tokens)``. Part of the data layout. Needs an
-            unbounded stream (no ``max_epochs``: stop by steps) and no packing.
+            truncated to ``min(max_seq_len, max_tokens)``. Needs an unbounded stream (no
+            ``max_epochs``: stop by steps) and no packing.
+        grad_accum: micro-batches per optimizer step (the loader counts steps for weight
+            schedules and stratified batches; the global batch is ``batch_size * grad_accum *
+            world_size``).
+        partitions: the run's canonical partitions ``K`` (default: the config's
+            ``partitions``, else ``12 * world_size`` at the start of a run; a resumed run keeps
+            its own). A run can resume on any world size that divides ``K``; nothing else about
+            the layout is fixed. See ``docs/streaming.md`` (elastic resume).
     """
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {', '.join(OUTPUTS)}, got {output!r}")
@@ -128,4 +138,6 @@ def build_loader(
         backend=backend,
         io_options=io_options,
         max_tokens=max_tokens,
+        grad_accum=grad_accum,
+        partitions=partitions,
     )

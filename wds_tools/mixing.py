@@ -3,22 +3,29 @@ dataset. Pure arithmetic over the manifests' per-shard counts; nothing here read
 
 Vocabulary:
 
-- **consumer**: one (rank, worker slot) pair; ``consumer = rank * num_slots + slot``. Every
-  consumer reads its own part of every dataset.
+- **partition**: one of the run's ``K`` canonical partitions (fixed when the run starts, not tied
+  to ranks or workers: rank ``r`` of ``W`` serves partitions ``p % W == r``). Every partition
+  reads its own part of every dataset. (``consumer`` below is a partition.)
 - **epoch slice**: in epoch ``e`` of a dataset, the shards are put in a seeded order, their
-  samples seen as one sequence of ``N`` samples, cut into ``C`` contiguous slices of
-  ``L = N // C`` samples; consumer ``c`` owns slice ``c``. The last ``N % C`` samples of the
+  samples seen as one sequence of ``N`` samples, cut into ``C = K`` contiguous slices of
+  ``L = N // C`` samples; partition ``c`` owns slice ``c``. The last ``N % C`` samples of the
   sequence (a different set each epoch) are the only ones not read in that epoch.
 - **block**: up to ``block_size`` consecutive samples of one shard (one sequential read);
   **window**: ``window_blocks`` consecutive blocks of the seeded block order, whose samples are
   shuffled together. A consumer's slice is read window after window.
-- **mixer**: picks the dataset of every sample by the largest deficit ``w_i * (U + 1) - U_i``
-  (``U`` counted in samples or tokens), batch by batch for groups first, so every prefix of the
-  stream is within about one sample (or one sample's tokens) of the weights per group.
+- **mixer**: picks the dataset of every sample by the largest deficit ``T_i + w_i - U_i``, where
+  ``U_i`` counts the units (samples or tokens) taken and ``T_i`` integrates the target share
+  over the units taken (``w_i * U`` for fixed weights), so every prefix of the stream is within
+  about one sample (or one sample's tokens) of the weights, and a weight schedule is followed
+  as it moves. Seeds use a stable hash of the dataset's *name*, so adding or removing datasets
+  never reshuffles the others.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import zlib
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -26,7 +33,7 @@ import numpy as np
 
 from .config import DataConfig, DatasetConfig, ShuffleConfig
 
-__all__ = ["DatasetPlan", "EpochSlice", "Mixer", "rng_for", "dataset_weights"]
+__all__ = ["DatasetPlan", "EpochSlice", "Mixer", "rng_for", "dataset_weights", "name_key"]
 
 # tags that keep the seed streams of different decisions apart
 _SHARDS, _BLOCKS, _WINDOW = 1, 2, 3
@@ -35,6 +42,11 @@ _SHARDS, _BLOCKS, _WINDOW = 1, 2, 3
 def rng_for(*words: int) -> np.random.Generator:
     """A generator that is a pure function of ``words`` (seed, dataset, epoch, ...)."""
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(w) for w in words])))
+
+
+def name_key(name: str) -> int:
+    """A stable 32-bit number of a dataset name (its seed word)."""
+    return zlib.crc32(name.encode("utf-8"))
 
 
 @dataclass
@@ -49,6 +61,7 @@ class DatasetPlan:
     shard_tokens: np.ndarray  # int64 [num_shards]
     num_samples: int
     num_tokens: int
+    fingerprint: str = ""  # of the content: shard checksums (or names) and counts
 
     @classmethod
     def from_manifest(cls, index: int, config: DatasetConfig, manifest: Dict[str, Any]) -> "DatasetPlan":
@@ -62,11 +75,21 @@ class DatasetPlan:
             shard_tokens=np.array([s["num_tokens"] for s in shards], dtype=np.int64),
             num_samples=int(manifest["num_samples"]),
             num_tokens=int(manifest["num_tokens"]),
+            fingerprint=_fingerprint(shards),
         )
 
     @property
     def name(self) -> str:
         return self.config.name
+
+    @property
+    def key(self) -> int:
+        """Seed word of this dataset (its name's, not its position's)."""
+        return name_key(self.config.name)
+
+    @property
+    def mean_tokens(self) -> float:
+        return self.num_tokens / max(1, self.num_samples)
 
     def samples_per_epoch(self, num_consumers: int) -> int:
         """``L``: samples each consumer reads per epoch of this dataset."""
@@ -100,7 +123,7 @@ class EpochSlice:
         self.consumer = consumer
         counts = plan.shard_samples
         if shuffle.shards:
-            order = rng_for(seed, plan.index, epoch, _SHARDS).permutation(len(counts))
+            order = rng_for(seed, plan.key, epoch, _SHARDS).permutation(len(counts))
         else:
             order = np.arange(len(counts))
         cum = np.zeros(len(order) + 1, dtype=np.int64)
@@ -120,7 +143,7 @@ class EpochSlice:
         b_len = np.minimum(bs, stops[seg] - b_start)
         b_shard = shards[seg]
         if shuffle.samples:
-            perm = rng_for(seed, plan.index, epoch, _BLOCKS, consumer).permutation(len(b_len))
+            perm = rng_for(seed, plan.key, epoch, _BLOCKS, consumer).permutation(len(b_len))
             b_start, b_len, b_shard = b_start[perm], b_len[perm], b_shard[perm]
         self.block_shard, self.block_start, self.block_len = b_shard, b_start, b_len
         wb = shuffle.window_blocks
@@ -145,7 +168,7 @@ class EpochSlice:
         size = int(self.window_start[w + 1] - self.window_start[w])
         if self.shuffle.samples:
             order = (
-                rng_for(self.seed, self.plan.index, self.epoch, _WINDOW, self.consumer, w)
+                rng_for(self.seed, self.plan.key, self.epoch, _WINDOW, self.consumer, w)
                 .permutation(size)
                 .tolist()
             )
@@ -163,33 +186,51 @@ class EpochSlice:
         return out
 
 
-def dataset_weights(cfg: DataConfig, plans: Sequence[DatasetPlan]) -> np.ndarray:
-    """Normalized target shares (of samples or of tokens, as ``cfg.weight_by`` says).
+def _fingerprint(shards: Sequence[Dict[str, Any]]) -> str:
+    """What identifies a dataset's content across moves: per shard its sha256 (or file name)
+    and counts, in order."""
+    parts = [
+        [s.get("sha256") or str(s["url"]).rsplit("/", 1)[-1], int(s["num_samples"]), int(s["num_tokens"])]
+        for s in shards
+    ]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+
+def dataset_weights(cfg: DataConfig, plans: Sequence[DatasetPlan], step: float = 0) -> np.ndarray:
+    """Normalized target shares (of samples or of tokens, as ``cfg.weight_by`` says) at
+    optimizer step ``step`` (weights may be schedules).
 
     A dataset with a ``ratio`` (the reference's ``META`` form) weighs ``ratio`` times its size
     (samples, or tokens when weighting by tokens)."""
+    w = np.asarray(raw_weights(cfg, plans, step), dtype=np.float64)
+    if not w.sum() > 0:
+        raise ValueError(f"{cfg.source}: all dataset weights are zero at step {step:g}")
+    return w / w.sum()
+
+
+def raw_weights(cfg: DataConfig, plans: Sequence[DatasetPlan], step: float = 0) -> List[float]:
+    """Unnormalized weights at ``step`` (``ratio`` resolved against the manifest sizes)."""
     raw: List[float] = []
     for p in plans:
         if p.config.ratio is not None:
             size = p.num_tokens if cfg.weight_by == "tokens" else p.num_samples
             raw.append(p.config.ratio * size)
         else:
-            raw.append(p.config.weight)
-    w = np.asarray(raw, dtype=np.float64)
-    if not w.sum() > 0:
-        raise ValueError(f"{cfg.source}: all dataset weights are zero (empty datasets?)")
-    return w / w.sum()
+            raw.append(p.config.weight_at(step))
+    return raw
 
 
 class Mixer:
     """Largest-deficit interleave over datasets, with groups that never share a batch.
 
-    ``choose_group()`` is called once per batch, ``choose(g)`` once per sample, ``account(d, u)``
-    after each sample with its units (1 in sample mode, its tokens in token mode). Datasets with
-    a ``cap`` (``max_epochs * L`` samples) leave the mixture when it is reached; a group whose
-    members are all capped leaves it when fewer than ``min_left`` samples remain in it.
+    ``choose(g)`` is called once per sample of group ``g``, ``account(d, u)`` after each sample
+    with its units (1 in sample mode, its tokens in token mode). ``targets`` integrate each
+    dataset's share of its group over the units taken, so ``set_weights`` (a schedule) moves the
+    target from then on without a catch-up burst. Datasets with a ``cap`` (``max_epochs * L``
+    samples) leave the mixture when it is reached. ``choose_group`` (batch by batch, when the
+    mixer is used over groups) follows the same rule with one unit per batch.
 
-    State is the per-dataset ``units`` and ``samples`` lists; everything else is derived.
+    State: per-dataset ``units``, ``samples`` and ``targets``; everything else is derived.
     """
 
     def __init__(
@@ -207,6 +248,10 @@ class Mixer:
         self.members = [[d for d, g in enumerate(self.group_of) if g == gi] for gi in range(self.num_groups)]
         self.units = [0] * len(self.w)
         self.samples = [0] * len(self.w)
+        self.targets = [0.0] * len(self.w)
+
+    def set_weights(self, weights: Sequence[float]) -> None:
+        self.w = [float(x) for x in weights]
 
     def active(self, d: int) -> bool:
         cap = self.caps[d]
@@ -226,6 +271,38 @@ class Mixer:
         left = self.group_left(g)
         return left is None or left >= self.min_left
 
+    def _shares(self, g: int) -> List[tuple]:
+        w = self.w
+        act = [d for d in self.members[g] if self.active(d) and w[d] > 0]
+        if not act:  # all weights zero right now: fall back to the active members, equally
+            act = [d for d in self.members[g] if self.active(d)]
+            return [(d, 1.0 / len(act)) for d in act] if act else []
+        wsum = sum(w[d] for d in act)
+        return [(d, w[d] / wsum) for d in act]
+
+    def choose(self, g: int) -> int:
+        """The dataset of the next sample of group ``g`` (which must be active)."""
+        members = self.members[g]
+        if len(members) == 1:
+            return members[0]
+        units, targets = self.units, self.targets
+        best, best_score = -1, 0.0
+        for d, share in self._shares(g):
+            score = targets[d] + share - units[d]
+            if best < 0 or score > best_score:
+                best, best_score = d, score
+        return best
+
+    def account(self, d: int, units: float, real: bool = True) -> None:
+        """Count ``units`` taken from ``d`` (``real=False``: a phase offset, no sample)."""
+        g = self.group_of[d]
+        if len(self.members[g]) > 1:
+            for e, share in self._shares(g):
+                self.targets[e] += share * units
+        self.units[d] += units
+        if real:
+            self.samples[d] += 1
+
     def choose_group(self) -> int:
         """The group of the next batch; -1 when every group is exhausted (end of stream)."""
         if self.num_groups == 1:
@@ -242,28 +319,16 @@ class Mixer:
                 best, best_score = g, score
         return best
 
-    def choose(self, g: int) -> int:
-        """The dataset of the next sample of group ``g`` (which must be active)."""
-        members = self.members[g]
-        if len(members) == 1:
-            return members[0]
-        units, w = self.units, self.w
-        act = [d for d in members if self.active(d)]
-        wsum = sum(w[d] for d in act)
-        total = sum(units[d] for d in members) + 1
-        best, best_score = -1, 0.0
-        for d in act:
-            score = w[d] / wsum * total - units[d]
-            if best < 0 or score > best_score:
-                best, best_score = d, score
-        return best
+    def state(self) -> List[List[Any]]:
+        return [list(self.units), list(self.samples), list(self.targets)]
 
-    def account(self, d: int, units: int) -> None:
-        self.units[d] += units
-        self.samples[d] += 1
-
-    def state(self) -> List[List[int]]:
-        return [list(self.units), list(self.samples)]
-
-    def load(self, state: List[List[int]]) -> None:
+    def load(self, state: Sequence[Sequence[Any]]) -> None:
         self.units, self.samples = list(state[0]), list(state[1])
+        if len(state) > 2:
+            self.targets = [float(x) for x in state[2]]
+        else:
+            self.targets = [0.0] * len(self.units)
+            for g in range(self.num_groups):
+                ug = sum(self.units[d] for d in self.members[g])
+                for d, share in self._shares(g):
+                    self.targets[d] = share * ug

@@ -50,23 +50,28 @@ from .collate import (
     pad_compact,
 )
 from .config import DataConfig, resolve_data_config
-from .format import FormatError
-from .mixing import DatasetPlan, EpochSlice, Mixer, dataset_weights
+from .format import IGNORE_INDEX, FormatError
+from .mixing import DatasetPlan, EpochSlice, Mixer, dataset_weights, rng_for
 from .reader import Shard, load_manifest
 
 __all__ = [
     "build_stream",
     "StreamingLoader",
     "NumpyBackend",
-    "Consumer",
+    "Partition",
+    "RunClock",
     "DatasetReader",
     "load_plans",
     "iter_mixed",
+    "merge_states",
+    "default_partitions",
     "STATE_VERSION",
 ]
 
 log = logging.getLogger(__name__)
-STATE_VERSION = 1
+STATE_VERSION = 2
+_STRATA = 4  # seed tag of stratified batch orders
+_DEAD_EPOCHS = 16  # unreadable epochs in a row of one partition before the dataset is declared dead
 _SHARD_CACHE = 16
 
 
@@ -118,6 +123,7 @@ class DatasetReader:
         self.skipped_samples: int = skipped_samples
         self.bad = set(bad)
         self._read_in_epoch = self._skipped_in_epoch = 0
+        self._dead_epochs = 0
         self._peeked: Optional[tuple] = None
         self._start_epoch(epoch, pos)
 
@@ -149,8 +155,10 @@ class DatasetReader:
         self.w = self.slice.window_of(pos) if pos < self.slice.length else self.slice.num_windows
         self.order: List[int] = []
         self.q = 0
-        if self.w < self.slice.num_windows:
-            self._load_window(self.w)
+        # the window is read when the first sample is taken: a partition that is never asked
+        # for this dataset holds no window (memory per rank: windows in use only)
+        self._pending = self.w < self.slice.num_windows
+        if self._pending:
             self.q = pos - int(self.slice.window_start[self.w])
 
     def _next_window(self) -> None:
@@ -160,13 +168,22 @@ class DatasetReader:
             self._load_window(self.w)
             return
         if self._read_in_epoch == 0 and self._skipped_in_epoch >= self.slice.length:
-            raise FormatError(
-                f"dataset {self.plan.name!r}: a whole epoch of this reader's "
-                "shards was unreadable (see the warnings above)"
-            )
+            # a partition's slice can lie inside bad shards for one epoch (the next epoch
+            # slices another shard order); many in a row means the dataset is unreadable
+            self._dead_epochs += 1
+            if self._dead_epochs >= _DEAD_EPOCHS or not self.cfg.shuffle.shards:
+                raise FormatError(
+                    f"dataset {self.plan.name!r}: {self._dead_epochs} epoch(s) in a row of this "
+                    f"partition's shards were unreadable (see the warnings above)"
+                )
+        else:
+            self._dead_epochs = 0
         self._read_in_epoch = self._skipped_in_epoch = 0
         self.bad = set()
         self._start_epoch(self.epoch + 1, 0)
+        if self._pending:
+            self._pending = False
+            self._load_window(self.w)
 
     def _shard(self, s: int) -> Shard:
         sh = self._shards.get(s)
@@ -264,6 +281,9 @@ class DatasetReader:
         if self._peeked is not None:
             out, self._peeked = self._peeked[0], None
             return out
+        if self._pending:
+            self._pending = False
+            self._load_window(self.w)
         order = self.order
         while True:
             q = self.q
@@ -301,188 +321,249 @@ class DatasetReader:
         return self._peeked[0]
 
 
-# --- one consumer: batches -------------------------------------------------------------------
+# --- one canonical partition: samples ---------------------------------------------------------
+
+_PHASE = 64  # partitions start their mixers this many choices apart (mod), see Partition
 
 
-class Consumer:
-    """Batches of one consumer (rank, slot); ``state()`` after any batch restores it exactly."""
+class Partition:
+    """Canonical partition ``p`` of ``K``: its slice of every dataset, and its own mixer.
+
+    Samples are taken one at a time (``take``) for the group the run chose for the micro-batch.
+    State: ``{"taken": n, "datasets": {name: {"reader": [...], "units", "samples", "target",
+    "tokens"}}}``, keyed by dataset *name*, so a config that adds, drops or reweights datasets
+    still loads it. A fresh partition starts its mixer ``p % 64`` choices ahead: partitions in
+    lockstep would otherwise all pick the same dataset at the same time, and a micro-batch,
+    which spans consecutive partitions, would hold one dataset.
+    """
 
     def __init__(
         self,
+        p: int,
+        num_partitions: int,
         plans: Sequence[DatasetPlan],
         cfg: DataConfig,
         *,
         seed: int,
-        consumer: int,
-        num_consumers: int,
-        batch_size: int,
         max_seq_len: int,
-        pad_id: int = 0,
-        pack: bool = False,
         opts: wio.IOOptions = wio.DEFAULT,
         state: Optional[Dict[str, Any]] = None,
         read_data: bool = True,
-        max_tokens: Optional[int] = None,
+        weights: Optional[Sequence[float]] = None,
     ):
-        self.plans, self.cfg, self.batch_size = plans, cfg, batch_size
-        # with a token budget, a sample is truncated to min(max_seq_len, max_tokens): it must
-        # fit a micro-batch on its own
-        if max_tokens is not None and max_tokens < max_seq_len:
-            max_seq_len = max_tokens
-        self.max_seq_len, self.pad_id, self.pack = max_seq_len, pad_id, pack
-        self.max_tokens = max_tokens
-        self.names = [p.name for p in plans]
+        self.p, self.plans, self.max_seq_len = p, plans, max_seq_len
+        self.by_tokens = cfg.weight_by == "tokens"
         groups = cfg.groups
         caps = [
-            None if p.config.max_epochs is None else p.config.max_epochs * p.samples_per_epoch(num_consumers)
-            for p in plans
+            None
+            if pl.config.max_epochs is None
+            else pl.config.max_epochs * pl.samples_per_epoch(num_partitions)
+            for pl in plans
         ]
-        self.mixer = Mixer(
-            list(dataset_weights(cfg, plans)),
-            [groups.index(p.config.group) for p in plans],
-            caps,
-            min_left=1 if pack else batch_size,
-        )
-        self.by_tokens = cfg.weight_by == "tokens"
-        st = state or {}
-        rs = st.get("readers") or [None] * len(plans)
-        self.readers = [
-            DatasetReader(p, cfg, seed, consumer, num_consumers, opts, rs[i], read_data)
-            for i, p in enumerate(plans)
-        ]
-        if st:
-            self.mixer.load([st["units"], st["samples"]])
-        self.tokens = list(st.get("tokens", [0] * len(plans)))
-        self.batches = st.get("batches", 0)
-        self.padding = st.get("padding", 0)
-        self.truncated = st.get("truncated", 0)
+        w = list(weights) if weights is not None else list(dataset_weights(cfg, plans))
+        self.mixer = Mixer(w, [groups.index(pl.config.group) for pl in plans], caps)
+        ds = (state or {}).get("datasets", {})
+        self.readers: List[DatasetReader] = []
+        self.tokens = [0] * len(plans)
+        for i, pl in enumerate(plans):
+            s = ds.get(pl.name)
+            self.readers.append(
+                DatasetReader(pl, cfg, seed, p, num_partitions, opts, s and s["reader"], read_data)
+            )
+            if s:
+                m = self.mixer
+                m.units[i], m.samples[i], m.targets[i] = s["units"], s["samples"], float(s["target"])
+                self.tokens[i] = s["tokens"]
+        self.taken = int((state or {}).get("taken", 0))
+        if state is None:
+            for g, members in enumerate(self.mixer.members):
+                if len(members) > 1:
+                    for _ in range(p % _PHASE):
+                        d = self.mixer.choose(g)
+                        unit = min(plans[d].mean_tokens, max_seq_len) if self.by_tokens else 1
+                        self.mixer.account(d, unit, real=False)
 
     def state(self) -> Dict[str, Any]:
-        units, samples = self.mixer.state()
+        m = self.mixer
         return {
-            "batches": self.batches,
-            "units": units,
-            "samples": samples,
-            "tokens": list(self.tokens),
-            "padding": self.padding,
-            "truncated": self.truncated,
-            "readers": [r.state() for r in self.readers],
+            "taken": self.taken,
+            "datasets": {
+                pl.name: {
+                    "reader": self.readers[i].state(),
+                    "units": m.units[i],
+                    "samples": m.samples[i],
+                    "target": m.targets[i],
+                    "tokens": self.tokens[i],
+                }
+                for i, pl in enumerate(self.plans)
+            },
         }
 
-    def _take(self, d: int):
-        s = self.readers[d].take()
-        n = s[3] if s[3] < self.max_seq_len else self.max_seq_len
+    def choose(self, g: int) -> int:
+        return self.mixer.choose(g)
+
+    def take(self, d: int) -> Tuple[Optional[str], Optional[np.ndarray], Any, int, int]:
+        """The next sample of dataset ``d``: (key, ids, spans, num_tokens, epoch)."""
+        r = self.readers[d]
+        key, ids, spans, ntok = r.take()
+        n = ntok if ntok < self.max_seq_len else self.max_seq_len
         self.mixer.account(d, n if self.by_tokens else 1)
         self.tokens[d] += n
-        return s
+        self.taken += 1
+        return key, ids, spans, ntok, r.epoch
 
-    def next_samples(self) -> Optional[Tuple[List[int], List[tuple], Optional[List[List[int]]]]]:
-        """(dataset of each sample, samples, packing rows or None); None at the end."""
-        g = self.mixer.choose_group()
-        if g < 0:
-            return None
-        if self.max_tokens is not None:
-            return self._budget_samples(g)
-        choose, take, ds, got = self.mixer.choose, self._take, [], []
-        if not self.pack:
-            for _ in range(self.batch_size):
-                d = choose(g)
-                ds.append(d)
-                got.append(take(d))
-            return ds, got, None
-        rows: List[List[int]] = [[]]
-        used, L = 0, self.max_seq_len
-        while True:
-            d = choose(g)
-            n = min(self.readers[d].peek()[3], L)
-            if used + n > L:
-                if len(rows) == self.batch_size:
-                    break
-                rows.append([])
-                used = 0
-            rows[-1].append(len(got))
-            ds.append(d)
-            got.append(take(d))
-            used += n
-            if not self.mixer.group_active(g):
-                break
-        return ds, got, rows
+    def peek_tokens(self, d: int) -> int:
+        return self.readers[d].peek()[3]
 
-    def _budget_samples(self, g: int) -> Tuple[List[int], List[tuple], None]:
-        """Samples of one token-budget micro-batch of group ``g``: consecutive samples of the
-        stream while the padded batch (rows x longest row, after truncation) stays within
-        ``max_tokens`` and the rows within ``batch_size``. The sample that does not fit is
-        only peeked, so it opens the next batch (and ``state()`` still points before it)."""
-        choose, take, readers, mixer = self.mixer.choose, self._take, self.readers, self.mixer
-        budget, cap, rows = self.max_tokens, self.max_seq_len, self.batch_size
-        assert budget is not None
-        ds: List[int] = []
-        got: List[tuple] = []
-        longest = 0
-        while len(got) < rows:
-            d = choose(g)
-            n = readers[d].peek()[3]
-            if n > cap:
-                n = cap
-            if n < longest:
-                n = longest
-            if got and (len(got) + 1) * n > budget:
-                break
-            ds.append(d)
-            got.append(take(d))
-            longest = n
-            if not mixer.group_active(g):
-                break
-        return ds, got, None
 
-    def next_plan(self) -> Optional[Dict[str, Any]]:
-        """The next batch's samples and its exact ``[k, B, T]`` shape (not yet collated); the
-        counters (and so ``state()``) already include it. None at the end of the stream."""
-        nxt = self.next_samples()
-        if nxt is None:
-            return None
-        ds, got, rows = nxt
-        ids = [s[1] for s in got]
-        lens = [s[3] if s[3] < self.max_seq_len else self.max_seq_len for s in got]
-        if rows is None:
-            row_lens = lens
-            shape = (len(PAD_FIELDS), len(lens), max(lens))
-        else:
-            row_lens = [sum(lens[i] for i in r) for r in rows]
-            shape = (len(PACK_FIELDS), len(rows), max(row_lens))
-        self.batches += 1
-        self.padding += shape[1] * shape[2] - sum(lens)
-        self.truncated += sum(s[3] for s in got) - sum(lens)
+# --- the run's clock: micro-batches, steps, groups ----------------------------------------------
+
+
+class RunClock:
+    """What every rank and worker computes alike, from the run's state alone: the count of
+    micro-batches and optimizer steps, the canonical position (samples of fixed-size
+    micro-batches before the next one), the group of the next micro-batch, and, for bounded
+    streams, how many samples each partition has served per group (the end of the stream).
+
+    ``next()`` returns ``(group, position, step)`` of the next micro-batch and advances, or None
+    at the end of a bounded stream. Every rank's micro-batch ``u`` has the same group.
+    """
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        plans: Sequence[DatasetPlan],
+        *,
+        num_partitions: int,
+        world_size: int,
+        batch_size: int,
+        grad_accum: int,
+        whole: bool,
+        state: Optional[Dict[str, Any]] = None,
+    ):
+        self.cfg, self.plans = cfg, plans
+        self.K, self.W, self.B, self.A, self.whole = num_partitions, world_size, batch_size, grad_accum, whole
+        self.groups = cfg.groups
+        self.members = [[i for i, p in enumerate(plans) if p.config.group == g] for g in self.groups]
+        st = state or {}
+        self.micro = int(st.get("micro", 0))
+        self.step = int(st.get("step", 0))
+        self.in_step = int(st.get("in_step", 0))
+        if self.in_step >= self.A:  # resumed mid-step under a smaller accumulation
+            self.step, self.in_step = self.step + 1, 0
+        self.position = int(st.get("position", 0))
+        gm = st.get("groups") or {}
+        ng = len(self.groups)
+        self.gmixer = Mixer([1.0] * ng, [0] * ng, [None] * ng)
+        for gi, g in enumerate(self.groups):
+            if g in gm:
+                u, s, tgt = gm[g]
+                self.gmixer.units[gi], self.gmixer.samples[gi], self.gmixer.targets[gi] = u, s, float(tgt)
+        # per partition and group: samples served, against the group's capacity (bounded)
+        self.cap: List[Optional[int]] = []
+        for mem in self.members:
+            caps = [plans[d].config.max_epochs for d in mem]
+            self.cap.append(
+                None
+                if any(c is None for c in caps)
+                else sum(plans[d].config.max_epochs * plans[d].samples_per_epoch(self.K) for d in mem)
+            )
+        served = st.get("served") or {}
+        self.served = [
+            np.asarray(served.get(g, [0] * self.K), dtype=np.int64) if self.cap[gi] is not None else None
+            for gi, g in enumerate(self.groups)
+        ]
+        self._weights_step: Optional[int] = None
+        self._weights: Optional[np.ndarray] = None
+
+    def state(self) -> Dict[str, Any]:
+        gm = self.gmixer
         return {
-            "datasets": ds,
-            "keys": [s[0] for s in got],
-            "ids": ids,
-            "spans": [s[2] for s in got],
-            "rows": rows,
-            "shape": shape,
-            "lengths": row_lens,
+            "micro": self.micro,
+            "step": self.step,
+            "in_step": self.in_step,
+            "position": self.position,
+            "groups": {g: [gm.units[i], gm.samples[i], gm.targets[i]] for i, g in enumerate(self.groups)},
+            "served": {
+                g: self.served[i].tolist() for i, g in enumerate(self.groups) if self.served[i] is not None
+            },
         }
 
-    def collate(self, plan: Dict[str, Any], alloc=None) -> np.ndarray:
-        """The ``[k, B, T]`` int64 array of a planned batch (memory from ``alloc(shape)``)."""
-        if plan["rows"] is None:
-            arr, _ = pad_batch(plan["ids"], plan["spans"], self.max_seq_len, self.pad_id, alloc)
+    def weights(self, step: int) -> np.ndarray:
+        """Normalized dataset weights at ``step`` (cached per step)."""
+        if self._weights_step != step or self._weights is None:
+            self._weights = dataset_weights(self.cfg, self.plans, step)
+            self._weights_step = step
+        return self._weights
+
+    def _hits(self, g: int) -> np.ndarray:
+        """Samples each partition serves in the next fixed-size micro-batch."""
+        n = self.B * self.W
+        q, rem = divmod(n, self.K)
+        h = np.full(self.K, q, dtype=np.int64)
+        h[(self.position + np.arange(rem)) % self.K] += 1
+        return h
+
+    def _available(self, g: int) -> bool:
+        served = self.served[g]
+        cap = self.cap[g]
+        if served is None or cap is None:
+            return True
+        return bool(np.all(served + self._hits(g) <= cap))
+
+    def next(self) -> Optional[Tuple[int, int, int]]:
+        w = self.weights(self.step)
+        gm = self.gmixer
+        ng = len(self.groups)
+        if ng == 1:
+            g = 0 if self._available(0) else -1
         else:
-            arr, _ = pack_batch(
-                plan["ids"], plan["spans"], plan["rows"], self.max_seq_len, self.pad_id, alloc
-            )
-        assert arr.shape == plan["shape"], (arr.shape, plan["shape"])
-        return arr
+            gm.set_weights([float(sum(w[d] for d in mem)) for mem in self.members])
+            for gi in range(ng):  # an exhausted group leaves for good
+                gm.caps[gi] = gm.samples[gi] if not self._available(gi) else None
+            g = gm.choose(0) if any(gm.active(gi) for gi in range(ng)) else -1
+        if g < 0:
+            return None
+        if ng > 1:
+            if self.whole:
+                unit = 1.0
+            elif self.cfg.weight_by == "tokens":
+                unit = float(self.B * self.W * np.mean([self.plans[d].mean_tokens for d in self.members[g]]))
+            else:
+                unit = float(self.B * self.W)
+            gm.account(g, unit)
+        if self.served[g] is not None:
+            self.served[g] += self._hits(g)
+        out = (g, self.position, self.step)
+        self.micro += 1
+        if not self.whole:
+            self.position += self.B * self.W
+        self.in_step += 1
+        if self.in_step == self.A:
+            self.step, self.in_step = self.step + 1, 0
+        return out
 
-    def collate_compact(self, plan: Dict[str, Any], arrays: Dict[str, np.ndarray]) -> None:
-        """Fill the compact arrays (``collate.compact_layout``) of a planned batch."""
-        if plan["rows"] is None:
-            pad_compact(plan["ids"], plan["spans"], self.max_seq_len, arrays)
-        else:
-            pack_compact(plan["ids"], plan["spans"], plan["rows"], self.max_seq_len, arrays)
+    def count_to_end(self) -> Optional[int]:
+        """Micro-batches left before a bounded stream ends (None: unbounded)."""
+        if any(c is None for c in self.cap):
+            return None
+        n = 0
+        while self.next() is not None:
+            n += 1
+        return n
 
 
-# --- batches of one rank: chunks of a slot, expanded in the consuming process ----------------
+def largest_remainder(shares: Sequence[float], n: int) -> List[int]:
+    """Integer counts summing to ``n`` closest to ``shares * n`` (largest remainders first)."""
+    raw = [s * n for s in shares]
+    out = [int(x) for x in raw]
+    order = sorted(range(len(raw)), key=lambda i: (-(raw[i] - out[i]), i))
+    for i in order[: n - sum(out)]:
+        out[i] += 1
+    return out
+
+
+# --- batches of one rank: pieces from workers, merged in the consuming process -----------------
 
 
 class _Arena:
@@ -506,7 +587,7 @@ class _Arena:
         self.used = off + _align(n)
         return off, self.flat[off : off + n].view(dtype).reshape(shape)
 
-    def __call__(self, shape):  # an int64 [k, B, T] batch (``Consumer.collate``'s alloc)
+    def __call__(self, shape):  # an int64 [k, B, T] batch (``pad_batch``'s alloc)
         return self.take(shape, np.int64)[1]
 
 
@@ -519,140 +600,316 @@ def _carve(flat: np.ndarray, off: int, shape, dtype) -> np.ndarray:
     return flat[off : off + int(np.prod(shape)) * dtype.itemsize].view(dtype).reshape(shape)
 
 
-class _SlotStream:
-    """The picklable per-rank description a worker turns into its consumer's batches."""
+class _RankStream:
+    """The picklable description of one rank that a worker turns into its pieces of the rank's
+    micro-batches.
+
+    Rank ``r`` of ``W`` serves the partitions ``p % W == r``; worker ``w`` of ``n`` serves every
+    ``n``-th of them. Fixed-size micro-batches (no packing, no token budget): micro-batch ``u``
+    covers the canonical positions ``[P, P + B*W)`` and rank ``r`` takes those ``== r (mod W)``;
+    position ``i`` is served by partition ``i % K``. Every worker contributes the rows of its
+    partitions (its *piece*); the consuming process puts the pieces side by side (rows in worker
+    order). Packed and token-budget micro-batches hold a data-dependent number of samples: each
+    is built whole by worker ``u % n`` from its partitions in turn (``whole``).
+    """
 
     def __init__(self, loader: "StreamingLoader"):
         self.plans, self.cfg, self.seed = loader.plans, loader.cfg, loader.seed
-        self.rank, self.num_slots = loader.rank, loader.num_slots
-        self.first_slot, self.chunk_pos = loader._next_slot, loader._chunk_pos
-        self.num_consumers = loader.world_size * loader.num_slots
+        self.rank, self.W, self.K = loader.rank, loader.world_size, loader.num_partitions
+        self.num_slots = loader.num_slots
         self.transfer = loader.transfer_batches if loader.num_slots > 1 else 1
-        self.batch_size, self.max_seq_len = loader.batch_size, loader.max_seq_len
+        self.batch_size, self.grad_accum, self.max_seq_len = (
+            loader.batch_size,
+            loader.grad_accum,
+            loader.max_seq_len,
+        )
         self.pad_id, self.pack, self.opts = loader.pad_id, loader.pack, loader.opts
         self.max_tokens = loader.max_tokens
-        self.slot_states = list(loader._slots)
+        self.whole = loader.whole
+        self.part_states = dict(loader._parts)
+        self.clock_state = dict(loader._clock)
+        self.cursors = list(loader._cursors)
         self.fields = PACK_FIELDS if loader.pack else PAD_FIELDS
+        self.read_data = loader.read_data
+        self.stratified = loader.cfg.stratified
 
-    def consumer(self, slot: int, state: Optional[Dict[str, Any]] = None) -> Consumer:
-        return Consumer(
+    def partitions_of(self, worker: int) -> List[int]:
+        return [p for j, p in enumerate(range(self.rank, self.K, self.W)) if j % self.num_slots == worker]
+
+    def clock(self) -> RunClock:
+        return RunClock(
+            self.cfg,
+            self.plans,
+            num_partitions=self.K,
+            world_size=self.W,
+            batch_size=self.batch_size,
+            grad_accum=self.grad_accum,
+            whole=self.whole,
+            state=self.clock_state,
+        )
+
+    def partition(self, p: int, weights: Optional[Sequence[float]] = None) -> Partition:
+        return Partition(
+            p,
+            self.K,
             self.plans,
             self.cfg,
             seed=self.seed,
-            consumer=self.rank * self.num_slots + slot,
-            num_consumers=self.num_consumers,
-            state=state,
-            batch_size=self.batch_size,
             max_seq_len=self.max_seq_len,
-            pad_id=self.pad_id,
-            pack=self.pack,
             opts=self.opts,
-            max_tokens=self.max_tokens,
+            state=self.part_states.get(p),
+            read_data=self.read_data,
+            weights=weights,
         )
 
-    def chunks(self, worker: int, shared_buffer: Optional[Any] = None) -> Iterator[Dict[str, Any]]:
-        """Chunks of up to ``transfer`` batches of worker ``worker``'s slot (the first chunk of
-        the slot that was interrupted mid-turn is shorter, so the turn order is kept).
+    # -- the samples of one micro-batch ------------------------------------------------------
+    def _fixed(self, parts: Dict[int, Partition], g: int, pos: int, stratum) -> List[tuple]:
+        W, K = self.W, self.K
+        first = pos + (self.rank - pos) % W
+        out = []
+        for k in range(self.batch_size):
+            i = first + W * k
+            part = parts.get(i % K)
+            if part is None:
+                continue
+            d = stratum(i) if stratum is not None else part.choose(g)
+            out.append((d, part, part.take(d)))
+        return out
 
-        ``shared_buffer`` (given in a DataLoader worker: ``nbytes -> buffer``): batches travel
-        compact (``collate.pad_compact``/``pack_compact``: about 3 bytes per token instead of
-        24) in one shared-memory buffer and are expanded to int64 in the consuming process
-        (``batches``): filling fresh shared memory costs the worker about its size in page
-        faults. In process they are collated to int64 directly."""
-        slot = (worker + self.first_slot) % self.num_slots
-        c = self.consumer(slot, self.slot_states[slot])
-        names = c.names
-        pack = self.pack
-        compact = shared_buffer is not None
-        n = self.transfer - (self.chunk_pos if worker == 0 else 0)
+    def _whole(self, parts: Dict[int, Partition], order: List[int], g: int, cursor: int):  # noqa: C901
+        """(samples, rows or None, cursor) of a packed or token-budget micro-batch (or a
+        fixed-size one built whole by one worker), taking from ``order``'s partitions in turn."""
+        L = self.max_seq_len
+        if self.max_tokens is not None and self.max_tokens < L:
+            L = self.max_tokens
+        got: List[tuple] = []
+        rows: Optional[List[List[int]]] = [[]] if self.pack else None
+        used = longest = 0
         while True:
-            plans, states = [], []
-            for _ in range(n):
-                plan = c.next_plan()
-                if plan is None:
+            part = parts[order[cursor % len(order)]]
+            d = part.choose(g)
+            if self.pack:
+                assert rows is not None
+                n = min(part.peek_tokens(d), L)
+                if used + n > L:
+                    if len(rows) == self.batch_size:
+                        break
+                    rows.append([])
+                    used = 0
+                rows[-1].append(len(got))
+                used += n
+            elif self.max_tokens is not None:
+                n = max(min(part.peek_tokens(d), L), longest)
+                if got and (len(got) + 1) * n > self.max_tokens:
                     break
-                plans.append(plan)
-                states.append(c.state())
-            if plans:
-                if shared_buffer is not None:
-                    layouts = [compact_layout(p["ids"], p["shape"], pack) for p in plans]
-                    nbytes = sum(
-                        _align(int(np.prod(sh)) * dt.itemsize) for lay in layouts for _, sh, dt in lay
-                    )
-                    arena = _Arena(nbytes, shared_buffer(nbytes))
-                else:
-                    arena = _Arena(sum(int(np.prod(p["shape"])) * 8 for p in plans))
-                metas = []
-                for bi, (plan, state) in enumerate(zip(plans, states)):
-                    piece: Tuple[Any, Any]
-                    if compact:
-                        where, arrays = [], {}
-                        for name, sh, dt in layouts[bi]:
-                            off, arrays[name] = arena.take(sh, dt)
-                            where.append((name, off, sh, dt.str))
-                        c.collate_compact(plan, arrays)
-                        piece = (plan["shape"], where)
-                    else:
-                        piece = (plan["shape"], arena.used)
-                        c.collate(plan, arena)
-                    metas.append(
-                        (piece, [names[d] for d in plan["datasets"]], plan["keys"], plan["lengths"], state)
-                    )
-                yield {"slot": slot, "arena": arena.buffer, "batches": metas, "compact": compact}
-            if len(plans) < n:
-                return
-            n = self.transfer
+                longest = n
+            got.append((d, part, part.take(d)))
+            cursor += 1
+            if rows is None and len(got) == self.batch_size:
+                break
+        return got, rows, cursor
 
-    def batches(self, chunks: Iterator[Dict[str, Any]], backend: "NumpyBackend") -> Iterator[tuple]:
-        """(slot, batch dict, state after it, last of its chunk) in the consuming process, as
-        the backend's arrays (int64 numpy arrays, or tensors: views of the arena, or freshly
-        expanded into the backend's memory, pinned if it says so)."""
-        fields, pad_id = self.fields, self.pad_id
-        to_tensor, empty = backend.as_output, backend.empty_int64
-        for ch in chunks:
-            buf = ch["arena"]
-            flat = buf if isinstance(buf, np.ndarray) else buf.numpy()
-            last = len(ch["batches"]) - 1
-            for i, ((shape, where), ds, keys, lengths, state) in enumerate(ch["batches"]):
-                if ch["compact"]:
-                    if empty is not None:
-                        x = empty(shape)
-                        expand(
-                            {name: _carve(flat, off, sh, dt) for name, off, sh, dt in where},
-                            pad_id,
-                            x.numpy(),
-                        )
+    def _stratum(self, clock_step: int, step_start: int, weights: np.ndarray):
+        """Dataset of canonical position ``i`` in a stratified step: exactly the largest-remainder
+        counts of ``w * G``, in a seeded order."""
+        G = self.batch_size * self.W * self.grad_accum
+        counts = largest_remainder(list(weights), G)
+        seq = np.repeat(np.arange(len(counts)), counts)
+        seq = rng_for(self.seed, _STRATA, clock_step).permutation(seq)
+        return lambda i: int(seq[i - step_start])
+
+    # -- chunks -----------------------------------------------------------------------------
+    def chunks(self, worker: int, shared_buffer: Optional[Any] = None) -> Iterator[Dict[str, Any]]:
+        """Chunks of ``transfer`` consecutive micro-batches: this worker's piece of each.
+
+        ``shared_buffer`` (given in a DataLoader worker: ``nbytes -> buffer``): pieces travel
+        compact (``collate.pad_compact``/``pack_compact``: about 3 bytes per token instead of
+        24) in one shared-memory buffer and are expanded in the consuming process. In process
+        they are collated to int64 directly."""
+        clock = self.clock()
+        mine = self.partitions_of(worker)
+        w0 = clock.weights(clock.step)
+        parts = {p: self.partition(p, w0) for p in mine}
+        # per group: the partition that builds the next sample (a sample that did not fit a
+        # packed or budget micro-batch opens the group's next one)
+        ng = len(self.cfg.groups)
+        saved = self.cursors[worker] if worker < len(self.cursors) else None
+        cursor = list(saved) if isinstance(saved, list) and len(saved) == ng else [0] * ng
+        names = [p.name for p in self.plans]
+        pack, compact = self.pack, shared_buffer is not None
+        weights_step = clock.step
+        strata: Dict[int, Any] = {}
+        while True:
+            plans: List[Dict[str, Any]] = []
+            ended = False
+            for _ in range(self.transfer):
+                before = clock.step, clock.in_step
+                nxt = clock.next()
+                if nxt is None:
+                    ended = True
+                    break
+                g, pos, step = nxt
+                if step != weights_step:
+                    w = clock.weights(step)
+                    for part in parts.values():
+                        part.mixer.set_weights(w)
+                    weights_step = step
+                rows = None
+                if self.whole:
+                    if (clock.micro - 1) % self.num_slots == worker and mine:
+                        got, rows, cursor[g] = self._whole(parts, mine, g, cursor[g])
                     else:
-                        x = expand({name: _carve(flat, off, sh, dt) for name, off, sh, dt in where}, pad_id)
+                        got = []
                 else:
-                    x = _carve(flat, where, shape, np.int64)
-                    if to_tensor is not None:
-                        x = to_tensor(x)
-                batch = {f: x[k] for k, f in enumerate(fields)}
-                lens = np.asarray(lengths, dtype=np.int64)
-                batch["lengths"] = to_tensor(lens) if to_tensor is not None else lens
-                batch["dataset"], batch["__key__"] = ds, keys
-                yield ch["slot"], batch, state, i == last
+                    stratum = None
+                    if self.stratified:
+                        start = pos - before[1] * self.batch_size * self.W
+                        if step not in strata:
+                            strata.clear()
+                            strata[step] = self._stratum(step, start, clock.weights(step))
+                        stratum = strata[step]
+                    got = self._fixed(parts, g, pos, stratum)
+                touched = sorted({part.p for _, part, _ in got})
+                plans.append(
+                    {
+                        "got": got,
+                        "rows": rows,
+                        "states": {p: parts[p].state() for p in touched},
+                        "clock": clock.state(),
+                        "cursor": list(cursor),
+                    }
+                )
+            if plans:
+                yield self._chunk(worker, plans, names, pack, compact, shared_buffer)
+            if ended:
+                return
+
+    def _chunk(self, worker, plans, names, pack, compact, shared_buffer) -> Dict[str, Any]:
+        msl = self.max_seq_len
+        if self.max_tokens is not None and self.max_tokens < msl:
+            msl = self.max_tokens
+        k = len(self.fields)
+        shapes, layouts = [], []
+        for pl in plans:
+            got, rows = pl["got"], pl["rows"]
+            lens = [min(s[3], msl) for _, _, s in got]
+            if not got or not self.read_data:
+                shapes.append((k, 0 if rows is None else len(rows), 0) if not got else None)
+            elif rows is None:
+                shapes.append((k, len(lens), max(lens)))
+            else:
+                shapes.append((k, len(rows), max(sum(lens[i] for i in r) for r in rows)))
+            pl["lens"] = lens
+            if compact and got and self.read_data:
+                layouts.append(compact_layout([s[1] for _, _, s in got], shapes[-1], pack))
+            else:
+                layouts.append(None)
+        if compact:
+            nbytes = sum(
+                _align(int(np.prod(sh)) * dt.itemsize) for lay in layouts if lay for _, sh, dt in lay
+            )
+            arena = _Arena(nbytes, shared_buffer(nbytes))
+        else:
+            arena = _Arena(sum(int(np.prod(sh)) * 8 for sh in shapes if sh is not None))
+        metas = []
+        for pl, shape, lay in zip(plans, shapes, layouts):
+            got, rows, lens = pl["got"], pl["rows"], pl["lens"]
+            ids = [s[1] for _, _, s in got]
+            spans = [s[2] for _, _, s in got]
+            piece: Any = None
+            if shape is not None and got:
+                if lay is not None:
+                    where, arrays = [], {}
+                    for name, sh, dt in lay:
+                        off, arrays[name] = arena.take(sh, dt)
+                        where.append((name, off, sh, dt.str))
+                    if rows is None:
+                        pad_compact(ids, spans, msl, arrays)
+                    else:
+                        pack_compact(ids, spans, rows, msl, arrays)
+                    piece = (shape, where)
+                else:
+                    off = arena.used
+                    if rows is None:
+                        pad_batch(ids, spans, msl, self.pad_id, arena)
+                    else:
+                        pack_batch(ids, spans, rows, msl, self.pad_id, arena)
+                    piece = (shape, off)
+            row_lens = lens if rows is None else [sum(lens[i] for i in r) for r in rows]
+            metas.append(
+                {
+                    "piece": piece,
+                    "datasets": [names[d] for d, _, _ in got],
+                    "keys": [s[0] for _, _, s in got],
+                    "epochs": [s[4] for _, _, s in got],
+                    "partitions": [part.p for _, part, _ in got],
+                    "lengths": row_lens,
+                    "tokens": sum(lens),
+                    "truncated": sum(s[3] for _, _, s in got) - sum(lens),
+                    "states": pl["states"],
+                    "clock": pl["clock"],
+                    "cursor": pl["cursor"],
+                }
+            )
+        return {"worker": worker, "arena": arena.buffer, "batches": metas, "compact": compact}
+
+
+def merge_pieces(
+    pieces: Sequence[Dict[str, Any]], flats: Sequence[np.ndarray], k: int, pad_id: int, empty=None
+) -> Optional[np.ndarray]:
+    """The ``[k, B, T]`` int64 batch of several workers' pieces, rows side by side (compact pieces
+    expanded, int64 ones copied); shorter pieces are padded to the longest. ``empty(shape)``
+    supplies the memory (a tensor's numpy view is written)."""
+    live = [(m, f) for m, f in zip(pieces, flats) if m["piece"] is not None]
+    if not live:
+        return None
+    b = sum(m["piece"][0][1] for m, _ in live)
+    t = max(m["piece"][0][2] for m, _ in live)
+    if len(live) == 1 and not isinstance(live[0][0]["piece"][1], list):
+        (shape, off), flat = live[0][0]["piece"], live[0][1]
+        return _carve(flat, off, shape, np.int64)  # in process: a view of the arena, no copy
+    out_obj = empty((k, b, t)) if empty is not None else np.empty((k, b, t), np.int64)
+    out = out_obj if isinstance(out_obj, np.ndarray) else out_obj.numpy()
+    a = 0
+    for m, flat in live:
+        (shape, where) = m["piece"]
+        _, pb, pt = shape
+        view = out[:, a : a + pb, :pt]
+        if isinstance(where, list):
+            expand({name: _carve(flat, off, sh, dt) for name, off, sh, dt in where}, pad_id, view)
+        else:
+            view[...] = _carve(flat, where, shape, np.int64)
+        if pt < t:
+            out[0, a : a + pb, pt:] = pad_id
+            out[1, a : a + pb, pt:] = IGNORE_INDEX
+            out[2:, a : a + pb, pt:] = 0
+        a += pb
+    return out_obj
 
 
 class NumpyBackend:
     """Batches as int64 numpy arrays, read in this process (no DataLoader workers, no torch).
 
     A backend answers four questions for :class:`StreamingLoader`: where chunks come from
-    (``chunks``), what a batch plane becomes (``as_output``), where an expanded compact batch
-    is written (``empty_int64``: None = a fresh numpy array), and how states of all ranks are
-    gathered (``gather``)."""
+    (``chunks``), what a batch plane becomes (``as_output``), where a merged batch is written
+    (``empty_int64``: None = a fresh numpy array), and how states of all ranks are gathered
+    (``gather``). ``simulate_workers=True`` runs the workers' pieces in this process, in the
+    order a DataLoader delivers them (``wds-tools stream``'s whole-run replay)."""
 
     name = "numpy"
     empty_int64: Any = None
 
-    def chunks(self, stream: _SlotStream, num_workers: int) -> Iterator[Dict[str, Any]]:
-        if num_workers:
-            raise ValueError(
-                "DataLoader workers need torch: pip install torch, or use "
-                "num_workers=0 (reads in this process)"
-            )
-        return stream.chunks(0)
+    def __init__(self, simulate_workers: bool = False):
+        self.simulate_workers = simulate_workers
+
+    def chunks(self, stream: _RankStream, num_workers: int) -> Iterator[Dict[str, Any]]:
+        if not num_workers:
+            return stream.chunks(0)
+        if self.simulate_workers:
+            return _round_robin([stream.chunks(w) for w in range(num_workers)])
+        raise ValueError(
+            "DataLoader workers need torch: pip install torch, or use num_workers=0 (reads in this process)"
+        )
 
     @staticmethod
     def as_output(x: np.ndarray) -> Any:
@@ -667,11 +924,22 @@ class NumpyBackend:
         )
 
 
+def _round_robin(gens: List[Iterator[Dict[str, Any]]]) -> Iterator[Dict[str, Any]]:
+    while True:
+        for g in gens:
+            try:
+                yield next(g)
+            except StopIteration:
+                return
+
+
 class StreamingLoader:
-    """Iterable of batches for one data-parallel rank; see ``build_loader``.
+    """Iterable of micro-batches for one data-parallel rank; see ``build_loader``.
 
     Iterating starts the workers from the current state, so breaking out of a loop and
-    iterating again continues exactly where the last delivered batch left off.
+    iterating again continues exactly where the last delivered batch left off. The state
+    (``state_dict``) is a position in the run's canonical stream: it loads under another world
+    size, number of workers, micro-batch size, accumulation or data config (``load_state_dict``).
     """
 
     def __init__(
@@ -691,51 +959,122 @@ class StreamingLoader:
         transfer_batches: int = 4,
         backend: Optional["NumpyBackend"] = None,
         max_tokens: Optional[int] = None,
+        grad_accum: int = 1,
+        num_partitions: int = 1,
+        partitions_fixed: bool = False,
+        whole: bool = False,
     ):
         self.cfg, self.plans = cfg, plans
         self.rank, self.world_size = rank, world_size
-        self.batch_size, self.num_workers = batch_size, num_workers
+        self.batch_size, self.num_workers, self.grad_accum = batch_size, num_workers, grad_accum
         self.num_slots = max(1, num_workers)
         self.max_seq_len, self.pad_id, self.seed, self.pack = max_seq_len, pad_id, seed, pack
         self.opts, self.transfer_batches = opts, transfer_batches
         self.max_tokens = max_tokens
+        self.num_partitions = num_partitions
+        self._partitions_fixed = partitions_fixed  # given by the user: a state must agree
+        self.whole = whole or pack or max_tokens is not None
+        self.read_data = True  # False: dry runs (keys and token counts from the indexes only)
         self.backend = backend if backend is not None else NumpyBackend()
         self.weights = dataset_weights(cfg, plans)
-        self._slots: List[Optional[Dict[str, Any]]] = [None] * self.num_slots
-        self._next_slot = 0
-        self._chunk_pos = 0  # batches of the current slot's turn already delivered
+        self._parts: Dict[int, Dict[str, Any]] = {}
+        self._clock: Dict[str, Any] = {}
+        self._cursors: List[int] = [0] * self.num_slots
+        self._stats = {"batches": 0, "padding": 0, "truncated": 0}
         self._generation = 0  # bumped by every __iter__ and load_state_dict
+        self._check_layout()
+
+    def _check_layout(self) -> None:
+        K, W = self.num_partitions, self.world_size
+        if K % W:
+            raise ValueError(
+                f"world size {W} does not divide the run's {K} partitions: use a world size that "
+                f"divides {K} (fixed when the run started; set 'partitions:' in the data config "
+                "to choose it)"
+            )
+        if self.num_slots > K // W:
+            raise ValueError(
+                f"num_workers={self.num_workers} is more than the {K // W} partitions of each "
+                f"rank ({K} partitions / world size {W}): use at most {K // W} workers"
+            )
+        for p in self.plans:
+            p.check_consumers(K)
 
     # -- iteration --------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Dict[str, Any]]:
         self._generation += 1
         gen = self._generation
-        stream = _SlotStream(self)
-        # with workers, batches arrive compact and are expanded here (``_SlotStream.batches``)
+        stream = _RankStream(self)
         chunks = self.backend.chunks(stream, self.num_workers)
-        for slot, batch, state, last in stream.batches(chunks, self.backend):
+        for batch in self._batches(chunks, stream):
             if gen != self._generation:
                 raise RuntimeError(
                     "this loader was iterated again (or given a state) after this iterator "
                     "started: only the newest iterator continues the stream (it starts where "
                     "the last delivered batch left off)"
                 )
-            if slot != self._next_slot:  # workers deliver in turn order; never expected
-                raise RuntimeError(
-                    f"loader: a batch of worker slot {slot} arrived when slot "
-                    f"{self._next_slot} was due (please report this)"
-                )
-            self._slots[slot] = state
-            self._chunk_pos += 1
-            if last:  # a worker's turn is one chunk (short ones: resumed mid-turn, or the end)
-                self._chunk_pos = 0
-                self._next_slot = (slot + 1) % self.num_slots
             yield batch
+
+    def _batches(self, chunks: Iterator[Dict[str, Any]], stream: _RankStream) -> Iterator[Dict[str, Any]]:
+        """Micro-batches in this process: one chunk of every worker (in worker order, as the
+        DataLoader delivers them) covers the same micro-batches; their pieces are merged."""
+        n = self.num_slots
+        k = len(stream.fields)
+        to_tensor, empty = self.backend.as_output, self.backend.empty_int64
+        while True:
+            group = []
+            for w in range(n):
+                ch = next(chunks, None)
+                if ch is None:
+                    if w:
+                        raise RuntimeError("loader: a worker ended before the others (please report this)")
+                    return
+                if ch["worker"] != w:
+                    raise RuntimeError(
+                        f"loader: a chunk of worker {ch['worker']} arrived when worker {w} was due "
+                        "(please report this)"
+                    )
+                group.append(ch)
+            flats = [c["arena"] if isinstance(c["arena"], np.ndarray) else c["arena"].numpy() for c in group]
+            for t in range(len(group[0]["batches"])):
+                pieces = [c["batches"][t] for c in group]
+                if not stream.read_data:
+                    x = None
+                else:
+                    x = merge_pieces(pieces, flats, k, self.pad_id, empty)
+                    if x is None:
+                        raise RuntimeError("loader: an empty micro-batch (please report this)")
+                    if isinstance(x, np.ndarray) and to_tensor is not None:
+                        x = to_tensor(x)
+                batch: Dict[str, Any] = (
+                    {f: x[i] for i, f in enumerate(stream.fields)} if x is not None else {}
+                )
+                lens = np.asarray([v for m in pieces for v in m["lengths"]], dtype=np.int64)
+                batch["lengths"] = to_tensor(lens) if to_tensor is not None else lens
+                batch["dataset"] = [v for m in pieces for v in m["datasets"]]
+                batch["__key__"] = [v for m in pieces for v in m["keys"]]
+                batch["epoch"] = [v for m in pieces for v in m["epochs"]]
+                for w, m in enumerate(pieces):
+                    for p, s in m["states"].items():
+                        self._parts[p] = s
+                    self._cursors[w] = m["cursor"]
+                self._clock = pieces[0]["clock"]
+                tokens = sum(m["tokens"] for m in pieces)
+                if x is not None:
+                    self._stats["padding"] += int(np.prod(x.shape[1:])) - tokens
+                self._stats["truncated"] += sum(m["truncated"] for m in pieces)
+                self._stats["batches"] += 1
+                yield batch
 
     @property
     def batches_delivered(self) -> int:
-        """Batches this rank's loader has handed out so far (across resumes)."""
-        return sum(s["batches"] for s in self._slots if s is not None)
+        """Micro-batches this rank's loader has handed out so far (across resumes)."""
+        return int(self._clock.get("micro", 0))
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps completed (``micro-batches / grad_accum``, across layout changes)."""
+        return int(self._clock.get("step", 0))
 
     def __len__(self) -> int:
         n = self.num_batches
@@ -745,87 +1084,148 @@ class StreamingLoader:
 
     @property
     def num_batches(self) -> Optional[int]:
-        """Batches per rank per pass when every dataset is bounded (same on every rank), else None.
-        Not defined for packing or token budgets: their batch counts depend on sample lengths."""
-        if not self.cfg.bounded or self.pack or self.max_tokens is not None:
+        """Micro-batches per rank per pass when every dataset is bounded (same on every rank),
+        else None. Not defined for packing or token budgets: their batch counts depend on sample
+        lengths."""
+        if not self.cfg.bounded or self.whole:
             return None
-        c = self.world_size * self.num_slots
-        total = 0
-        for g in self.cfg.groups:
-            left = sum(
-                (p.config.max_epochs or 0) * p.samples_per_epoch(c) for p in self.plans if p.config.group == g
-            )
-            total += left // self.batch_size
-        return total * self.num_slots
+        return RunClock(
+            self.cfg,
+            self.plans,
+            num_partitions=self.num_partitions,
+            world_size=self.world_size,
+            batch_size=self.batch_size,
+            grad_accum=self.grad_accum,
+            whole=False,
+        ).count_to_end()
 
     # -- state ------------------------------------------------------------------------------
-    def state_dict(self) -> Dict[str, Any]:
-        """This rank's position: a few integers per worker slot and dataset (JSON-able)."""
+    def _identity(self) -> Dict[str, Any]:
+        sh = self.cfg.shuffle
         return {
             "format": "wds_tools.loader",
             "version": STATE_VERSION,
-            "rank": self.rank,
+            "partitions": self.num_partitions,
+            "seed": self.seed,
+            "shuffle": [sh.shards, sh.samples, sh.block_size, sh.window_blocks],
+            "weight_by": self.cfg.weight_by,
+            "datasets": [
+                {
+                    "name": p.name,
+                    "num_samples": p.num_samples,
+                    "fingerprint": p.fingerprint,
+                    "weight": float(w),
+                }
+                for p, w in zip(self.plans, dataset_weights(self.cfg, self.plans, self.step))
+            ],
+        }
+
+    def layout(self) -> Dict[str, Any]:
+        return {
             "world_size": self.world_size,
-            "num_slots": self.num_slots,
+            "num_workers": self.num_workers,
             "batch_size": self.batch_size,
-            "max_seq_len": self.max_seq_len,
+            "grad_accum": self.grad_accum,
             "pack": self.pack,
             "max_tokens": self.max_tokens,
-            "seed": self.seed,
-            "weight_by": self.cfg.weight_by,
-            "datasets": [p.name for p in self.plans],
-            "num_samples": [p.num_samples for p in self.plans],
+            "max_seq_len": self.max_seq_len,
             "transfer_batches": self.transfer_batches if self.num_slots > 1 else 1,
-            "next_slot": self._next_slot,
-            "chunk_pos": self._chunk_pos,
-            "slots": json.loads(json.dumps(self._slots)),
+        }
+
+    def state_dict(self) -> Dict[str, Any]:
+        """This rank's part of the run's position (JSON-able): the states of its partitions and
+        the run's clock. ``gather_state_dicts`` (or :func:`merge_states`) makes the whole run's."""
+        return {
+            **self._identity(),
+            "rank": self.rank,
+            "layout": self.layout(),
+            "clock": json.loads(json.dumps(self._clock)),
+            # every partition of this rank, None for one that has not served yet
+            "parts": {
+                str(p): self._parts.get(p) for p in range(self.rank, self.num_partitions, self.world_size)
+            },
+            "cursors": list(self._cursors),
+            "stats": dict(self._stats),
         }
 
     def load_state_dict(self, sd: Dict[str, Any]) -> None:
-        """Continue from ``sd`` (this rank's ``state_dict()``, or ``{"ranks": [sd_0, sd_1, ...]}``
-        as gathered by ``gather_state_dicts``). Refuses a state of another layout."""
-        if isinstance(sd, dict) and "ranks" in sd:
-            ranks = sd["ranks"]
-            if len(ranks) != self.world_size:
-                raise ValueError(
-                    f"loader state holds {len(ranks)} ranks, this run has world size "
-                    f"{self.world_size} (the data layout depends on it)"
-                )
-            sd = ranks[self.rank]
-        if not isinstance(sd, dict) or sd.get("format") != "wds_tools.loader":
-            raise ValueError("not a wds_tools loader state")
-        if sd.get("version") != STATE_VERSION:
+        """Continue from ``sd``: a rank's ``state_dict()``, every rank's (``{"ranks": [...]}`` as
+        ``gather_state_dicts`` returns) or a merged run state, saved under any layout (world
+        size, workers, micro-batch size, accumulation) and, within limits, another data config:
+        datasets that stay continue their epoch, new ones start at epoch 0, removed ones are
+        dropped, changed weights apply from here on (one log line per change)."""
+        run = merge_states(sd)
+        K = int(run["partitions"])
+        if self._partitions_fixed and K != self.num_partitions:
             raise ValueError(
-                f"loader state version {sd.get('version')!r} is not supported "
-                f"(this wds_tools writes and reads version {STATE_VERSION})"
+                f"loader state has {K} partitions, this loader was given partitions="
+                f"{self.num_partitions}: a run keeps its partitions (drop the setting to resume)"
             )
-        mine = self.state_dict()
-        for k in (
-            "rank",
-            "world_size",
-            "num_slots",
-            "transfer_batches",
-            "batch_size",
-            "max_seq_len",
-            "pack",
-            "max_tokens",
-            "seed",
-            "weight_by",
-            "datasets",
-            "num_samples",
-        ):
-            if sd.get(k) != mine[k]:
-                hint = " (num_workers)" if k == "num_slots" else ""
+        mine = self._identity()
+        for key in ("seed", "shuffle"):
+            if run.get(key) != mine[key]:
                 raise ValueError(
-                    f"loader state was saved with {k}{hint}={sd.get(k)!r}, this "
-                    f"loader has {mine[k]!r}; resume with the same setting"
+                    f"loader state was saved with {key}={run.get(key)!r}, this loader has "
+                    f"{mine[key]!r}: the canonical order depends on it; resume with the same setting"
                 )
-        if len(sd["slots"]) != self.num_slots or not 0 <= sd["next_slot"] < self.num_slots:
-            raise ValueError("loader state: malformed slots")
+        if run.get("weight_by") != mine["weight_by"]:
+            log.info(
+                "data: weight_by changed from %s to %s at the resume", run.get("weight_by"), mine["weight_by"]
+            )
+        old = {d["name"]: d for d in run["datasets"]}
+        drop: List[str] = []
+        for p in self.plans:
+            o = old.get(p.name)
+            if o is None:
+                log.info("data: dataset %r is new at this resume: it starts at epoch 0", p.name)
+            elif o["fingerprint"] != p.fingerprint or o["num_samples"] != p.num_samples:
+                if not p.config.restart:
+                    raise ValueError(
+                        f"dataset {p.name!r}: its content changed since the state was saved "
+                        f"({o['num_samples']} -> {p.num_samples} samples, fingerprint "
+                        f"{o['fingerprint']} -> {p.fingerprint}); set 'restart: true' on its "
+                        "entry to start it over, or give it a new name"
+                    )
+                log.info("data: dataset %r changed and has restart: true: it starts over at epoch 0", p.name)
+                drop.append(p.name)
+        for name in old:
+            if name not in {p.name for p in self.plans}:
+                log.info("data: dataset %r is no longer in the config: dropped at this resume", name)
+        old_w = {d["name"]: d.get("weight") for d in run["datasets"]}
+        for p, w in zip(self.plans, self.weights):
+            if p.name in old_w and old_w[p.name] is not None and abs(old_w[p.name] - float(w)) > 1e-9:
+                log.info("data: dataset %r weight %.4g -> %.4g from here on", p.name, old_w[p.name], float(w))
+        prev = run.get("layout") or {}
+        self.num_partitions = K
+        self._check_layout()
+        now = self.layout()
+        changed = {k: (prev.get(k), now[k]) for k in now if k in prev and prev[k] != now[k]}
+        if changed:
+            log.info(
+                "data: resuming under another layout: %s",
+                ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()),
+            )
+        parts: Dict[int, Dict[str, Any]] = {}
+        for p in range(self.rank, K, self.world_size):
+            if str(p) not in run["parts"] and run.get("ranks_missing"):
+                raise ValueError(
+                    f"loader state holds the partitions of {run['ranks_present']} rank(s) of "
+                    f"{run['world_size']}; partition {p} is missing: load the gathered state of every "
+                    "rank (gather_state_dicts)"
+                )
+            s = run["parts"].get(str(p))
+            if s is not None:
+                if drop:
+                    s = dict(s, datasets={k: v for k, v in s["datasets"].items() if k not in drop})
+                parts[p] = s
         self._generation += 1
-        self._slots = [None if s is None else dict(s) for s in sd["slots"]]
-        self._next_slot = int(sd["next_slot"])
-        self._chunk_pos = int(sd["chunk_pos"])
+        self._parts = parts
+        self._clock = dict(run["clock"])
+        same = prev.get("world_size") == self.world_size and prev.get("num_workers") == self.num_workers
+        cur = run.get("cursors", {}).get(str(self.rank)) if same else None
+        self._cursors = list(cur) if cur and len(cur) == self.num_slots else [0] * self.num_slots
+        st = run.get("stats", {}).get(str(self.rank)) if same else None
+        self._stats = dict(st) if st else {"batches": 0, "padding": 0, "truncated": 0}
 
     def gather_state_dicts(self) -> Dict[str, Any]:
         """Every rank's state (``{"ranks": [...]}``) via ``torch.distributed``; call on all ranks.
@@ -838,19 +1238,19 @@ class StreamingLoader:
     # -- stats ------------------------------------------------------------------------------
     def stats(self) -> Dict[str, Any]:
         """Per-dataset samples, tokens, epochs and skips of the batches delivered so far on this
-        rank, with target and realized shares, and the padding share."""
-        slots = [s for s in self._slots if s is not None]
+        rank's partitions, with target and realized shares, and the padding share."""
+        parts = list(self._parts.values())
         per = []
+        w = dataset_weights(self.cfg, self.plans, self.step)
         for i, p in enumerate(self.plans):
-            samples = sum(s["samples"][i] for s in slots)
-            tokens = sum(s["tokens"][i] for s in slots)
-            rs = [s["readers"][i] for s in slots]
+            ds = [s["datasets"][p.name] for s in parts if p.name in s["datasets"]]
+            rs = [d["reader"] for d in ds]
             per.append(
                 {
                     "name": p.name,
-                    "target_share": float(self.weights[i]),
-                    "samples": samples,
-                    "tokens": tokens,
+                    "target_share": float(w[i]),
+                    "samples": sum(d["samples"] for d in ds),
+                    "tokens": sum(d["tokens"] for d in ds),
                     "epoch": max((r[0] for r in rs), default=0),
                     "skipped_shards": sum(r[2] for r in rs),
                     "skipped_samples": sum(r[3] for r in rs),
@@ -860,17 +1260,82 @@ class StreamingLoader:
         nt = sum(d["tokens"] for d in per) or 1
         for d in per:
             d["sample_share"], d["token_share"] = d["samples"] / ns, d["tokens"] / nt
-        padding = sum(s["padding"] for s in slots)
-        real = sum(sum(s["tokens"]) for s in slots)
+        padding = self._stats["padding"]
+        real = sum(d["tokens"] for d in per)
         return {
             "rank": self.rank,
-            "batches": sum(s["batches"] for s in slots),
+            "batches": self._stats["batches"],
             "weight_by": self.cfg.weight_by,
             "datasets": per,
             "padding_share": padding / (padding + real) if padding + real else 0.0,
-            "truncated_tokens": sum(s["truncated"] for s in slots),
+            "truncated_tokens": self._stats["truncated"],
             "skipped_shards": sum(d["skipped_shards"] for d in per),
         }
+
+
+def merge_states(sd: Any) -> Dict[str, Any]:
+    """One run state from a rank's ``state_dict()``, ``{"ranks": [...]}``, or a merged one.
+
+    The merged state is one small document for the whole run: the clock, and every
+    partition's state (each rank owned its partitions alone)."""
+    if isinstance(sd, dict) and "ranks" in sd:
+        ranks = sd["ranks"]
+        if not isinstance(ranks, list) or not ranks:
+            raise ValueError("loader state: 'ranks' must be a non-empty list of rank states")
+    else:
+        ranks = [sd]
+    for r in ranks:
+        if not isinstance(r, dict) or r.get("format") not in ("wds_tools.loader", "wds_tools.run"):
+            raise ValueError("not a wds_tools loader state")
+        if r.get("version") != STATE_VERSION:
+            raise ValueError(
+                f"loader state version {r.get('version')!r} is not supported (this wds_tools writes "
+                f"and reads version {STATE_VERSION}; states of version 1 were tied to one layout)"
+            )
+    if len(ranks) == 1 and ranks[0].get("format") == "wds_tools.run":
+        return ranks[0]
+    first = ranks[0]
+    for r in ranks[1:]:
+        for key in ("partitions", "seed", "shuffle", "layout"):
+            if r.get(key) != first.get(key):
+                raise ValueError(f"loader state: ranks disagree on {key} (states of different runs?)")
+        if r["clock"] != first["clock"]:
+            raise ValueError(
+                "loader state: ranks are at different micro-batches "
+                f"({first['clock'].get('micro')} vs {r['clock'].get('micro')}): save the states "
+                "of all ranks after the same step"
+            )
+    parts: Dict[str, Any] = {}
+    for r in ranks:
+        parts.update(r["parts"])
+    world = first["layout"]["world_size"]
+    present = sorted({r.get("rank") for r in ranks})
+    return {
+        "format": "wds_tools.run",
+        **{
+            k: first[k]
+            for k in ("version", "partitions", "seed", "shuffle", "weight_by", "datasets", "layout")
+        },
+        "clock": first["clock"],
+        "parts": parts,
+        "cursors": {str(r["rank"]): r["cursors"] for r in ranks if "rank" in r},
+        "stats": {str(r["rank"]): r["stats"] for r in ranks if "rank" in r},
+        "world_size": world,
+        "ranks_present": len(present),
+        "ranks_missing": len(present) < world,
+    }
+
+
+def default_partitions(world_size: int, num_slots: int, plans: Sequence[DatasetPlan]) -> int:
+    """Canonical partitions of a new shuffled run: ``6 * world_size`` (more when a rank has more
+    than 6 workers), so the run can later move to any world size that divides that (for 8
+    ranks: 1, 2, 3, 4, 6, 8, 12, 16, 24, 48); fewer when a dataset is smaller than that.
+    (Unshuffled streams default to one partition per reader: stored order.)"""
+    per_rank = 6 * -(-num_slots // 6)
+    smallest = min(p.num_samples for p in plans)
+    if world_size * per_rank > smallest:
+        per_rank = max(num_slots, smallest // world_size)
+    return world_size * per_rank
 
 
 def _dist_rank_world() -> Tuple[int, int]:
@@ -900,6 +1365,9 @@ def build_stream(
     backend: Optional["NumpyBackend"] = None,
     io_options: wio.IOOptions = wio.DEFAULT,
     max_tokens: Optional[int] = None,
+    grad_accum: int = 1,
+    partitions: Optional[int] = None,
+    whole_batches: bool = False,
 ) -> StreamingLoader:
     """The loader of one data-parallel rank, with the given backend (default: numpy, in
     process; see the module docstring). The arguments are :func:`wds_tools.loader.build_loader`'s
@@ -917,8 +1385,9 @@ def build_stream(
         ("num_workers", num_workers, 0),
         ("max_seq_len", max_seq_len, 1),
         ("transfer_batches", transfer_batches, 1),
+        ("grad_accum", grad_accum, 1),
     ):
-        if not isinstance(v, int) or v < lo:
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
     if pack and cfg.bounded:
         raise ValueError(
@@ -939,11 +1408,35 @@ def build_stream(
                 "max_epochs; stop by steps): token-budget batch counts depend on "
                 "sample lengths, so ranks could disagree and ZeRO-3 would hang"
             )
+    whole = pack or max_tokens is not None or whole_batches
+    if whole_batches and cfg.bounded and num_workers > 1:
+        raise ValueError(
+            f"{cfg.source}: a bounded stream (max_epochs) with several workers each building "
+            "whole batches could end at different batches on different ranks: use build_loader "
+            "(its workers share every batch) or one worker"
+        )
+    if cfg.stratified:
+        if whole:
+            raise ValueError(
+                f"{cfg.source}: stratified batches need fixed-size micro-batches (no pack, max_tokens)"
+            )
+        if cfg.bounded or any(d.max_epochs is not None for d in cfg.datasets):
+            raise ValueError(f"{cfg.source}: stratified batches need unbounded datasets (no max_epochs)")
+        if len(cfg.groups) > 1:
+            raise ValueError(f"{cfg.source}: stratified batches need a single group")
+    if partitions is not None and (
+        isinstance(partitions, bool) or not isinstance(partitions, int) or partitions < 1
+    ):
+        raise ValueError(f"partitions must be an integer >= 1, got {partitions!r}")
     io_options = cfg.io_options(io_options)
     plans = load_plans(cfg, io_options)
-    consumers = world_size * max(1, num_workers)
-    for p in plans:
-        p.check_consumers(consumers)
+    fixed = partitions if partitions is not None else cfg.partitions
+    if fixed is not None:
+        K = fixed
+    elif not cfg.shuffle.shards and not cfg.shuffle.samples:
+        K = world_size * max(1, num_workers)  # stored order: one contiguous slice per reader
+    else:
+        K = default_partitions(world_size, max(1, num_workers), plans)
     return StreamingLoader(
         cfg,
         plans,
@@ -959,6 +1452,10 @@ def build_stream(
         transfer_batches=transfer_batches,
         backend=backend,
         max_tokens=max_tokens,
+        grad_accum=grad_accum,
+        num_partitions=K,
+        partitions_fixed=fixed is not None,
+        whole=whole,
     )
 
 
@@ -973,9 +1470,9 @@ def iter_mixed(
     max_epochs: Optional[int] = None,
     io_options: wio.IOOptions = wio.DEFAULT,
 ) -> Iterator[Dict[str, Any]]:
-    """The *mixed* sample stream of one consumer of a data config, uncollated: dicts with
-    ``__key__``, ``dataset``, ``input_ids`` (read-only view, stored dtype) and ``supervised``
-    (spans). Groups are chosen per sample here. What a batch is built from.
+    """The *mixed* sample stream of partition ``consumer`` of ``num_consumers``, uncollated:
+    dicts with ``__key__``, ``dataset``, ``input_ids`` (read-only view, stored dtype) and
+    ``supervised`` (spans). Groups are chosen per sample here. What a batch is built from.
 
     (:func:`wds_tools.reader.iter_samples` is the other one: one manifest or shard list, in
     stored order, with ``labels``.)"""
@@ -984,21 +1481,25 @@ def iter_mixed(
     plans = load_plans(cfg, io_options)
     for p in plans:
         p.check_consumers(num_consumers)
-    c = Consumer(
+    part = Partition(
+        consumer,
+        num_consumers,
         plans,
         cfg,
         seed=cfg.seed if seed is None else seed,
-        consumer=consumer,
-        num_consumers=num_consumers,
-        batch_size=1,
         max_seq_len=max_seq_len,
         opts=io_options,
     )
-    names, mixer, take = c.names, c.mixer, c._take
+    names, mixer = [p.name for p in plans], part.mixer
+    gw = [float(sum(mixer.w[d] for d in mem)) for mem in mixer.members]
+    gmix = Mixer(gw, [0] * len(gw), [None] * len(gw))
     while True:
-        g = mixer.choose_group()
-        if g < 0:
+        for g in range(len(gw)):
+            gmix.caps[g] = gmix.samples[g] if not mixer.group_active(g) else None
+        if not any(gmix.active(g) for g in range(len(gw))):
             return
-        d = mixer.choose(g)
-        key, ids, spans, _ = take(d)
+        g = gmix.choose(0)
+        gmix.account(g, 1)
+        d = part.choose(g)
+        key, ids, spans, _, _ = part.take(d)
         yield {"__key__": key, "dataset": names[d], "input_ids": ids, "supervised": spans}

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .config import DataConfig
 from .io import DEFAULT, IOOptions
-from .stream import STATE_VERSION, Consumer, NumpyBackend, _SlotStream, build_stream
+from .stream import STATE_VERSION, NumpyBackend, _RankStream, build_stream, merge_pieces
 
 __all__ = ["TokenStream", "TorchBackend", "shared_buffer"]
 
@@ -46,7 +46,7 @@ class _StreamDataset(IterableDataset):
     """What the loader's own DataLoader iterates: each worker yields its slot's chunks (module
     level, so it pickles for ``spawn`` workers too)."""
 
-    def __init__(self, stream: _SlotStream):
+    def __init__(self, stream: _RankStream):
         self.stream = stream
 
     def __iter__(self):
@@ -77,7 +77,7 @@ class TorchBackend(NumpyBackend):
     def as_output(self, x: np.ndarray) -> Any:  # type: ignore[override]  # needs self.tensors
         return torch.from_numpy(x) if self.tensors else x
 
-    def chunks(self, stream: _SlotStream, num_workers: int) -> Iterator[Dict[str, Any]]:
+    def chunks(self, stream: _RankStream, num_workers: int) -> Iterator[Dict[str, Any]]:
         if not num_workers:
             return stream.chunks(0)
         loader = DataLoader(
@@ -158,6 +158,7 @@ class TokenStream(IterableDataset):
             max_epochs=max_epochs,
             io_options=io_options,
             max_tokens=max_tokens,
+            whole_batches=num_workers > 1,
         )
         self.per_sample = batch_size is None
         self.num_workers = num_workers
@@ -176,29 +177,40 @@ class TokenStream(IterableDataset):
 
     def __iter__(self) -> Iterator[Dict[str, Any]]:
         slot = self._slot()
-        stream = _SlotStream(self._loader)
-        c: Consumer = stream.consumer(slot, self._states.get(slot, self._loader._slots[slot]))
-        names = c.names
-        while True:
-            if self.per_sample:
-                g = c.mixer.choose_group()
-                if g < 0:
-                    return
-                d = c.mixer.choose(g)
-                key, ids, spans, _ = c._take(d)
-                self._states[slot] = c.state()
-                yield _sample(key, names[d], ids, spans, c.max_seq_len)
-                continue
-            plan = c.next_plan()
-            if plan is None:
-                return
-            x = torch.from_numpy(c.collate(plan))
-            self._states[slot] = c.state()
-            batch: Dict[str, Any] = {f: x[k] for k, f in enumerate(stream.fields)}
-            batch["lengths"] = torch.tensor(plan["lengths"], dtype=torch.int64)
-            batch["dataset"] = [names[d] for d in plan["datasets"]]
-            batch["__key__"] = plan["keys"]
-            yield batch
+        lo = self._loader
+        stream = _RankStream(lo)
+        saved = self._states.get(slot)
+        if saved is not None:
+            stream.part_states = {int(p): s for p, s in saved["parts"].items()}
+            stream.clock_state = dict(saved["clock"])
+            stream.cursors = [saved["cursor"] if w == slot else 0 for w in range(lo.num_slots)]
+        names = stream.fields
+        parts: Dict[int, Any] = dict(stream.part_states)
+        for ch in stream.chunks(slot):
+            flat = ch["arena"]
+            for m in ch["batches"]:
+                parts.update(m["states"])
+                if m["piece"] is None:  # another worker's micro-batch
+                    continue
+                self._states[slot] = {"parts": dict(parts), "clock": m["clock"], "cursor": m["cursor"]}
+                x = merge_pieces([m], [flat], len(names), lo.pad_id)
+                assert x is not None
+                xt = torch.from_numpy(x)
+                if self.per_sample:
+                    n = int(m["lengths"][0])
+                    yield {
+                        "input_ids": xt[0, 0, :n].clone(),
+                        "labels": xt[1, 0, :n].clone(),
+                        "dataset": m["datasets"][0],
+                        "__key__": m["keys"][0],
+                    }
+                    continue
+                batch: Dict[str, Any] = {f: xt[k] for k, f in enumerate(names)}
+                batch["lengths"] = torch.tensor(m["lengths"], dtype=torch.int64)
+                batch["dataset"] = m["datasets"]
+                batch["__key__"] = m["keys"]
+                batch["epoch"] = m["epochs"]
+                yield batch
 
     def state_dict(self) -> Dict[str, Any]:
         """The position of the slot(s) iterated in this process (JSON-able)."""
@@ -206,7 +218,14 @@ class TokenStream(IterableDataset):
             "format": "wds_tools.token_stream",
             "version": STATE_VERSION,
             "layout": self._layout(),
-            "slots": {str(k): v for k, v in self._states.items()},
+            "slots": {
+                str(k): {
+                    "parts": {str(p): s for p, s in v["parts"].items()},
+                    "clock": v["clock"],
+                    "cursor": v["cursor"],
+                }
+                for k, v in self._states.items()
+            },
         }
 
     def load_state_dict(self, sd: Dict[str, Any]) -> None:
@@ -223,6 +242,7 @@ class TokenStream(IterableDataset):
                 f"this stream has {self._layout()!r}; resume with the same settings"
             )
         self._states.update({int(k): v for k, v in sd["slots"].items()})
+        self._loader.num_partitions = int(sd["layout"]["partitions"])
 
     def _layout(self) -> Dict[str, Any]:
         lo = self._loader
@@ -235,20 +255,8 @@ class TokenStream(IterableDataset):
             "max_seq_len": lo.max_seq_len,
             "pack": lo.pack,
             "datasets": [p.name for p in lo.plans],
+            "partitions": lo.num_partitions,
         }
         if lo.max_tokens is not None:  # only then: states saved before the option still load
             layout["max_tokens"] = lo.max_tokens
         return layout
-
-
-def _sample(key: str, dataset: str, ids: np.ndarray, spans: Any, max_seq_len: int) -> Dict[str, Any]:
-    from .format import spans_to_labels
-
-    ids = ids[:max_seq_len]
-    labels = spans_to_labels(ids, spans)[:max_seq_len]
-    return {
-        "input_ids": torch.from_numpy(ids.astype(np.int64)),
-        "labels": torch.from_numpy(np.asarray(labels, dtype=np.int64)),
-        "dataset": dataset,
-        "__key__": key,
-    }

@@ -569,7 +569,8 @@ def mix_page(source: Source, rep: Optional[MixReport], error: Optional[str] = No
         fin = rep.final
         parts.append(
             "<h2>Target vs realized shares over steps</h2>"
-            f'<p class="note">Reader 0 of {fin["readers"]}, micro-batches of {rep.batch_size}; '
+            f'<p class="note">The whole run ({fin["partitions"]} partitions), micro-batches of '
+            f"{rep.batch_size}; "
             f"solid: realized {'sample' if by == 'samples' else 'token'} share of everything "
             "read up to that step; dashed: target. Each point is what "
             f'<span class="mono">{e(command)} --samples N</span> prints for that prefix '
