@@ -6,7 +6,11 @@ Layout under ``--output_dir``::
                                  optimizer, LR scheduler) plus the client state below
     checkpoints/step_00000100/lumina_complete.json
                                  the completion marker: written by rank 0 after every rank's
-                                 files are saved (barrier), listing each file and its size
+                                 files are saved (barrier), listing each file and its size,
+                                 the layout and the optimizer groups' settings
+    checkpoints/universal/step_00000100/
+                                 DeepSpeed's universal form of the tag, made by a resume under
+                                 another number of processes (deleted with the tag)
     checkpoints/lumina_markers.json  says this root's checkpoints carry completion markers
     checkpoints/latest           DeepSpeed's pointer to the newest tag (not trusted, see below)
     model/config.json            the Chameleon config (for the export)
