@@ -305,27 +305,52 @@ def _groups_config(data, tmp_path, **top):
     return load_data_config(write_config(str(tmp_path / "groups.yaml"), entries, **top))
 
 
-@pytest.mark.parametrize("mode", ["weight_by_tokens", "groups"])
-def test_same_global_batch_gives_the_same_data_in_every_mixing_mode(data, configs, tmp_path, mode):
-    """(2) for token-weighted mixtures and for groups too: same G, other world size, micro-batch
-    and accumulation -> the same global batches."""
-    if mode == "groups":
-        cfg = _groups_config(data, tmp_path)
-    else:
-        cfg = configs.get(BASE, weight_by="tokens")
+def _same_g_tails(cfg, layouts):
+    """(uninterrupted steps 0..29 under 2 ranks x 2 workers x 6, [(layout, its steps 10..29
+    after a resume at step 10, its state)])."""
     whole = canonical(run(RunSimulator(cfg, world_size=2, num_workers=2, batch_size=6), 30))
     head = RunSimulator(cfg, world_size=2, num_workers=2, batch_size=6)
     run(head, 10)
-    state = head.state()
-    for lay in (
-        {"world_size": 3, "num_workers": 1, "batch_size": 4},
-        {"world_size": 1, "batch_size": 6, "grad_accum": 2},
-        {"world_size": 4, "num_workers": 3, "batch_size": 1, "grad_accum": 3},
-    ):
-        sim = RunSimulator(cfg, **lay, state=state)
+    out = []
+    for lay in layouts:
+        sim = RunSimulator(cfg, **lay, state=head.state())
         tail = canonical(run(sim, 20))
         samples = [x for s in range(10) for x in whole[s]] + [x for v in tail.values() for x in v]
         check_consumed(samples, sim.state(), "abc")  # nothing lost or repeated, in any case
+        out.append((lay, tail))
+    return whole, out
+
+
+SAME_G = (
+    {"world_size": 3, "num_workers": 1, "batch_size": 4},
+    {"world_size": 1, "batch_size": 6, "grad_accum": 2},
+    {"world_size": 4, "num_workers": 3, "batch_size": 1, "grad_accum": 3},
+)
+
+
+def test_same_global_batch_gives_the_same_data_when_weighting_by_tokens(configs):
+    whole, tails = _same_g_tails(configs.get(BASE, weight_by="tokens"), SAME_G)
+    for lay, tail in tails:
+        assert tail == {s: whole[s] for s in range(10, 30)}, lay
+
+
+def test_groups_same_global_micro_batch_gives_the_same_data(data, tmp_path):
+    """Groups: the group is picked per global micro-batch (B x W positions); with the same
+    B x W and G (other world size and workers) the global batches are the uninterrupted run's."""
+    lays = ({"world_size": 3, "num_workers": 1, "batch_size": 4}, {"world_size": 6, "batch_size": 2})
+    whole, tails = _same_g_tails(_groups_config(data, tmp_path), lays)
+    for lay, tail in tails:
+        assert tail == {s: whole[s] for s in range(10, 30)}, lay
+
+
+def test_groups_same_global_batch_other_micro_batch_gives_the_same_data(data, tmp_path):
+    """Issue 10 item 2 and docs/streaming.md's table ('other micro-batch size or accumulation,
+    same global batch: yes, same global batches') with groups: same G = 12, micro-batch x world
+    6 or 4 instead of 12. Fails today: the group is chosen per global micro-batch, so other
+    micro-batch boundaries give other groups (nothing is lost or repeated, checked above)."""
+    lays = SAME_G[1:]
+    whole, tails = _same_g_tails(_groups_config(data, tmp_path), lays)
+    for lay, tail in tails:
         assert tail == {s: whole[s] for s in range(10, 30)}, lay
 
 
@@ -359,6 +384,56 @@ def test_a_bounded_run_resumed_under_other_layouts_reads_each_sample_once(data, 
         assert sim.ended
         got = sorted([x for s in range(10) for x in whole[s]] + [x for v in tail.values() for x in v])
         assert got == everything, lay
+
+
+def test_another_global_batch_continues_the_canonical_stream_exactly(configs):
+    """(3) One rank, no workers (rows in position order): resumes under global batches 12 -> 8
+    -> 21 read exactly the uninterrupted run's sample sequence, position by position."""
+    cfg = configs.get(BASE)
+
+    def flat(sim, n):
+        return [x for _, _, _, b in sim.steps(n) for x in zip(b["dataset"], b["__key__"], b["epoch"])]
+
+    whole = flat(RunSimulator(cfg, batch_size=12), 40)
+    head = RunSimulator(cfg, batch_size=12)
+    got = flat(head, 10)
+    mid = RunSimulator(cfg, batch_size=8, state=head.state())
+    got += flat(mid, 20)
+    tail = RunSimulator(cfg, batch_size=7, grad_accum=3, state=mid.state())
+    got += flat(tail, 5)
+    assert len(got) == 385 and got == whole[:385]
+    check_consumed(got, tail.state(), "abc")
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [{"pack": True, "max_seq_len": 128}, {"max_tokens": 200, "max_seq_len": 64}],
+    ids=["pack", "max_tokens"],
+)
+def test_packed_and_token_budget_runs_resume_under_other_layouts(configs, kw):
+    """Data-dependent micro-batches: other global batches after a resume, but nothing repeated or
+    skipped inside any epoch."""
+    cfg = configs.get(BASE)
+    head = RunSimulator(cfg, world_size=2, num_workers=2, batch_size=4, **kw)
+    first = [x for v in run(head, 15).values() for x in v]
+    for lay in (
+        {"world_size": 3, "num_workers": 1, "batch_size": 3},
+        {"world_size": 1, "batch_size": 5, "grad_accum": 2},
+    ):
+        sim = RunSimulator(cfg, **lay, **kw, state=head.state())
+        tail = [x for v in run(sim, 15).values() for x in v]
+        check_consumed(first + tail, sim.state(), "abc")
+
+
+def test_an_unshuffled_run_resumes_under_other_layouts(configs):
+    cfg = configs.get(BASE, shuffle=False, partitions=None)  # default K
+    whole = canonical(run(RunSimulator(cfg, world_size=2, num_workers=2, batch_size=6), 30))
+    head = RunSimulator(cfg, world_size=2, num_workers=2, batch_size=6)
+    run(head, 10)
+    assert head.num_partitions == 4  # stored order: one partition per reader of the first run
+    for lay in ({"world_size": 4, "batch_size": 3}, {"world_size": 1, "batch_size": 4, "grad_accum": 3}):
+        tail = canonical(run(RunSimulator(cfg, **lay, state=head.state()), 20))
+        assert tail == {s: whole[s] for s in range(10, 30)}, lay
 
 
 def test_layout_rules_are_one_line_errors(configs):
@@ -645,6 +720,28 @@ def test_a_dataset_dropped_then_added_back_starts_over_in_every_partition(config
     after = sim.state()
     # the positions the state claims for 'b' are exactly what was read of it since it came back
     check_consumed([x for x in tail if x[0] == "b"], after, "b")
+
+
+def test_a_dataset_added_back_with_other_content_is_new(data, configs, tmp_path):
+    """Dropped at one resume, added back under the same name with other content at a later one:
+    it is a new dataset (not in the state's dataset list), so it starts at epoch 0; no partition
+    may apply its stale pre-drop position to the new content."""
+    root, m = data
+    sim = RunSimulator(configs.get({"a": 0.5, "b": 0.5}), world_size=1, batch_size=12)
+    run(sim, 30)  # every partition is at position 15 of 'b' (L = 20)
+    sim = RunSimulator(configs.get({"a": 1.0}), world_size=1, batch_size=1, state=sim.state())
+    run(sim, 1)  # only partition 0 serves
+    state = sim.state()
+    other = make_dataset(str(tmp_path), "b", 1, 100, samples_per_shard=25, seed=9)  # L = 8
+    entries = [
+        {"name": "a", "manifest": m["a"], "weight": 0.5},
+        {"name": "b", "manifest": other, "weight": 0.5},
+    ]
+    path = write_config(str(tmp_path / "back.yaml"), entries, partitions=K, seed=5, shuffle=SHUFFLE)
+    sim = RunSimulator(load_data_config(path), world_size=2, batch_size=6, state=state)
+    tail = [x for v in run(sim, 4).values() for x in v]
+    assert {e for d, _, e in tail if d == "b"} == {0}
+    assert sum(d == "b" for d, _, _ in tail) == 24
 
 
 # --- 5. memory and state size -------------------------------------------------------------------
