@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import inspect
 import json
 import logging
 import math
@@ -136,19 +135,14 @@ def wds_loader_factory(
     """The streamed WebDataset mixture of ``--data_config`` (wds_tools); a setting the loader
     refuses (``--max_tokens`` with a bounded mixture...) is a one-line ConfigError.
 
-    ``grad_accum`` goes to loaders that take it (micro-batches per optimizer step: part of how a
-    layout-free position maps to this rank's micro-batches).
+    ``grad_accum``: micro-batches per optimizer step (the loader maps the run's layout-free
+    position to this rank's micro-batches with it, and counts optimizer steps for schedules).
     """
     from wds_tools.loader import build_loader
 
     data = cfg.data
     if not data.data_config:
         raise ConfigError("--data_config is required (a data config YAML or a manifest)")
-    extra: dict = {}
-    if data.max_tokens is not None:
-        extra["max_tokens"] = data.max_tokens
-    if "grad_accum" in inspect.signature(build_loader).parameters:
-        extra["grad_accum"] = grad_accum
     try:
         return build_loader(
             data.data_config,
@@ -161,7 +155,8 @@ def wds_loader_factory(
             seed=data.seed,
             pack=data.pack,
             io_options=data.io_options(),
-            **extra,
+            grad_accum=grad_accum,
+            max_tokens=data.max_tokens,
         )
     except ValueError as exc:
         if isinstance(exc, ConfigError):

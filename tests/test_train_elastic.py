@@ -10,9 +10,7 @@
     then on 2 again, with a test loader whose position is layout-free: every later step's loss
     equals the uninterrupted run's within float tolerance;
   - the same through the streamed mixture (``wds_tools``), after a SIGKILL: losses, and the
-    per-dataset sample counts at every step (nothing repeated or skipped). This one needs the
-    loader to accept a state saved under another world size (issue 10); until then it is an
-    expected failure.
+    per-dataset sample counts at every step (nothing repeated or skipped).
 """
 
 from __future__ import annotations
@@ -160,18 +158,6 @@ DUMP_WORKER = textwrap.dedent('''
         torch.save(dump, out)
     shutdown_distributed(exit_code=0)
 ''')
-
-
-def _loader_takes_another_layout() -> bool:
-    """Whether the loader resumes a state saved under another world size (the layout-free
-    position of issue 10); until it does, the data side of the elastic run cannot pass."""
-    import inspect
-
-    try:
-        from wds_tools.loader import build_loader
-    except ImportError:
-        return False
-    return "grad_accum" in inspect.signature(build_loader).parameters
 
 
 # ----------------------------------------------------------------------------------------------
@@ -462,12 +448,6 @@ def test_model_side_resume_on_one_process_then_two_continues_the_uninterrupted_l
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    not _loader_takes_another_layout(),
-    reason="the loader refuses a state saved under another world size until its layout-free "
-    "position (issue 10 items 1-2) lands",
-    strict=False,
-)
 def test_sigkill_then_one_process_then_two_continues_the_uninterrupted_run(tiny, straight):
     out = tiny["base"] / "elastic"
     # 1. Two processes; rank 1 SIGKILLed once a checkpoint is complete (--max_steps far away, so
