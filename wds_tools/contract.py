@@ -10,11 +10,12 @@ use these, so the contract has one home (see ``docs/format.md``).
 
 from __future__ import annotations
 
+import array
 import hashlib
 import json
 import os
 import re
-from typing import Any, BinaryIO, Optional, Tuple
+from typing import Any, BinaryIO, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -27,6 +28,7 @@ __all__ = [
     "rank_object_re",
     "shard_index_name",
     "check_index",
+    "index_columns",
     "sha256_stream",
     "sha256_bytes",
     "sha256_file",
@@ -74,6 +76,19 @@ def check_index(index: Any, where: str, *, checksums: bool = False) -> None:
     """Refuse a shard index that cannot be trusted, with a FormatError naming the field, so a
     damaged or hostile index never raises KeyError/TypeError deep in a read. ``checksums``:
     also require the shard's ``bytes`` and ``sha256`` (what merge copies into the manifest)."""
+    index_columns(index, where, checksums=checksums)
+
+
+_INT_COLUMNS = ("offset", "length", "num_tokens", "num_supervised")
+_KEYS_RE = re.compile(_KEY_RE.pattern[1:-1].join(["(?:", "\n)*"]))  # keys, each + "\n"
+
+
+def index_columns(index: Any, where: str, *, checksums: bool = False) -> Dict[str, np.ndarray]:
+    """:func:`check_index`, returning the integer columns (``offset``, ``length``,
+    ``num_tokens``, ``num_supervised``) as int64 arrays (a column holding a count beyond int64
+    is valid but left out). Each column is checked in one pass at
+    C speed (the types of its values as a set, then one array); the value-by-value scan that
+    names the first bad entry runs only when a column fails."""
     if not isinstance(index, dict):
         raise FormatError(f"{where}: shard index must be a JSON object")
     try:
@@ -101,26 +116,47 @@ def check_index(index: Any, where: str, *, checksums: bool = False) -> None:
     cols = index.get("samples")
     if not isinstance(cols, dict):
         raise FormatError(f"{where}: index 'samples' must be an object of columns")
-    for k in ("key", "offset", "length", "num_tokens", "num_supervised"):
+    out: Dict[str, np.ndarray] = {}
+    for k in ("key", *_INT_COLUMNS):
         col = cols.get(k)
         if not isinstance(col, list):
             raise FormatError(f"{where}: index column samples.{k} must be a list")
         if k == "key":
-            bad = [v for v in col if type(v) is not str or not _KEY_RE.match(v)][:1]
-            if bad:
-                raise FormatError(f"{where}: index key {short_repr(bad[0])} is not a valid sample key")
+            joined = "\n".join(col) + "\n" if set(map(type, col)) == {str} else ""
+            if col and not (joined.count("\n") == len(col) and _KEYS_RE.fullmatch(joined)):
+                bad = [v for v in col if type(v) is not str or not _KEY_RE.match(v)][:1]
+                if bad:
+                    raise FormatError(f"{where}: index key {short_repr(bad[0])} is not a valid sample key")
         else:
-            bad = [v for v in col if type(v) is not int or v < 0][:1]
-            if bad:
-                raise FormatError(
-                    f"{where}: index column samples.{k} holds "
-                    f"{short_repr(bad[0])}, not a non-negative integer"
-                )
+            arr = _count_array(col)
+            if arr is None:
+                bad = [v for v in col if type(v) is not int or v < 0][:1]
+                if bad:
+                    raise FormatError(
+                        f"{where}: index column samples.{k} holds "
+                        f"{short_repr(bad[0])}, not a non-negative integer"
+                    )
+            else:
+                out[k] = arr  # (counts beyond int64 pass, as before, but have no array)
     if checksums:
         if not is_count(index.get("bytes")):
             raise FormatError(f"{where}: index 'bytes' must be a non-negative integer")
         if not isinstance(index.get("sha256"), str):
             raise FormatError(f"{where}: index 'sha256' must be a hex digest string")
+    return out
+
+
+def _count_array(col: list) -> Optional[np.ndarray]:
+    """``col`` as int64 when every value is an ``int`` (not a bool) in ``[0, 2**63)``, else None."""
+    if not col:
+        return np.zeros(0, np.int64)
+    if set(map(type, col)) != {int}:
+        return None
+    try:
+        arr = np.frombuffer(array.array("q", col), np.int64)  # one C loop, no dtype discovery
+    except OverflowError:
+        return None
+    return arr if arr.min() >= 0 else None
 
 
 # --- checksums -------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ __all__ = [
     "decode_sample",
     "decode_ids_spans",
     "decode_block",
+    "decode_block_parts",
     "key_table",
     "mask_to_spans",
     "labels_to_spans",
@@ -344,9 +345,11 @@ _json_scan = json.scanner.make_scanner(json.JSONDecoder())  # type: ignore[arg-t
 
 
 def key_table(keys: Sequence[str]) -> tuple:
-    """``(names, key_lengths)`` for ``decode_block``: every sample's JSON member name
-    ``KEY.json\\0`` as one zero-padded ``uint8`` row (the ids member's name starts with the same
-    ``KEY.``). Build it once per shard index (keys are encoded once, not per read)."""
+    """``(names, key_lengths, ids_mask, json_mask)`` for ``decode_block``: every sample's JSON
+    member name ``KEY.json\\0`` as one zero-padded ``uint8`` row of whole 8-byte words, and, per
+    row, the ``uint64`` masks of the bytes that name ``KEY.`` (the start of the ids member's name)
+    and ``KEY.json\\0`` (compared a word at a time). Build it once per shard index (keys are
+    encoded once, not per read)."""
     n = len(keys)
     try:
         enc = np.array(keys, dtype="S") if n else np.zeros(0, "S1")  # ASCII keys, at C speed
@@ -354,18 +357,99 @@ def key_table(keys: Sequence[str]) -> tuple:
         enc = np.array([k.encode("utf-8") for k in keys], dtype="S")
     klen = np.char.str_len(enc).astype(np.int64) if n else np.zeros(0, np.int64)
     w = enc.dtype.itemsize
-    table = np.zeros((n, w + 6), np.uint8)
+    table = np.zeros((n, (w + 6 + 7) // 8 * 8), np.uint8)
     table[:, :w] = enc.view(np.uint8).reshape(n, w)
     rows = np.arange(n)
     for c, ch in enumerate(b".json\0"):
         table[rows, klen + c] = ch
-    return table, klen
+    col = np.arange(table.shape[1])
+    ids_mask = np.where(col <= klen[:, None], 0xFF, 0).astype(np.uint8).view("<u8")
+    json_mask = np.where(col < klen[:, None] + 6, 0xFF, 0).astype(np.uint8).view("<u8")
+    return table, klen, ids_mask, json_mask
 
 
-_HDR_POS = np.array([257, 258, 259, 260, 261, 512, 513, 514, 515, 516, 517, 520, 521], np.int64)
-_HDR_EXPECT = np.frombuffer(b"ustar" + _NPY_MAGIC, np.uint8)
-_SIZE_POS = np.arange(124, 135, dtype=np.int64)  # the 11 octal digits of a ustar size field
+def _words(pattern: bytes, care: bytes) -> tuple:
+    """``(expected, mask)`` little-endian ``uint64`` words: ``care`` marks the bytes compared."""
+    return np.frombuffer(pattern, "<u8"), np.frombuffer(care, "<u8")
+
+
+# a sample's first tar header and npy header, words 32 and 64-67 of it (bytes 256-263, 512-543):
+# "ustar" at 257, the npy magic at 512, the header length at 520 (read, not compared), then
+# the header text, which starts with the dtype ("{'descr': '<u2'": 15 bytes for every dtype)
+_H1_WORDS = np.array([32, 64, 65, 66, 67], np.int64)
+_H1_CARE = (
+    b"\0\xff\xff\xff\xff\xff\0\0" + b"\xff" * 6 + b"\0\0" + b"\0\0" + b"\xff" * 14 + b"\xff" + b"\0" * 7
+)
+
+
+_H1_CACHE: dict = {}
+
+
+def _h1_expected(dtype: np.dtype) -> tuple:
+    """``_words`` of what ``_H1_WORDS`` of a sample of ``dtype`` hold."""
+    got = _H1_CACHE.get(dtype.str)
+    if got is None:
+        d = _descr(dtype)  # 15 bytes for every dtype: "{'descr': '<u2'"
+        exp = b"\0ustar\0\0" + _NPY_MAGIC + b"\0\0" + b"\0\0" + d + b"\0" * (24 - 2 - len(d))
+        got = _H1_CACHE[dtype.str] = _words(exp, _H1_CARE)
+    return got
+
+
+_JSON_WORDS = np.arange(7, dtype=np.int64)  # a JSON member's first 56 bytes
+_SIZE_WORDS = np.array([15, 16], np.int64)  # bytes 120-135 of a tar header: the size field
+
+
 _OCTAL = 8 ** np.arange(10, -1, -1, dtype=np.int64)
+# the JSON member as the writer writes it for one supervised span: {"supervised":[[S,E]],"meta":M}
+_JSON_HEAD = np.frombuffer(b'{"supervised":[[', "<u8")  # two words
+_JSON_MID = np.frombuffer(b']],"meta":', np.uint8)
+_NUM_MAX = 12  # digits of a span bound read by the vectorized parse (longer: the scanner's)
+_WIN = np.arange(2 * _NUM_MAX + 2, dtype=np.int64)  # "S,E]": the two bounds and the byte after
+_POW10 = 10 ** np.arange(_NUM_MAX, dtype=np.int64)
+
+
+def _one_span_members(g: np.ndarray, jsize: np.ndarray, nt: np.ndarray) -> tuple:
+    """Vectorized parse of JSON members of the form ``{"supervised":[[S,E]],"meta":M}`` (no
+    whitespace, S and E decimal integers without leading zeros, ``0 <= S < E <= n``), given
+    ``g``, each member's first 56 bytes as 7 ``uint64`` words, and the member sizes.
+
+    Returns ``(match, plain, s, e, meta_at)``: per member, whether it has that form up to ``M``
+    (the caller checks that ``M`` fills the member up to its closing ``}`` and parses it),
+    whether ``M`` is ``{}`` and the member ends there (nothing left to check or parse), the
+    span, and where ``M`` starts in the member. Bytes past a member's size are never trusted:
+    a member must reach past every byte its match used."""
+    match = (g[:, 0] == _JSON_HEAD[0]) & (g[:, 1] == _JSON_HEAD[1])
+    b = g.view(np.uint8)
+    win = b[:, 16 : 16 + _WIN.size]
+    digit = (win - 48) < 10  # uint8: bytes below "0" wrap around
+    comma = win == 44
+    close = win == 93  # "]"
+    c = comma.argmax(1)  # the first comma, the first "]"
+    t = close.argmax(1)
+    rows = np.arange(g.shape[0])
+    # "S,E]": one comma, digits on both sides of it, nothing else before the "]"
+    match &= comma[rows, c] & close[rows, t] & (c >= 1) & (t >= c + 2)
+    match &= (digit | (_WIN == c[:, None]) | (_WIN >= t[:, None])).all(1)
+    match &= (c <= _NUM_MAX) & (t - c - 1 <= _NUM_MAX)
+    # JSON numbers have no leading zeros (the scanner refuses "01": the exact path decides)
+    second = win[rows, np.minimum(c + 1, _WIN.size - 1)]
+    match &= ((win[:, 0] != 48) | (c == 1)) & ((second != 48) | (t == c + 2))
+    at = 16 + t
+    match &= (np.take_along_axis(b, at[:, None] + np.arange(_JSON_MID.size), 1) == _JSON_MID).all(1)
+    meta_at = at + _JSON_MID.size
+    match &= meta_at < jsize - 1
+    tail = np.take_along_axis(b, meta_at[:, None] + np.arange(3), 1)
+    plain = match & (jsize == meta_at + 3) & (tail == np.frombuffer(b"{}}", np.uint8)).all(1)
+    # the bounds: digit k of a number of m digits weighs 10 ** (m - 1 - k)
+    val = win.astype(np.int64) - 48
+    exp = np.where(_WIN < c[:, None], c[:, None], t[:, None]) - 1 - _WIN
+    val *= _POW10.take(exp, mode="clip")
+    val[(exp < 0) | ~digit] = 0
+    cum = val.cumsum(1)
+    s = cum[rows, c]
+    e = cum[rows, t] - s
+    good = (s < e) & (e <= nt)
+    return match & good, plain & good, s, e, meta_at
 
 
 def decode_block(
@@ -384,8 +468,9 @@ def decode_block(
     ``offsets`` (of each sample's first tar header in ``buf``), ``lengths``, ``keys`` and
     ``num_tokens`` are the index columns of the samples (sequences or int64 arrays); ``names`` is
     ``key_table(keys)`` (computed here when not given). The tar and npy headers of all samples
-    are checked with a few vectorized gathers, every JSON member is parsed from one decoded
-    string, and ids are slices of one typed view of ``buf``.
+    are checked with a few vectorized gathers, JSON members of the writer's one-span form are
+    parsed by vectorized byte compares (the others by the JSON scanner, from one decoded string),
+    and ids are slices of one typed view of ``buf``.
 
     Returns ``(ids, spans, metas, errors)``: lists with one entry per sample, and ``errors``, a
     dict ``{i: FormatError}`` for the samples that do not decode (their list entries are None;
@@ -394,69 +479,135 @@ def decode_block(
     ``decode_ids_spans``, so the results never depend on the fast path. Labels are left to the
     caller (``spans_to_labels``), so they can be built into recycled memory sample by sample.
     """
+    return decode_block_parts(buf, offsets, lengths, keys, num_tokens, dtype, where, names)[:4]
+
+
+def decode_block_parts(
+    buf,
+    offsets,
+    lengths,
+    keys: Sequence[str],
+    num_tokens,
+    dtype: np.dtype,
+    where: str = "",
+    names: Optional[tuple] = None,
+    spans_lists: bool = True,
+) -> tuple:
+    """:func:`decode_block`, plus what a reader needs to build every sample's labels with a few
+    array operations: ``(ids, spans, metas, errors, typed, first, span_start, span_end)``.
+
+    ``typed`` is the view of ``buf`` as ``dtype`` that ids are slices of; ``first`` (int64)
+    holds each sample's ``typed`` position of its first id (-1 where its ids are not such a slice,
+    or it did not decode); ``span_start``/``span_end`` (int64) its supervised span where that is
+    one span read by the vectorized parse (-1 elsewhere: its ``spans`` entry says)."""
     dtype = np.dtype(dtype)
     n = len(keys)
     errors: dict = {}
+    minus = np.full(n, -1, np.int64)
     if n == 0:
-        return [], [], [], errors
+        return [], [], [], errors, np.zeros(0, dtype), minus, minus, minus
     off = np.asarray(offsets, dtype=np.int64)
     ln = np.asarray(lengths, dtype=np.int64)
     nt = np.asarray(num_tokens, dtype=np.int64)
-    table, klen = names if names is not None else key_table(keys)
-    u8 = np.frombuffer(buf, np.uint8)
-    size = u8.size
+    if names is None or len(names) < 4:
+        names = key_table(keys)
+    table, _, ids_mask, json_mask = names
+    size = len(memoryview(buf).cast("B")) if not isinstance(buf, np.ndarray) else buf.nbytes
+    # (a buffer too short for any sample: every sample goes to the exact path, for its error)
+    u8 = np.frombuffer(buf if size >= 8 else bytes(8), np.uint8)
+    w64 = np.frombuffer(u8, "<u8", count=len(u8) // 8)
     isz = dtype.itemsize
     end = off + ln
-    col = np.arange(table.shape[1], dtype=np.int64)
-    kl = klen[:, None]
-    # mode="clip" keeps every gather inside buf; a sample passes only if all its bytes are in
-    # buf (the size check below), so a clipped read never lets a bad sample through
-    name_ok = u8.take(off[:, None] + col, mode="clip") == table
-    ok = (off >= 0) & (end <= size) & (name_ok | (col > kl)).all(1)  # "KEY."
-    hdr = u8.take(off[:, None] + _HDR_POS, mode="clip")
-    ok &= (hdr[:, :11] == _HDR_EXPECT).all(1)  # ustar, npy magic
-    dpat = np.frombuffer(_descr(dtype), np.uint8)
-    ok &= (u8.take(off[:, None] + (BLOCK + 10 + np.arange(dpat.size)), mode="clip") == dpat).all(
-        1
-    )  # npy dtype
-    data = off + (BLOCK + 10) + (hdr[:, 11].astype(np.int64) | (hdr[:, 12].astype(np.int64) << 8))
+    name = table.view("<u8")
+    wn = name.shape[1]
+    # tar headers start on 512-byte blocks: every check below compares whole 8-byte words,
+    # gathered with mode="clip" (inside buf); a sample passes only if all its bytes are in buf
+    # (the size check), so a clipped read never lets a bad sample through
+    ok = (off >= 0) & (end <= size) & (off % BLOCK == 0)
+    exp1, care1 = _h1_expected(dtype)
+    g = w64.take((off >> 3)[:, None] + np.concatenate([np.arange(wn), _H1_WORDS]), mode="clip")
+    ok &= ~((g[:, :wn] ^ name) & ids_mask).any(1)  # "KEY."
+    ok &= ~((g[:, wn:] ^ exp1) & care1).any(1)  # ustar, npy magic, dtype
+    data = off + (BLOCK + 10) + (g[:, wn + 2] & 0xFFFF).astype(np.int64)
     j = off + BLOCK + (data - off - BLOCK + nt * isz + BLOCK - 1) // BLOCK * BLOCK
-    name_ok = u8.take(j[:, None] + col, mode="clip") == table
-    ok &= (name_ok | (col >= kl + 6)).all(1)  # "KEY.json\0"
-    digits = u8.take(j[:, None] + _SIZE_POS, mode="clip").astype(np.int64) - 48
-    ok &= ((digits >= 0) & (digits <= 7)).all(1)
-    jsize = digits @ _OCTAL
+    g = w64.take((j >> 3)[:, None] + np.concatenate([np.arange(wn), _SIZE_WORDS]), mode="clip")
+    ok &= ~((g[:, :wn] ^ name) & json_mask).any(1)  # "KEY.json\0"
+    digits = np.ascontiguousarray(g[:, wn:]).view(np.uint8)[:, 4:15] - 48  # 11 octal digits
+    ok &= (digits < 8).all(1)
+    jsize = digits.astype(np.int64) @ _OCTAL
     jstart = j + BLOCK
+    jend = jstart + jsize
     ok &= (jstart + (jsize + BLOCK - 1) // BLOCK * BLOCK == end) & (nt >= 0)
-    ok &= data % isz == 0  # ids are slices of one typed view of buf
+    aligned = data % isz == 0
+    ok &= aligned  # ids are slices of one typed view of buf
     typed = np.frombuffer(buf, dtype=dtype, count=size // isz)
-
-    # one string holding every JSON member that passed, parsed value by value at known
-    # positions: a value must end exactly where its member ends
-    sel = ok.nonzero()[0] if not ok.all() else np.arange(n)
-    js, je = jstart[sel].tolist(), (jstart + jsize)[sel].tolist()
-    raw = b"".join([buf[x:y] for x, y in zip(js, je)])
-    ends = np.cumsum(jsize[sel])
-    if raw.isascii():
-        text = raw.decode("ascii")
-    else:  # positions in the str: bytes before each end minus the UTF-8 continuation bytes
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            text = None
-        cont = np.zeros(len(raw) + 1, np.int64)
-        np.cumsum((np.frombuffer(raw, np.uint8) & 0xC0) == 0x80, out=cont[1:])
-        ends = ends - cont[ends]
-    ends = ends.tolist()
-    first, last = (data // isz)[sel].tolist(), (data // isz + nt)[sel].tolist()
-    sel = sel.tolist()
+    first = np.where(aligned, data // isz, -1)
     ids_out: list = [None] * n
     spans_out: list = [None] * n
     meta_out: list = [None] * n
-    slow = [] if text is not None else sel
+
+    # the writer's one-span members, parsed in place (a meta other than {} by the JSON scanner)
+    g = w64.take((jstart >> 3)[:, None] + _JSON_WORDS, mode="clip")
+    match, plain, s1, e1, meta_at = _one_span_members(g, jsize, nt)
+    match &= ok
+    plain &= ok
+    mstart = jstart + meta_at
+    scan = _json_scan
+    if plain.all():  # the common case: every sample of the block
+        xs = first.tolist()
+        ids_out = [typed[x:y] for x, y in zip(xs, (first + nt).tolist())]
+        meta_out = [{} for _ in xs]
+        if spans_lists:
+            spans_out = np.stack([s1, e1], 1)[:, None, :].tolist()
+        return ids_out, spans_out, meta_out, errors, typed, first, s1, e1
+    match &= u8.take(jend - 1, mode="clip") == 125  # "}": the member ends with the document
+    for i in match.nonzero()[0].tolist():
+        if plain[i]:
+            meta: Any = {}
+        else:
+            mtext = ""
+            try:
+                mtext = str(buf[int(mstart[i]) : int(jend[i]) - 1], "utf-8")
+                meta, q = scan(mtext, 0)
+            except (StopIteration, ValueError):
+                q = -1
+            if q != len(mtext):
+                match[i] = False  # the scanner's, below
+                continue
+        x = int(first[i])
+        ids_out[i] = typed[x : x + int(nt[i])]
+        spans_out[i] = [[int(s1[i]), int(e1[i])]]
+        meta_out[i] = meta
+    s1 = np.where(match, s1, -1)
+    e1 = np.where(match, e1, -1)
+    rest = ok & ~match
+
+    # one string holding every other JSON member that passed, parsed value by value at known
+    # positions: a value must end exactly where its member ends
+    sel = rest.nonzero()[0]
+    text: Optional[str] = ""
+    ends: list = []
+    if sel.size:
+        js, je = jstart[sel].tolist(), jend[sel].tolist()
+        raw = b"".join([buf[x:y] for x, y in zip(js, je)])
+        ends_a = np.cumsum(jsize[sel])
+        if raw.isascii():
+            text = raw.decode("ascii")
+        else:  # positions in the str: bytes before each end minus the UTF-8 continuation bytes
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                text = None
+            cont = np.zeros(len(raw) + 1, np.int64)
+            np.cumsum((np.frombuffer(raw, np.uint8) & 0xC0) == 0x80, out=cont[1:])
+            ends_a = ends_a - cont[ends_a]
+        ends = ends_a.tolist()
+    xs, ys = first[sel].tolist(), (first + nt)[sel].tolist()
+    sel_l = sel.tolist()
+    slow = [] if text is not None else sel_l
     if text is not None:
-        scan, p, spans_ok = _json_scan, 0, _spans_ok
-        for i, q, x, y in zip(sel, ends, first, last):
+        p, spans_ok = 0, _spans_ok
+        for i, q, x, y in zip(sel_l, ends, xs, ys):
             try:
                 doc, e = scan(text, p)
             except (StopIteration, ValueError):
@@ -472,8 +623,8 @@ def decode_block(
             ids_out[i] = typed[x:y]
             spans_out[i] = spans
             meta_out[i] = doc.get("meta", {})
-    if len(sel) < n:
-        slow.extend(i for i in range(n) if not ok[i])
+    if not ok.all():
+        slow.extend((~ok).nonzero()[0].tolist())
     if slow and isinstance(buf, np.ndarray):
         buf = memoryview(buf)  # type: ignore[arg-type]  # sliced and compared like bytes
     for i in slow:  # the exact path: a sample that decodes there is used, else its error
@@ -483,7 +634,9 @@ def decode_block(
             )
         except FormatError as e:
             errors[i] = e
-    return ids_out, spans_out, meta_out, errors
+    if errors:
+        first[list(errors)] = -1
+    return ids_out, spans_out, meta_out, errors, typed, first, s1, e1
 
 
 def _check_members(buf, offset, j, key, npy_size, num_tokens, dtype, where) -> None:

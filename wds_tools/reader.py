@@ -13,20 +13,21 @@ import os
 import re
 import sys
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
 import braceexpand
 import numpy as np
 
 from . import io as wio
-from .contract import check_index, is_count, sha256_url, short_repr
+from .contract import index_columns, is_count, sha256_url, short_repr
 from .format import (
     BLOCK,
     IDS_SUFFIX,
     IGNORE_INDEX,
     FormatError,
     check_version,
-    decode_block,
+    decode_block_parts,
     decode_sample,
     key_table,
     num_in_spans,
@@ -40,7 +41,8 @@ __all__ = ["Shard", "ReadStats", "load_manifest", "open_shards", "iter_samples",
 
 log = logging.getLogger(__name__)
 CHUNK_BYTES = 1 << 20
-_LABEL_RING = 4
+_LABEL_POOL = 4
+LABEL_CHUNK = 1 << 16  # ids per chunk of labels built at once (512 KiB of int64)
 _PIECE_POOL = 3
 
 
@@ -144,6 +146,91 @@ def _join_entry(
         raise FormatError(f"{at}: {e}") from None
 
 
+def _take_buffer(pool: List[np.ndarray], size: int, dtype: Any, least: int, keep: int) -> np.ndarray:
+    """A buffer of at least ``size`` items from ``pool``, reused only once nothing but the pool
+    refers to it (no view of it is left with the caller); else a fresh one of ``max(size,
+    least)`` items, which replaces the pool's oldest entry once the pool holds ``keep``. Warm
+    memory saves the page faults of a fresh allocation per use."""
+    refs = sys.getrefcount
+    for k in range(len(pool)):
+        if refs(pool[k]) == 2 and len(pool[k]) >= size:  # 2: the pool and the argument
+            return pool[k]
+    mem = np.empty(max(size, least), dtype)
+    if len(pool) >= keep:
+        del pool[0]
+    pool.append(mem)
+    return mem
+
+
+def _block_labels(
+    ids: list, spans: list, typed: np.ndarray, first, nt, s1, e1, k: int, pool: List[np.ndarray]
+) -> tuple:
+    """``(labels, num_supervised)`` of samples ``0..k-1`` of a decoded block
+    (``format.decode_block_parts``): int64 labels, the ids with -100 outside the supervised
+    spans. A chunk of samples (about ``LABEL_CHUNK`` ids) at a time is cast into one recycled
+    buffer with a single copy, its -100 positions written with one scatter; each sample's
+    labels are a view of it (the buffer is reused only once no view is left). A chunk stays in
+    the CPU cache, and the per-sample cost is one slice instead of several array calls."""
+    if k == 0:
+        return iter(()), []
+    x0 = first[:k]
+    single = s1[:k] >= 0
+    if (x0 < 0).any():  # ids that are not slices of the typed view (odd .npy header length)
+        labels = [
+            spans_to_labels(x, sp if s < 0 else [[s, e]])
+            for x, sp, s, e in zip(ids[:k], spans, s1.tolist(), e1.tolist())
+        ]
+        return iter([labels]), [int((lab != IGNORE_INDEX).sum()) for lab in labels]
+    x1 = x0 + nt
+    if single.all():  # the unsupervised ranges: [x, x + s) and [x + e, x + n) per sample
+        rs = np.empty(2 * k, np.int64)
+        re_ = np.empty(2 * k, np.int64)
+        rs[0::2], re_[0::2] = x0, x0 + s1[:k]
+        rs[1::2], re_[1::2] = x0 + e1[:k], x1
+        nsup = (e1[:k] - s1[:k]).tolist()
+    else:
+        rl: list = []
+        el: list = []
+        nsup = []
+        for x, y, s, e, sp in zip(x0.tolist(), x1.tolist(), s1.tolist(), e1.tolist(), spans):
+            prev, sup = x, 0
+            for a, b in [[s, e]] if s >= 0 else sp:
+                rl.append(prev)
+                el.append(x + a)
+                prev = x + b
+                sup += b - a
+            rl.append(prev)
+            el.append(y)
+            nsup.append(sup)
+        rs, re_ = np.array(rl, np.int64), np.array(el, np.int64)
+    lens = re_ - rs
+    cum = np.cumsum(lens)
+    fill = np.arange(int(cum[-1]), dtype=np.int64) + np.repeat(rs - (cum - lens), lens)
+    # chunks of whole samples: a new chunk starts where the ids pass a LABEL_CHUNK boundary
+    cid = (x0 - x0[0]) // LABEL_CHUNK
+    cut = [0, *(np.flatnonzero(cid[1:] != cid[:-1]) + 1).tolist(), k]
+    lo_hi = np.searchsorted(fill, np.stack([x0[cut[:-1]], x1[np.array(cut[1:]) - 1]])).tolist()
+    return _chunk_labels(typed, fill, cut, lo_hi, x0.tolist(), x1.tolist(), pool), nsup
+
+
+def _chunk_labels(
+    typed: np.ndarray, fill, cut: list, lo_hi: list, xs: list, ys: list, pool: List[np.ndarray]
+) -> Iterator[list]:
+    """The labels of :func:`_block_labels`, one chunk's list at a time: a chunk is built only
+    when the previous one has been handed out, so its buffer is usually free again."""
+    copyto, int64, ign = np.copyto, np.int64, IGNORE_INDEX
+    for c in range(len(cut) - 1):
+        c0, c1 = cut[c], cut[c + 1]
+        lo, hi = xs[c0], ys[c1 - 1]
+        lab = _take_buffer(pool, hi - lo, int64, LABEL_CHUNK + (LABEL_CHUNK >> 2), _LABEL_POOL)
+        lab = lab[: hi - lo]
+        copyto(lab, typed[lo:hi], casting="unsafe")
+        lab[fill[lo_hi[0][c] : lo_hi[1][c]] - lo] = ign
+        out = [lab[x - lo : y - lo] for x, y in zip(xs[c0:c1], ys[c0:c1])]
+        del lab  # only the samples' views keep the buffer in use
+        yield out
+
+
 @dataclass
 class Shard:
     """One shard and its index: random access by position, sequential runs by range."""
@@ -154,7 +241,7 @@ class Shard:
 
     def __post_init__(self) -> None:
         self.where = wio.redact(self.url)
-        check_index(self.index, self.where)
+        self._arrays = index_columns(self.index, self.where)
         cols = self.index["samples"]
         self.keys: List[str] = cols["key"]
         self.offsets: List[int] = cols["offset"]
@@ -243,10 +330,16 @@ class Shard:
         index in the form ``format.decode_block`` takes, computed once per shard."""
         cols = self.__dict__.get("_columns")
         if cols is None:
+            arrays = self._arrays  # built when the index was checked
+
+            def col(name: str, values: List[int]) -> np.ndarray:
+                got = arrays.get(name)
+                return got if got is not None else np.asarray(values, np.int64)
+
             cols = self._columns = (
-                np.asarray(self.offsets, np.int64),
-                np.asarray(self.lengths, np.int64),
-                np.asarray(self.num_tokens, np.int64),
+                col("offset", self.offsets),
+                col("length", self.lengths),
+                col("num_tokens", self.num_tokens),
                 key_table(self.keys),
             )
         return cols
@@ -254,8 +347,13 @@ class Shard:
     def decode_block(self, buf, base: int, a: int, b: int) -> tuple:
         """``format.decode_block`` of samples ``a..b-1``, whose bytes start at ``buf[0]`` =
         byte ``base`` of the shard."""
-        off, ln, nt, (table, klen) = self.columns()
-        out = decode_block(
+        return self.decode_parts(buf, base, a, b)[:4]
+
+    def decode_parts(self, buf, base: int, a: int, b: int, spans_lists: bool = True) -> tuple:
+        """``format.decode_block_parts`` of samples ``a..b-1`` (see :meth:`decode_block`),
+        with the vocabulary check."""
+        off, ln, nt, names = self.columns()
+        out = decode_block_parts(
             buf,
             off[a:b] - base,
             ln[a:b],
@@ -263,7 +361,8 @@ class Shard:
             nt[a:b],
             self.dtype,
             self.where,
-            (table[a:b], klen[a:b]),
+            tuple(x[a:b] for x in names),
+            spans_lists,
         )
         if self.vocab_limit is not None:
             self._check_vocab(out[0], out[3], a)
@@ -290,6 +389,7 @@ class Shard:
         stop: Optional[int] = None,
         stats: Optional["ReadStats"] = None,
         _pool: Optional[List[np.ndarray]] = None,
+        _label_pool: Optional[List[np.ndarray]] = None,
     ) -> Iterator[Dict[str, Any]]:
         """Samples ``start..stop-1`` through one sequential (ranged) read of their bytes,
         decoded a piece at a time (``format.decode_block``). ``stats`` (optional) counts the
@@ -299,42 +399,24 @@ class Shard:
         partial sample is never yielded.
         """
         keys, url, offsets, lengths = self.keys, self.url, self.offsets, self.lengths
-        refs, empty, int64, copyto, ign = sys.getrefcount, np.empty, np.int64, np.copyto, IGNORE_INDEX
         stats = stats if stats is not None else ReadStats()
-        # Label memory is recycled: a buffer is reused only once nothing but this ring refers
-        # to it (the caller dropped that sample's labels and every view of them). Reusing warm
-        # memory saves the page faults of a fresh allocation per sample.
-        ring, r = [empty(0, int64) for _ in range(_LABEL_RING)], 0
+        nts = self.columns()[2]
+        label_pool = [] if _label_pool is None else _label_pool
         for buf, base, a, b in self._runs(start, stop, _pool):
-            ids, spans, metas, errors = self.decode_block(buf, base, a, b)
-            if errors:
-                k = min(errors)
-                ids, spans, metas = ids[:k], spans[:k], metas[:k]
-            for x, sp, meta, i in zip(ids, spans, metas, range(a, b)):
-                n = len(x)
+            ids, spans, metas, errors, typed, first, s1, e1 = self.decode_parts(buf, base, a, b, False)
+            k = min(errors) if errors else b - a
+            chunks, nsup = _block_labels(ids, spans, typed, first, nts[a : a + k], s1, e1, k, label_pool)
+            labels = chain.from_iterable(chunks)
+            ntok = nts[a : a + k].tolist()
+            for x, lab, meta, ns, n, i in zip(ids, labels, metas, nsup, ntok, range(a, a + k)):
                 stats.samples += 1
                 stats.tokens += n
-                r = (r + 1) % _LABEL_RING
-                out = ring[r]
-                if refs(out) > 3 or len(out) < n:  # 3: the ring, `out`, the argument
-                    out = ring[r] = empty(n if n > 4096 else 4096, int64)
-                # format.spans_to_labels(x, sp, out), inlined: the ids, -100 between the spans
-                labels = out[:n]
-                copyto(labels, x, casting="unsafe")
-                prev = supervised = 0
-                for s, e in sp:
-                    if s > prev:
-                        labels[prev:s] = ign
-                    prev = e
-                    supervised += e - s
-                if prev < n:
-                    labels[prev:] = ign
                 yield {
                     "__key__": keys[i],
                     "input_ids": x,
-                    "labels": labels,
+                    "labels": lab,
                     "meta": meta,
-                    "num_supervised": supervised,
+                    "num_supervised": ns,
                     "__shard__": url,
                     "__index__": i,
                 }
@@ -343,7 +425,7 @@ class Shard:
                 if offsets[i] - base + lengths[i] > len(buf):
                     raise FormatError(
                         f"{self.where}: truncated shard: ends inside sample {keys[i]!r} "
-                        f"(byte {base + len(buf)} of {self.index['bytes']})"
+                        f"(byte {base + len(buf)} of {self.index.get('bytes', '?')})"
                     )
                 raise errors[i - a]
 
@@ -477,7 +559,8 @@ def iter_samples(
     if on_error not in ("fail", "skip"):
         raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
     stats = stats if stats is not None else ReadStats()
-    pool: List[np.ndarray] = []  # piece buffers shared by the shards of this read
+    pool: List[np.ndarray] = []  # piece and label buffers shared by the shards of this read
+    label_pool: List[np.ndarray] = []
     for opener in _shard_sources(source, opts, allow_outside_root):
         where = wio.redact(getattr(opener, "url", "") or "?")
         try:
@@ -485,7 +568,7 @@ def iter_samples(
             where = shard.where
             if verify_checksums:
                 shard.verify_checksum()
-            yield from shard.iter(stats=stats, _pool=pool)
+            yield from shard.iter(stats=stats, _pool=pool, _label_pool=label_pool)
         except (FormatError, IOError) as e:
             if on_error == "fail":
                 raise
