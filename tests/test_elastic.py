@@ -456,6 +456,32 @@ def test_one_ranks_state_serves_a_subset_of_its_partitions(configs):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.slow  # DataLoader worker processes
+def test_dataloader_states_and_simulated_states_are_interchangeable(configs):
+    """The real DataLoader path (worker processes, prefetching) delivers the simulator's global
+    batches, its state resumes in the simulator under another layout, and back."""
+    from wds_tools.loader import build_loader
+
+    cfg = configs.get(BASE)
+    whole = canonical(run(RunSimulator(cfg, world_size=1, num_workers=2, batch_size=6), 20))
+
+    def steps(loader, first, last):
+        out = {}
+        for s, b in zip(range(first, last), loader):
+            out[s] = sorted(zip(b["dataset"], b["__key__"], b["epoch"]))
+        return out
+
+    lo = build_loader(cfg, rank=0, world_size=1, batch_size=6, num_workers=2, max_seq_len=64)
+    assert steps(lo, 0, 10) == {s: whole[s] for s in range(10)}
+    sim = RunSimulator(cfg, world_size=3, num_workers=1, batch_size=2, state=lo.state_dict())
+    assert canonical(run(sim, 10)) == {s: whole[s] for s in range(10, 20)}
+    sim = RunSimulator(cfg, world_size=2, batch_size=3)
+    run(sim, 10)
+    lo = build_loader(cfg, rank=0, world_size=1, batch_size=6, num_workers=1, max_seq_len=64)
+    lo.load_state_dict(sim.state())
+    assert steps(lo, 10, 20) == {s: whole[s] for s in range(10, 20)}
+
+
 def test_layout_rules_are_one_line_errors(configs):
     sim = RunSimulator(configs.get(BASE), world_size=2, batch_size=6)
     run(sim, 2)
