@@ -10,7 +10,6 @@ use these, so the contract has one home (see ``docs/format.md``).
 
 from __future__ import annotations
 
-import array
 import hashlib
 import json
 import os
@@ -80,7 +79,7 @@ def check_index(index: Any, where: str, *, checksums: bool = False) -> None:
 
 
 _INT_COLUMNS = ("offset", "length", "num_tokens", "num_supervised")
-_KEYS_RE = re.compile(_KEY_RE.pattern[1:-1].join(["(?:", "\n)*"]))  # keys, each + "\n"
+_KEY_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-"  # as _KEY_RE
 
 
 def index_columns(index: Any, where: str, *, checksums: bool = False) -> Dict[str, np.ndarray]:
@@ -122,8 +121,7 @@ def index_columns(index: Any, where: str, *, checksums: bool = False) -> Dict[st
         if not isinstance(col, list):
             raise FormatError(f"{where}: index column samples.{k} must be a list")
         if k == "key":
-            joined = "\n".join(col) + "\n" if set(map(type, col)) == {str} else ""
-            if col and not (joined.count("\n") == len(col) and _KEYS_RE.fullmatch(joined)):
+            if col and not _keys_ok(col):
                 bad = [v for v in col if type(v) is not str or not _KEY_RE.match(v)][:1]
                 if bad:
                     raise FormatError(f"{where}: index key {short_repr(bad[0])} is not a valid sample key")
@@ -146,6 +144,21 @@ def index_columns(index: Any, where: str, *, checksums: bool = False) -> Dict[st
     return out
 
 
+def _keys_ok(col: list) -> bool:
+    """Every value is a valid sample key (``_KEY_RE``): strings of 1-80 characters from
+    ``[A-Za-z0-9_-]``, checked over all keys at once (False: look key by key)."""
+    if set(map(type, col)) != {str}:
+        return False
+    lens = list(map(len, col))
+    joined = "".join(col)
+    return (
+        min(lens) >= 1
+        and max(lens) <= 80
+        and joined.isascii()
+        and not joined.encode("ascii").translate(None, _KEY_CHARS)
+    )
+
+
 def _count_array(col: list) -> Optional[np.ndarray]:
     """``col`` as int64 when every value is an ``int`` (not a bool) in ``[0, 2**63)``, else None."""
     if not col:
@@ -153,7 +166,7 @@ def _count_array(col: list) -> Optional[np.ndarray]:
     if set(map(type, col)) != {int}:
         return None
     try:
-        arr = np.frombuffer(array.array("q", col), np.int64)  # one C loop, no dtype discovery
+        arr = np.array(col, dtype=np.int64)
     except OverflowError:
         return None
     return arr if arr.min() >= 0 else None
