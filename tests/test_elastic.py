@@ -551,6 +551,7 @@ def test_a_ramp_is_identical_across_an_elastic_resume_in_its_middle(configs):
     tail = run(sim, 140)
     samples = [x for s in range(100) for x in whole[s]] + [x for v in tail.values() for x in v]
     check_consumed(samples, sim.state(), "ab")
+    # measured: 1.2 samples of 480 per window
     assert window_deviation(tail, lambda s: 0.9 - 0.8 * min(s, 200) / 200) <= 3
 
 
@@ -576,7 +577,7 @@ def test_step_schedules_switch_at_the_step(configs):
     got = run(RunSimulator(configs.get(sched), world_size=2, batch_size=4), 60)
     before = sum(per for s in range(10, 30) for per in [sum(d == "a" for d, _, _ in got[s])])
     after = sum(per for s in range(40, 60) for per in [sum(d == "a" for d, _, _ in got[s])])
-    assert abs(before - 120) <= 8 and abs(after - 40) <= 8, (before, after)
+    assert abs(before - 120) <= 3 and abs(after - 40) <= 3, (before, after)  # measured: exact
 
 
 @pytest.mark.parametrize(
