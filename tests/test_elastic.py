@@ -749,6 +749,23 @@ def test_adding_removing_and_reweighting_datasets_at_resumes(configs, caplog):
         assert dev <= SHARE_BOUND, (d, dev)
 
 
+def test_adding_a_dataset_smaller_than_the_partitions_is_a_clear_error(data, tmp_path):
+    """A dataset of 10 samples added to a run of 12 partitions cannot give every partition a
+    sample per epoch: one line naming it and the run's partitions (workers are not the cause:
+    the partitions are fixed for the run). Fails today: the message says '12 readers (ranks x
+    workers); use fewer workers'."""
+    root, m = data
+    tiny = make_dataset(str(tmp_path), "t", 4, 10, samples_per_shard=5)
+    cfgs = Configs(root, dict(m, t=tiny))
+    sim = RunSimulator(cfgs.get(BASE), world_size=2, batch_size=6)
+    run(sim, 3)
+    with pytest.raises(ValueError) as e:
+        RunSimulator(cfgs.get(dict(BASE, t=0.1)), world_size=2, batch_size=6, state=sim.state())
+    msg = str(e.value)
+    assert "dataset 't' has 10 samples" in msg and "12 partitions" in msg and "\n" not in msg
+    assert "workers" not in msg, msg
+
+
 def test_a_moved_dataset_with_the_same_content_continues(data, configs, tmp_path):
     root, m = data
     sim = RunSimulator(configs.get(BASE), world_size=2, batch_size=6)
