@@ -126,7 +126,9 @@ def dry_run(
             {
                 "name": p.name,
                 "group": p.config.group,
-                "target_share": float(final_w[i]),
+                # the target integrated over the run (the weight itself when fixed)
+                "target_share": float(target[i] / target.sum()) if target.sum() else float(final_w[i]),
+                "target_now": float(final_w[i]),
                 "schedule": None if p.config.schedule is None else p.config.schedule.to_json(),
                 "sample_share": float(share),
                 "token_share": float(t_count[i] / nt),

@@ -98,8 +98,9 @@ class DatasetPlan:
     def check_consumers(self, num_consumers: int) -> None:
         if self.samples_per_epoch(num_consumers) < 1:
             raise ValueError(
-                f"dataset {self.name!r} has {self.num_samples} samples, fewer than the "
-                f"{num_consumers} readers (ranks x workers); use fewer workers or a bigger dataset"
+                f"dataset {self.name!r} has {self.num_samples} samples, fewer than the run's "
+                f"{num_consumers} partitions (each reads at least one per epoch): use a bigger "
+                "dataset, or fewer partitions (partitions: N) when a run starts"
             )
 
 

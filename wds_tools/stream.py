@@ -7,15 +7,22 @@ rank is a *backend*: :class:`NumpyBackend` (in process, int64 arrays) here, and
 pinned memory, ``torch.distributed``) above. :func:`wds_tools.loader.build_loader` is the
 front that picks one; imports run loader -> torch_loader -> stream, never back.
 
-Each data-parallel rank runs ``num_slots = max(1, num_workers)`` consumers (one per DataLoader
-worker). A consumer reads its own slice of every dataset (``mixing.EpochSlice``), picks the
-dataset of every sample with the ``mixing.Mixer``, and collates batches in the worker, compact
-(ids in their stored dtype, a one-byte "not a target" mask, lengths: ``collate.pad_compact``),
-into one shared-memory buffer per transfer; the main process expands each batch into one
-contiguous ``[k, B, T]`` int64 tensor (``collate.expand``). The DataLoader hands batches to the
-main process round robin over workers; each batch carries its consumer's state, so the main
-process always knows the state that reproduces exactly the batches still to come
-(``state_dict``).
+A run has ``K`` canonical *partitions* (fixed when it starts; see ``docs/streaming.md``,
+Elastic resume). A partition reads its own slice of every dataset (``mixing.EpochSlice``) and
+picks the dataset of every sample with its own ``mixing.Mixer``; its sample sequence depends on
+the seed, the config and its own past only. Rank ``r`` of ``W`` serves the partitions
+``p % W == r``; a fixed-size global micro-batch is the canonical positions ``[P, P + B*W)``, rank
+``r`` takes those ``== r (mod W)`` and position ``i`` is served by partition ``i % K``. So the
+state (``state_dict``: the run's clock and per-partition positions) loads under any world size
+dividing ``K``, any number of workers, micro-batch size or accumulation, and the same global
+batch gives the same samples under any layout.
+
+Every DataLoader worker builds, per micro-batch, the rows of its partitions (its *piece*),
+compact (ids in their stored dtype, a one-byte "not a target" mask, lengths:
+``collate.pad_compact``) in one shared-memory buffer per transfer; the main process merges the
+pieces into one contiguous ``[k, B, T]`` int64 tensor (``merge_pieces``). Each piece carries
+the states of the partitions it touched, so the main process always knows the state that
+reproduces exactly the batches still to come.
 
     loader = build_loader(load_data_config("data.yaml"), batch_size=8, num_workers=2,
                           max_seq_len=4096)
@@ -452,6 +459,7 @@ class RunClock:
         if self.in_step >= self.A:  # resumed mid-step under a smaller accumulation
             self.step, self.in_step = self.step + 1, 0
         self.position = int(st.get("position", 0))
+        self.group: Optional[int] = self.groups.index(st["group"]) if st.get("group") in self.groups else None
         gm = st.get("groups") or {}
         ng = len(self.groups)
         self.gmixer = Mixer([1.0] * ng, [0] * ng, [None] * ng)
@@ -483,6 +491,7 @@ class RunClock:
             "step": self.step,
             "in_step": self.in_step,
             "position": self.position,
+            "group": None if self.group is None else self.groups[self.group],
             "groups": {g: [gm.units[i], gm.samples[i], gm.targets[i]] for i, g in enumerate(self.groups)},
             "served": {
                 g: self.served[i].tolist() for i, g in enumerate(self.groups) if self.served[i] is not None
@@ -490,8 +499,8 @@ class RunClock:
         }
 
     def weights(self, step: int) -> np.ndarray:
-        """Normalized dataset weights at ``step`` (cached per step)."""
-        if self._weights_step != step or self._weights is None:
+        """Normalized dataset weights at ``step`` (cached per step; fixed weights: once)."""
+        if self._weights is None or (self._weights_step != step and self.cfg.scheduled):
             self._weights = dataset_weights(self.cfg, self.plans, step)
             self._weights_step = step
         return self._weights
@@ -517,6 +526,8 @@ class RunClock:
         ng = len(self.groups)
         if ng == 1:
             g = 0 if self._available(0) else -1
+        elif self.in_step and self.group is not None and self._available(self.group):
+            g = self.group  # a group holds for a whole optimizer step: layout-free for one G
         else:
             gm.set_weights([float(sum(w[d] for d in mem)) for mem in self.members])
             for gi in range(ng):  # an exhausted group leaves for good
@@ -524,6 +535,7 @@ class RunClock:
             g = gm.choose(0) if any(gm.active(gi) for gi in range(ng)) else -1
         if g < 0:
             return None
+        self.group = g
         if ng > 1:
             if self.whole:
                 unit = 1.0
@@ -583,12 +595,19 @@ class _Arena:
         """(byte offset, array) of the next piece (offsets aligned to 8 bytes)."""
         dtype = np.dtype(dtype)
         off = self.used
-        n = int(np.prod(shape)) * dtype.itemsize
+        n = _prod(shape) * dtype.itemsize
         self.used = off + _align(n)
         return off, self.flat[off : off + n].view(dtype).reshape(shape)
 
     def __call__(self, shape):  # an int64 [k, B, T] batch (``pad_batch``'s alloc)
         return self.take(shape, np.int64)[1]
+
+
+def _prod(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
 
 
 def _align(n: int) -> int:
@@ -597,7 +616,7 @@ def _align(n: int) -> int:
 
 def _carve(flat: np.ndarray, off: int, shape, dtype) -> np.ndarray:
     dtype = np.dtype(dtype)
-    return flat[off : off + int(np.prod(shape)) * dtype.itemsize].view(dtype).reshape(shape)
+    return flat[off : off + _prod(shape) * dtype.itemsize].view(dtype).reshape(shape)
 
 
 class _RankStream:
@@ -617,7 +636,9 @@ class _RankStream:
         self.plans, self.cfg, self.seed = loader.plans, loader.cfg, loader.seed
         self.rank, self.W, self.K = loader.rank, loader.world_size, loader.num_partitions
         self.num_slots = loader.num_slots
-        self.transfer = loader.transfer_batches if loader.num_slots > 1 else 1
+        # a chunk carries every worker's piece of ``transfer_batches x workers`` micro-batches:
+        # per worker about ``transfer_batches`` micro-batches' worth of rows per hand-off
+        self.transfer = loader.transfer_batches * loader.num_slots if loader.num_slots > 1 else 1
         self.batch_size, self.grad_accum, self.max_seq_len = (
             loader.batch_size,
             loader.grad_accum,
@@ -749,7 +770,7 @@ class _RankStream:
                     ended = True
                     break
                 g, pos, step = nxt
-                if step != weights_step:
+                if step != weights_step and self.cfg.scheduled:
                     w = clock.weights(step)
                     for part in parts.values():
                         part.mixer.set_weights(w)
@@ -805,12 +826,10 @@ class _RankStream:
             else:
                 layouts.append(None)
         if compact:
-            nbytes = sum(
-                _align(int(np.prod(sh)) * dt.itemsize) for lay in layouts if lay for _, sh, dt in lay
-            )
+            nbytes = sum(_align(_prod(sh) * dt.itemsize) for lay in layouts if lay for _, sh, dt in lay)
             arena = _Arena(nbytes, shared_buffer(nbytes))
         else:
-            arena = _Arena(sum(int(np.prod(sh)) * 8 for sh in shapes if sh is not None))
+            arena = _Arena(sum(_prod(sh) * 8 for sh in shapes if sh is not None))
         metas = []
         for pl, shape, lay in zip(plans, shapes, layouts):
             got, rows, lens = pl["got"], pl["rows"], pl["lens"]
@@ -1061,7 +1080,7 @@ class StreamingLoader:
                 self._clock = pieces[0]["clock"]
                 tokens = sum(m["tokens"] for m in pieces)
                 if x is not None:
-                    self._stats["padding"] += int(np.prod(x.shape[1:])) - tokens
+                    self._stats["padding"] += _prod(x.shape[1:]) - tokens
                 self._stats["truncated"] += sum(m["truncated"] for m in pieces)
                 self._stats["batches"] += 1
                 yield batch
@@ -1192,13 +1211,24 @@ class StreamingLoader:
             if name not in {p.name for p in self.plans}:
                 log.info("data: dataset %r is no longer in the config: dropped at this resume", name)
         old_w = {d["name"]: d.get("weight") for d in run["datasets"]}
-        for p, w in zip(self.plans, self.weights):
+        now_w = dataset_weights(self.cfg, self.plans, int(run["clock"].get("step", 0)))
+        for p, w in zip(self.plans, now_w):
             if p.name in old_w and old_w[p.name] is not None and abs(old_w[p.name] - float(w)) > 1e-9:
                 log.info("data: dataset %r weight %.4g -> %.4g from here on", p.name, old_w[p.name], float(w))
         prev = run.get("layout") or {}
         self.num_partitions = K
         self._check_layout()
         now = self.layout()
+        in_step = int(run["clock"].get("in_step", 0))
+        if in_step and (
+            prev.get("batch_size", 0) * prev.get("world_size", 0) != self.batch_size * self.world_size
+            or prev.get("grad_accum") != self.grad_accum
+        ):
+            raise ValueError(
+                f"loader state was saved inside an optimizer step (after micro-batch {in_step} of "
+                f"{prev.get('grad_accum')}): resume under the same micro-batch x world size and "
+                "grad_accum, or save at a step boundary (the trainer does)"
+            )
         changed = {k: (prev.get(k), now[k]) for k in now if k in prev and prev[k] != now[k]}
         if changed:
             log.info(
@@ -1215,8 +1245,9 @@ class StreamingLoader:
                 )
             s = run["parts"].get(str(p))
             if s is not None:
-                if drop:
-                    s = dict(s, datasets={k: v for k, v in s["datasets"].items() if k not in drop})
+                # only datasets of the saved config that stay unchanged carry over (a partition
+                # may still hold one dropped at an earlier resume: it comes back new)
+                s = dict(s, datasets={k: v for k, v in s["datasets"].items() if k in old and k not in drop})
                 parts[p] = s
         self._generation += 1
         self._parts = parts
