@@ -247,9 +247,9 @@ class Mixer:
         self.min_left = min_left
         self.num_groups = max(self.group_of) + 1
         self.members = [[d for d, g in enumerate(self.group_of) if g == gi] for gi in range(self.num_groups)]
-        self.units = [0] * len(self.w)
-        self.samples = [0] * len(self.w)
-        self.targets = [0.0] * len(self.w)
+        self.units: List[float] = [0] * len(self.w)
+        self.samples: List[int] = [0] * len(self.w)
+        self.targets: List[float] = [0.0] * len(self.w)
 
     def set_weights(self, weights: Sequence[float]) -> None:
         self.w = [float(x) for x in weights]

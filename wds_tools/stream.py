@@ -474,10 +474,10 @@ class RunClock:
             self.cap.append(
                 None
                 if any(c is None for c in caps)
-                else sum(plans[d].config.max_epochs * plans[d].samples_per_epoch(self.K) for d in mem)
+                else sum(int(c or 0) * plans[d].samples_per_epoch(self.K) for c, d in zip(caps, mem))
             )
         served = st.get("served") or {}
-        self.served = [
+        self.served: List[Optional[np.ndarray]] = [
             np.asarray(served.get(g, [0] * self.K), dtype=np.int64) if self.cap[gi] is not None else None
             for gi, g in enumerate(self.groups)
         ]
@@ -493,9 +493,7 @@ class RunClock:
             "position": self.position,
             "group": None if self.group is None else self.groups[self.group],
             "groups": {g: [gm.units[i], gm.samples[i], gm.targets[i]] for i, g in enumerate(self.groups)},
-            "served": {
-                g: self.served[i].tolist() for i, g in enumerate(self.groups) if self.served[i] is not None
-            },
+            "served": {g: s.tolist() for g, s in zip(self.groups, self.served) if s is not None},
         }
 
     def weights(self, step: int) -> np.ndarray:
@@ -669,7 +667,7 @@ class _RankStream:
             state=self.clock_state,
         )
 
-    def partition(self, p: int, weights: Optional[Sequence[float]] = None) -> Partition:
+    def partition(self, p: int, weights: Optional[Any] = None) -> Partition:
         return Partition(
             p,
             self.K,
@@ -773,7 +771,7 @@ class _RankStream:
                 if step != weights_step and self.cfg.scheduled:
                     w = clock.weights(step)
                     for part in parts.values():
-                        part.mixer.set_weights(w)
+                        part.mixer.set_weights(list(w))
                     weights_step = step
                 rows = None
                 if self.whole:
@@ -810,7 +808,8 @@ class _RankStream:
         if self.max_tokens is not None and self.max_tokens < msl:
             msl = self.max_tokens
         k = len(self.fields)
-        shapes, layouts = [], []
+        shapes: List[Optional[Tuple[int, int, int]]] = []
+        layouts: List[Any] = []
         for pl in plans:
             got, rows = pl["got"], pl["rows"]
             lens = [min(s[3], msl) for _, _, s in got]
@@ -821,8 +820,9 @@ class _RankStream:
             else:
                 shapes.append((k, len(rows), max(sum(lens[i] for i in r) for r in rows)))
             pl["lens"] = lens
-            if compact and got and self.read_data:
-                layouts.append(compact_layout([s[1] for _, _, s in got], shapes[-1], pack))
+            shape = shapes[-1]
+            if compact and got and self.read_data and shape is not None:
+                layouts.append(compact_layout([s[1] for _, _, s in got], shape, pack))
             else:
                 layouts.append(None)
         if compact:
@@ -1236,19 +1236,19 @@ class StreamingLoader:
                 ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()),
             )
         parts: Dict[int, Dict[str, Any]] = {}
-        for p in range(self.rank, K, self.world_size):
-            if str(p) not in run["parts"] and run.get("ranks_missing"):
+        for pi in range(self.rank, K, self.world_size):
+            if str(pi) not in run["parts"] and run.get("ranks_missing"):
                 raise ValueError(
                     f"loader state holds the partitions of {run['ranks_present']} rank(s) of "
-                    f"{run['world_size']}; partition {p} is missing: load the gathered state of every "
+                    f"{run['world_size']}; partition {pi} is missing: load the gathered state of every "
                     "rank (gather_state_dicts)"
                 )
-            s = run["parts"].get(str(p))
+            s = run["parts"].get(str(pi))
             if s is not None:
                 # only datasets of the saved config that stay unchanged carry over (a partition
                 # may still hold one dropped at an earlier resume: it comes back new)
                 s = dict(s, datasets={k: v for k, v in s["datasets"].items() if k in old and k not in drop})
-                parts[p] = s
+                parts[pi] = s
         self._generation += 1
         self._parts = parts
         self._clock = dict(run["clock"])

@@ -162,7 +162,7 @@ class TokenStream(IterableDataset):
         )
         self.per_sample = batch_size is None
         self.num_workers = num_workers
-        self._states: Dict[int, Optional[Dict[str, Any]]] = {}
+        self._states: Dict[int, Dict[str, Any]] = {}
 
     def _slot(self) -> int:
         info = get_worker_info()
