@@ -54,10 +54,12 @@ __all__ = [
     "Trainer",
     "add_arguments",
     "build_engine",
+    "global_loss_factor",
     "lr_lambda",
     "main",
     "resolved_deepspeed_config",
     "run",
+    "supervised_count",
     "train",
     "wds_loader_factory",
 ]
@@ -331,6 +333,41 @@ def _mend_universal_load(engine: Any, saved: list[dict], where: str) -> None:
             state["step"] = state["step"].clone()
 
 
+def supervised_count(batch: dict, attn_implementation: str) -> int:
+    """The supervised shifted positions of a loader batch, from its CPU labels laid out as
+    :func:`lumina.packing.model_inputs` gives them to the model (packed rows flattened to one for
+    flash attention): the count :func:`lumina.loss.supervised_positions` gives the loss."""
+    from lumina.loss import IGNORE_INDEX
+    from lumina.packing import flattens_rows
+
+    labels = batch["labels"]
+    if "segment_ids" in batch and flattens_rows(attn_implementation):
+        labels = labels.reshape(1, -1)
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def global_loss_factor(
+    local_tokens: int, world_size: int, grad_accum: int, device: torch.device
+) -> torch.Tensor:
+    """``world_size * grad_accum / global_tokens`` as a 0-dim fp32 tensor on ``device``, where
+    ``global_tokens`` is ``local_tokens`` (this rank's supervised tokens in the step) summed over
+    the data-parallel ranks (one all-reduce, none in a world of one; on the device, reached by a
+    pinned asynchronous copy on GPUs, so no host sync). A micro-batch's token-mean loss times
+    ``its tokens x this`` sums, after DeepSpeed divides by ``grad_accum`` in ``backward`` and
+    averages the gradients over the ranks, to ``sum of per-token losses / global_tokens``. A step
+    without a supervised token (the micro-batch losses are then 0) divides by 1."""
+    import torch
+
+    total = torch.tensor(local_tokens, dtype=torch.int64)
+    if device.type == "cuda":  # a plain copy would wait for the queued work of the last step
+        total = total.pin_memory().to(device, non_blocking=True)
+    else:
+        total = total.to(device)
+    if world_size > 1:
+        torch.distributed.all_reduce(total)
+    return (world_size * grad_accum / total.clamp_min(1).double()).float()
+
+
 class Trainer:
     """One training run, in named steps: :meth:`resume_or_start`, then :meth:`fit`, which runs
     :meth:`train_step` (one optimizer step of ``grad_accum`` micro-batches) until ``--max_steps``,
@@ -482,7 +519,13 @@ class Trainer:
     def train_step(self, batches: Iterator[dict]) -> bool:
         """One optimizer step over ``grad_accum`` micro-batches; False when the data ended first
         (every rank yields the same number of batches, so all ranks see the end together; the
-        partial accumulation is dropped)."""
+        partial accumulation is dropped, untrained).
+
+        The step's micro-batches are fetched first: under ``--loss_norm global`` the loss is
+        normalised by the supervised tokens of the whole global batch, counted from the CPU
+        labels and summed over the ranks (one small all-reduce, no host sync) before the first
+        backward pass."""
+        step: list[dict] = []
         for _ in range(self.grad_accum):
             t0 = time.perf_counter()
             batch = next(batches, None)
@@ -491,12 +534,33 @@ class Trainer:
             wait = time.perf_counter() - t0
             self.meter.add_batch(batch, wait)
             self.phase["data_wait_s"] += wait
-            self.micro_step(batch)
+            step.append(batch)
+        if self.cfg.loss.loss_norm == "micro":
+            for batch in step:
+                self.micro_step(batch)
+            return True
+        attn = self.cfg.model.attn_implementation
+        counts = [supervised_count(batch, attn) for batch in step]
+        per_token = global_loss_factor(
+            sum(counts), self.dist.world_size, self.grad_accum, self.dist.device
+        )
+        for batch, count in zip(step, counts):
+            self.micro_step(batch, per_token, count)
         return True
 
-    def micro_step(self, batch: dict) -> None:
+    def micro_step(
+        self,
+        batch: dict,
+        per_token: Optional[torch.Tensor] = None,
+        num_tokens: Optional[int] = None,
+    ) -> None:
         """Forward, backward and (on the last micro-batch of a step, inside DeepSpeed) the
-        optimizer, timed by phase."""
+        optimizer, timed by phase.
+
+        ``per_token`` (``--loss_norm global``, from :func:`global_loss_factor`): the micro-batch's
+        token-mean loss is backpropagated times ``num_tokens * per_token``, its share of the global
+        batch's per-token mean; ``num_tokens`` is the count :meth:`train_step` summed, checked
+        against the loss's own. None: the token-mean loss as it is (``--loss_norm micro``)."""
         import torch
 
         from lumina.packing import model_inputs
@@ -511,7 +575,15 @@ class Trainer:
         out = self.engine(
             **model_inputs(batch, self.cfg.model.attn_implementation, self.dtype, self.dist.device)
         )
-        self.engine.backward(out.loss)
+        loss = out.loss
+        if per_token is not None:
+            if out.num_tokens != num_tokens:
+                raise RuntimeError(
+                    f"--loss_norm global: the trainer counted {num_tokens} supervised tokens in a "
+                    f"micro-batch, the loss {out.num_tokens}"
+                )
+            loss = loss * (per_token * out.num_tokens).to(loss.dtype)
+        self.engine.backward(loss)
         self._sync()
         t2 = time.perf_counter()
         self.engine.step()  # DeepSpeed steps the optimizer on the last micro-batch only

@@ -125,10 +125,22 @@ class LossConfig:
         "supervised positions per lm_head/cross-entropy chunk; "
         "bounds the fp32 logits held at once to chunk x vocab",
     )
+    loss_norm: str = _opt(
+        "global",
+        "loss normaliser: 'global' = per supervised token over the whole global batch (all "
+        "micro-batches of the step on all ranks; one all-reduce of the counts per step), "
+        "'micro' = each micro-batch's token mean, averaged over micro-batches and ranks "
+        "(the reference's; a token of a small micro-batch weighs more)",
+        choices=("global", "micro"),
+    )
 
     def __post_init__(self) -> None:
         _check(self.z_loss_weight >= 0, f"--z_loss_weight must be >= 0, got {self.z_loss_weight}")
         _check(self.loss_chunk_size > 0, f"--loss_chunk_size must be > 0, got {self.loss_chunk_size}")
+        _check(
+            self.loss_norm in ("global", "micro"),
+            f"--loss_norm must be 'global' or 'micro', got {self.loss_norm!r}",
+        )
 
 
 @dataclass
