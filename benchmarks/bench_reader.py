@@ -18,6 +18,11 @@ write, so this measures CPU, not disk). Prints a table and, with ``--docs``, rep
     python benchmarks/bench_reader.py                 # 20,000 samples x ~2,400 tokens
     python benchmarks/bench_reader.py --samples 500 --repeat 1 --no-docs   # smoke
     python benchmarks/bench_reader.py --profile 20 --no-docs   # + where iter_samples spends
+
+Instruction counts (independent of the machine's load): ``--passes N --dir FOLDER`` only reads
+the dataset already in ``FOLDER`` N times with ``iter_samples``, touching ids and labels as a
+training step does; under ``valgrind --tool=callgrind`` the difference between N=2 and N=1,
+divided by the samples, is one pass's instructions per sample (``docs/benchmarks.md``).
 """
 
 from __future__ import annotations
@@ -162,6 +167,22 @@ def profile_pass(manifest: str, top: int) -> str:
     return out.getvalue()
 
 
+def read_passes(manifest: str, passes: int) -> int:
+    """``passes`` passes of ``iter_samples`` over ``manifest``, each sample's ids and labels
+    taken as the anchor benchmark takes them; prints samples/s per pass."""
+    from wds_tools.reader import iter_samples
+
+    for _ in range(passes):
+        t0 = time.perf_counter()
+        n = tok = 0
+        for s in iter_samples(manifest):
+            ids, _labels = s["input_ids"], s["labels"]
+            n += 1
+            tok += ids.shape[0]
+        print(f"{n:,} samples, {n / (time.perf_counter() - t0):,.0f} samples/s", file=sys.stderr)
+    return 0
+
+
 def format_table(rows: List[Dict], nbytes: int, base: str) -> str:
     ref = next(r for r in rows if r["name"] == base)
     lines = ["| reader | samples/s | Mtokens/s | MB/s | vs plain webdataset |", "|---|---:|---:|---:|---:|"]
@@ -213,7 +234,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         metavar="N",
         help="also print the N functions iter_samples spends most time in (cProfile)",
     )
+    p.add_argument(
+        "--passes",
+        type=int,
+        default=0,
+        metavar="N",
+        help="only read the dataset in --dir N times with iter_samples (for instruction counts)",
+    )
     args = p.parse_args(argv)
+    if args.passes:
+        if not args.dir:
+            p.error("--passes needs --dir (a dataset written by an earlier run)")
+        return read_passes(os.path.join(args.dir, "index.json"), args.passes)
 
     tmp = None
     folder = args.dir
