@@ -349,7 +349,7 @@ def supervised_count(batch: dict, attn_implementation: str) -> int:
 def global_loss_factor(
     local_tokens: int, world_size: int, grad_accum: int, device: torch.device
 ) -> torch.Tensor:
-    """``world_size * grad_accum / global_tokens`` as a 0-dim fp32 tensor on ``device``, where
+    """``world_size * grad_accum / global_tokens`` as a 0-dim fp64 tensor on ``device``, where
     ``global_tokens`` is ``local_tokens`` (this rank's supervised tokens in the step) summed over
     the data-parallel ranks (one all-reduce, none in a world of one; on the device, reached by a
     pinned asynchronous copy on GPUs, so no host sync). A micro-batch's token-mean loss times
@@ -365,7 +365,9 @@ def global_loss_factor(
         total = total.to(device)
     if world_size > 1:
         torch.distributed.all_reduce(total)
-    return (world_size * grad_accum / total.clamp_min(1).double()).float()
+    # fp64, so that a micro-batch's weight ``its tokens x this`` is exactly 1 when every
+    # micro-batch holds the same number of tokens (then global = micro, bit for bit).
+    return world_size * grad_accum / total.clamp_min(1).double()
 
 
 class Trainer:

@@ -46,7 +46,7 @@ def _simulated_step(losses, counts, world, accum, norm, monkeypatch):
         for m in range(accum):
             loss = losses[r][m]
             if norm == "global":
-                loss = loss * (per_token * counts[r][m])
+                loss = loss * (per_token * counts[r][m]).to(loss.dtype)  # as the trainer
             grad = grad + loss / accum
     return grad / world
 
@@ -73,7 +73,7 @@ def test_global_factor_gives_the_per_token_mean_of_the_global_batch(monkeypatch)
     (want,) = torch.autograd.grad(token_losses(all_x, all_y).mean(), theta)
     got_loss = _simulated_step(losses, counts, world, accum, "global", monkeypatch)
     (got,) = torch.autograd.grad(got_loss, theta, retain_graph=True)
-    assert torch.allclose(got, want, rtol=1e-5, atol=1e-7), (got, want)  # fp32 factor
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-7), (got, want)  # fp32 losses
     assert torch.allclose(got_loss, token_losses(all_x, all_y).mean(), rtol=1e-5)
     # The reference weighting (``micro``) is a different gradient on this batch.
     (micro,) = torch.autograd.grad(
@@ -82,6 +82,12 @@ def test_global_factor_gives_the_per_token_mean_of_the_global_batch(monkeypatch)
     assert not torch.allclose(micro, want, rtol=1e-2)
     # One process, one micro-batch: the factor is 1 / its tokens.
     assert global_loss_factor(40, 1, 1, torch.device("cpu")).item() == pytest.approx(1 / 40)
+    # Equal micro-batches: every weight is exactly 1, so ``global`` is ``micro`` bit for bit.
+    for n, ranks, micro in ((12, 2, 1), (7, 3, 5), (1000, 8, 3)):
+        total = n * ranks * micro
+        monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, total=total: t.fill_(total))
+        factor = global_loss_factor(n * micro, ranks, micro, torch.device("cpu"))
+        assert (factor * n).float().item() == 1.0
 
 
 def test_a_step_without_supervised_tokens_has_a_finite_zero_weight():
