@@ -256,3 +256,29 @@ def test_truncated_shard_without_bytes_in_its_index_is_a_format_error(tmp_path):
         f.truncate(sh.offsets[20] + 700)
     with pytest.raises(FormatError, match="truncated shard: ends inside sample"):
         list(iter_samples(man))
+
+
+def test_index_listing_samples_out_of_shard_order_reads_exactly(tmp_path):
+    """An index may list a shard's samples in another order than their bytes (first and last
+    in place): every sample still comes out, in index order, with its own labels, also when
+    the label chunks of a piece would cross the reordered samples."""
+    rng = np.random.default_rng(7)
+    samples = []
+    for i in range(6):
+        ids = rng.integers(0, 65536, 30_000 + i)
+        mask = np.zeros(ids.size, bool)
+        mask[100 * (i + 1) :] = True
+        samples.append((f"big{i}", ids, mask, None))
+    man = _write(tmp_path, samples)
+    sh = open_shards(man)[0]
+    idx_path = sh.url[: -len(".tar")] + ".idx.json"
+    doc = json.load(open(idx_path))
+    order = [0, 3, 2, 1, 4, 5]
+    doc["samples"] = {k: [v[i] for i in order] for k, v in doc["samples"].items()}
+    json.dump(doc, open(idx_path, "w"))
+    got = list(iter_samples(man))
+    assert [s["__key__"] for s in got] == [samples[i][0] for i in order]
+    for s, i in zip(got, order):
+        _, ids, mask, _ = samples[i]
+        np.testing.assert_array_equal(s["input_ids"], ids)
+        np.testing.assert_array_equal(s["labels"], np.where(mask, ids, -100))

@@ -175,7 +175,9 @@ def _block_labels(
         return iter(()), []
     x0 = first[:k]
     single = s1[:k] >= 0
-    if (x0 < 0).any():  # ids that are not slices of the typed view (odd .npy header length)
+    if (x0 < 0).any() or (k > 1 and (x0[1:] < x0[:-1]).any()):
+        # ids that are not slices of the typed view (odd .npy header length), or an index that
+        # lists the samples of a piece out of their order in the shard: label by label
         labels = [
             spans_to_labels(x, sp if s < 0 else [[s, e]])
             for x, sp, s, e in zip(ids[:k], spans, s1.tolist(), e1.tolist())
