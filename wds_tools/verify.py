@@ -33,9 +33,14 @@ def verify_shard(sh: Shard, vocab_size: int) -> List[str]:
     except (OSError, ValueError) as e:
         return [f"{where}: cannot read: {wio.scrub(str(e))}"]
     problems = []
-    if len(data) != sh.index["bytes"]:
-        problems.append(f"{where}: {len(data)} bytes, index says {sh.index['bytes']}")
-    if sha256_bytes(data) != sh.index["sha256"]:
+    size, digest = sh.index.get("bytes"), sh.index.get("sha256")
+    if size is None:
+        problems.append(f"{where}: index has no 'bytes' (the shard's size)")
+    elif len(data) != size:
+        problems.append(f"{where}: {len(data)} bytes, index says {size}")
+    if digest is None:
+        problems.append(f"{where}: index has no 'sha256'")
+    elif sha256_bytes(data) != digest:
         problems.append(f"{where}: sha256 mismatch (corrupt or modified shard)")
     try:
         walked = list(iter_tar(sh.url, sh.opts, data=data))
