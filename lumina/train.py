@@ -543,9 +543,7 @@ class Trainer:
             return True
         attn = self.cfg.model.attn_implementation
         counts = [supervised_count(batch, attn) for batch in step]
-        per_token = global_loss_factor(
-            sum(counts), self.dist.world_size, self.grad_accum, self.dist.device
-        )
+        per_token = global_loss_factor(sum(counts), self.dist.world_size, self.grad_accum, self.dist.device)
         for batch, count in zip(step, counts):
             self.micro_step(batch, per_token, count)
         return True

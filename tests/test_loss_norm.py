@@ -76,9 +76,7 @@ def test_global_factor_gives_the_per_token_mean_of_the_global_batch(monkeypatch)
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-7), (got, want)  # fp32 losses
     assert torch.allclose(got_loss, token_losses(all_x, all_y).mean(), rtol=1e-5)
     # The reference weighting (``micro``) is a different gradient on this batch.
-    (micro,) = torch.autograd.grad(
-        _simulated_step(losses, counts, world, accum, "micro", monkeypatch), theta
-    )
+    (micro,) = torch.autograd.grad(_simulated_step(losses, counts, world, accum, "micro", monkeypatch), theta)
     assert not torch.allclose(micro, want, rtol=1e-2)
     # One process, one micro-batch: the factor is 1 / its tokens.
     assert global_loss_factor(40, 1, 1, torch.device("cpu")).item() == pytest.approx(1 / 40)
