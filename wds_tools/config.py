@@ -5,7 +5,7 @@ Two YAML forms are accepted (see ``docs/streaming.md``)::
     seed: 1234                 # global seed of shard order, sample order and nothing else
     weight_by: samples         # or tokens: weights are shares of samples or of tokens
     on_error: skip             # or fail: what a corrupt or truncated shard does
-    shuffle: {shards: true, samples: true, block_size: 256, window_blocks: 2}
+    shuffle: {shards: true, samples: true, block_size: 256, window_blocks: 1}
     datasets:
       - name: chat                       # default: derived from the manifest path
         manifest: /data/chat/index.json  # local path (relative to this file), https://, s3://
@@ -94,7 +94,7 @@ class ShuffleConfig:
     shards: bool = True
     samples: bool = True
     block_size: int = 256
-    window_blocks: int = 2  # per partition: a rank holds (partitions / ranks) windows per dataset
+    window_blocks: int = 1  # per partition: a rank holds (partitions / ranks) windows per dataset
 
 
 @dataclass(frozen=True)
@@ -392,7 +392,7 @@ def _shuffle(doc: Any, at: str) -> ShuffleConfig:
         shards=_bool(doc.get("shards", True), f"{at}.shards"),
         samples=_bool(doc.get("samples", True), f"{at}.samples"),
         block_size=_int(doc.get("block_size", 256), f"{at}.block_size", lo=1),
-        window_blocks=_int(doc.get("window_blocks", 2), f"{at}.window_blocks", lo=1),
+        window_blocks=_int(doc.get("window_blocks", 1), f"{at}.window_blocks", lo=1),
     )
 
 

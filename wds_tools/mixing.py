@@ -24,7 +24,6 @@ Vocabulary:
 from __future__ import annotations
 
 import hashlib
-import json
 import zlib
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
@@ -61,7 +60,7 @@ class DatasetPlan:
     shard_tokens: np.ndarray  # int64 [num_shards]
     num_samples: int
     num_tokens: int
-    fingerprint: str = ""  # of the content: shard checksums (or names) and counts
+    fingerprint: str = ""  # of the content: shard checksums (or file names) and counts
 
     @classmethod
     def from_manifest(cls, index: int, config: DatasetConfig, manifest: Dict[str, Any]) -> "DatasetPlan":
@@ -190,11 +189,10 @@ class EpochSlice:
 def _fingerprint(shards: Sequence[Dict[str, Any]]) -> str:
     """What identifies a dataset's content across moves: per shard its sha256 (or file name)
     and counts, in order."""
-    parts = [
-        [s.get("sha256") or str(s["url"]).rsplit("/", 1)[-1], int(s["num_samples"]), int(s["num_tokens"])]
-        for s in shards
-    ]
-    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+    h = hashlib.sha256()
+    h.update("\n".join(s.get("sha256") or str(s["url"]).rsplit("/", 1)[-1] for s in shards).encode())
+    h.update(np.array([[s["num_samples"], s["num_tokens"]] for s in shards], dtype=np.int64).tobytes())
+    return h.hexdigest()[:16]
 
 
 def dataset_weights(cfg: DataConfig, plans: Sequence[DatasetPlan], step: float = 0) -> np.ndarray:
