@@ -224,3 +224,22 @@ def rank_pid(launcher_pid: int, rank: int):
         if int(stat.rsplit(")", 1)[1].split()[1]) == launcher_pid and f"RANK={rank}".encode() in env:
             return int(entry)
     return None
+
+
+def tiny_tokenizer_and_model(base) -> tuple:
+    """``(tokenizer dir, model dir, vocab size)`` of the small random Chameleon the trainer
+    tests use (32 wide, 2 heads, 64 image tokens), built under ``base``."""
+    from transformers import AutoConfig
+
+    from lumina.tiny import build_tiny_chameleon, build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer(str(Path(base) / "tokenizer"), num_image_tokens=64, bpe_vocab_size=256)
+    model = build_tiny_chameleon(
+        str(Path(base) / "model"),
+        tok,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
+    return tok, model, AutoConfig.from_pretrained(model).vocab_size

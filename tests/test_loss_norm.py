@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lumina_fixtures import fp32_zero3_config, tiny_train_flags, torchrun_cmd
+from lumina_fixtures import fp32_zero3_config, tiny_tokenizer_and_model, tiny_train_flags, torchrun_cmd
 
 ROOT = Path(__file__).resolve().parent.parent
 SEQ_LEN = 24
@@ -256,18 +256,8 @@ def _run(cmd, timeout=300):
 def tiny(tmp_path_factory):
     from transformers import AutoConfig
 
-    from lumina.tiny import build_tiny_chameleon, build_tiny_tokenizer
-
     base = tmp_path_factory.mktemp("loss_norm")
-    tok = build_tiny_tokenizer(str(base / "tokenizer"), num_image_tokens=64, bpe_vocab_size=256)
-    model = build_tiny_chameleon(
-        str(base / "model"),
-        tok,
-        hidden_size=32,
-        intermediate_size=64,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-    )
+    tok, model, _ = tiny_tokenizer_and_model(base)
     (base / "grad_worker.py").write_text(GRAD_WORKER)
     return {
         "base": base,

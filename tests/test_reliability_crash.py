@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lumina_fixtures import killable_pretok_cmd, mixed_items, tiny_train_flags
+from lumina_fixtures import killable_pretok_cmd, mixed_items, tiny_tokenizer_and_model, tiny_train_flags
 from reliability_log import record
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -308,21 +308,9 @@ def _write_dataset(root, name, vocab, num_samples, seed):
 
 @pytest.fixture(scope="module")
 def tiny_train(tmp_path_factory):
-    from transformers import AutoConfig
-
-    from lumina.tiny import build_tiny_chameleon, build_tiny_tokenizer
 
     base = tmp_path_factory.mktemp("crash_train")
-    tok = build_tiny_tokenizer(str(base / "tokenizer"), num_image_tokens=64, bpe_vocab_size=256)
-    model = build_tiny_chameleon(
-        str(base / "model"),
-        tok,
-        hidden_size=32,
-        intermediate_size=64,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-    )
-    vocab = AutoConfig.from_pretrained(model).vocab_size
+    tok, model, vocab = tiny_tokenizer_and_model(base)
     data = base / "data"
     _write_dataset(str(data), "a", vocab, 12, seed=1)
     _write_dataset(str(data), "b", vocab, 12, seed=2)

@@ -28,6 +28,7 @@ import pytest
 from lumina_fixtures import (
     fp32_zero3_config,
     rank_pid,
+    tiny_tokenizer_and_model,
     tiny_train_flags,
     torchrun_cmd,
     write_uniform_mixture,
@@ -319,21 +320,9 @@ def _run(cmd, timeout=300):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from transformers import AutoConfig
-
-    from lumina.tiny import build_tiny_chameleon, build_tiny_tokenizer
 
     base = tmp_path_factory.mktemp("elastic")
-    tok = build_tiny_tokenizer(str(base / "tokenizer"), num_image_tokens=64, bpe_vocab_size=256)
-    model = build_tiny_chameleon(
-        str(base / "model"),
-        tok,
-        hidden_size=32,
-        intermediate_size=64,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-    )
-    vocab = AutoConfig.from_pretrained(model).vocab_size
+    tok, model, vocab = tiny_tokenizer_and_model(base)
     (base / "dump_worker.py").write_text(DUMP_WORKER)
     (base / "train_worker.py").write_text(TRAIN_WORKER)
     return {

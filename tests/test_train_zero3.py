@@ -14,7 +14,7 @@ import textwrap
 import pytest
 import torch
 
-from lumina_fixtures import tiny_train_flags
+from lumina_fixtures import tiny_tokenizer_and_model, tiny_train_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQ_LEN = 24
@@ -75,18 +75,9 @@ def tiny(tmp_path_factory):
     from transformers import AutoConfig
 
     from lumina.model import image_token_ids
-    from lumina.tiny import build_tiny_chameleon, build_tiny_tokenizer
 
     base = tmp_path_factory.mktemp("tiny")
-    tok = build_tiny_tokenizer(str(base / "tokenizer"), num_image_tokens=64, bpe_vocab_size=256)
-    model = build_tiny_chameleon(
-        str(base / "model"),
-        tok,
-        hidden_size=32,
-        intermediate_size=64,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-    )
+    tok, model, _ = tiny_tokenizer_and_model(base)
     worker = base / "worker.py"
     worker.write_text(WORKER)
     config = AutoConfig.from_pretrained(model)
