@@ -812,17 +812,31 @@ class _RankStream:
         layouts: List[Any] = []
         for pl in plans:
             got, rows = pl["got"], pl["rows"]
-            lens = [min(s[3], msl) for _, _, s in got]
-            if not got or not self.read_data:
-                shapes.append((k, 0 if rows is None else len(rows), 0) if not got else None)
-            elif rows is None:
-                shapes.append((k, len(lens), max(lens)))
-            else:
-                shapes.append((k, len(rows), max(sum(lens[i] for i in r) for r in rows)))
+            # one pass over the samples: per-field lists for the meta (no generator per field)
+            ds, keys, epochs, parts, ids, spans, lens = [], [], [], [], [], [], []
+            ntok_total = 0
+            for d, part, s in got:
+                ds.append(names[d])
+                keys.append(s[0])
+                ids.append(s[1])
+                spans.append(s[2])
+                n = s[3]
+                ntok_total += n
+                lens.append(n if n < msl else msl)
+                epochs.append(s[4])
+                parts.append(part.p)
+            pl["cols"] = (ds, keys, epochs, parts, ids, spans, ntok_total)
             pl["lens"] = lens
-            shape = shapes[-1]
+            shape: Optional[Tuple[int, int, int]]
+            if not got or not self.read_data:
+                shape = (k, 0 if rows is None else len(rows), 0) if not got else None
+            elif rows is None:
+                shape = (k, len(lens), max(lens))
+            else:
+                shape = (k, len(rows), max(sum(lens[i] for i in r) for r in rows))
+            shapes.append(shape)
             if compact and got and self.read_data and shape is not None:
-                layouts.append(compact_layout([s[1] for _, _, s in got], shape, pack))
+                layouts.append(compact_layout(ids, shape, pack))
             else:
                 layouts.append(None)
         if compact:
@@ -833,8 +847,7 @@ class _RankStream:
         metas = []
         for pl, shape, lay in zip(plans, shapes, layouts):
             got, rows, lens = pl["got"], pl["rows"], pl["lens"]
-            ids = [s[1] for _, _, s in got]
-            spans = [s[2] for _, _, s in got]
+            ds, keys, epochs, parts, ids, spans, ntok_total = pl["cols"]
             piece: Any = None
             if shape is not None and got:
                 if lay is not None:
@@ -854,17 +867,17 @@ class _RankStream:
                     else:
                         pack_batch(ids, spans, rows, msl, self.pad_id, arena)
                     piece = (shape, off)
-            row_lens = lens if rows is None else [sum(lens[i] for i in r) for r in rows]
+            real = sum(lens)
             metas.append(
                 {
                     "piece": piece,
-                    "datasets": [names[d] for d, _, _ in got],
-                    "keys": [s[0] for _, _, s in got],
-                    "epochs": [s[4] for _, _, s in got],
-                    "partitions": [part.p for _, part, _ in got],
-                    "lengths": row_lens,
-                    "tokens": sum(lens),
-                    "truncated": sum(s[3] for _, _, s in got) - sum(lens),
+                    "datasets": ds,
+                    "keys": keys,
+                    "epochs": epochs,
+                    "partitions": parts,
+                    "lengths": lens if rows is None else [sum(lens[i] for i in r) for r in rows],
+                    "tokens": real,
+                    "truncated": ntok_total - real,
                     "states": pl["states"],
                     "clock": pl["clock"],
                     "cursor": pl["cursor"],
