@@ -503,7 +503,7 @@ class RunClock:
             self._weights_step = step
         return self._weights
 
-    def _hits(self, g: int) -> np.ndarray:
+    def _hits(self) -> np.ndarray:
         """Samples each partition serves in the next fixed-size micro-batch."""
         n = self.B * self.W
         q, rem = divmod(n, self.K)
@@ -516,7 +516,7 @@ class RunClock:
         cap = self.cap[g]
         if served is None or cap is None:
             return True
-        return bool(np.all(served + self._hits(g) <= cap))
+        return bool(np.all(served + self._hits() <= cap))
 
     def next(self) -> Optional[Tuple[int, int, int]]:
         w = self.weights(self.step)
@@ -543,7 +543,7 @@ class RunClock:
                 unit = float(self.B * self.W)
             gm.account(g, unit)
         if self.served[g] is not None:
-            self.served[g] += self._hits(g)
+            self.served[g] += self._hits()
         out = (g, self.position, self.step)
         self.micro += 1
         if not self.whole:
@@ -813,9 +813,9 @@ class _RankStream:
         for pl in plans:
             got, rows = pl["got"], pl["rows"]
             # one pass over the samples: per-field lists for the meta (no generator per field)
-            ds, keys, epochs, parts, ids, spans, lens = [], [], [], [], [], [], []
+            ds, keys, epochs, ids, spans, lens = [], [], [], [], [], []
             ntok_total = 0
-            for d, part, s in got:
+            for d, _, s in got:
                 ds.append(names[d])
                 keys.append(s[0])
                 ids.append(s[1])
@@ -824,8 +824,7 @@ class _RankStream:
                 ntok_total += n
                 lens.append(n if n < msl else msl)
                 epochs.append(s[4])
-                parts.append(part.p)
-            pl["cols"] = (ds, keys, epochs, parts, ids, spans, ntok_total)
+            pl["cols"] = (ds, keys, epochs, ids, spans, ntok_total)
             pl["lens"] = lens
             shape: Optional[Tuple[int, int, int]]
             if not got or not self.read_data:
@@ -847,7 +846,7 @@ class _RankStream:
         metas = []
         for pl, shape, lay in zip(plans, shapes, layouts):
             got, rows, lens = pl["got"], pl["rows"], pl["lens"]
-            ds, keys, epochs, parts, ids, spans, ntok_total = pl["cols"]
+            ds, keys, epochs, ids, spans, ntok_total = pl["cols"]
             piece: Any = None
             if shape is not None and got:
                 if lay is not None:
@@ -874,7 +873,6 @@ class _RankStream:
                     "datasets": ds,
                     "keys": keys,
                     "epochs": epochs,
-                    "partitions": parts,
                     "lengths": lens if rows is None else [sum(lens[i] for i in r) for r in rows],
                     "tokens": real,
                     "truncated": ntok_total - real,
@@ -1008,7 +1006,6 @@ class StreamingLoader:
         self.whole = whole or pack or max_tokens is not None
         self.read_data = True  # False: dry runs (keys and token counts from the indexes only)
         self.backend = backend if backend is not None else NumpyBackend()
-        self.weights = dataset_weights(cfg, plans)
         self._parts: Dict[int, Dict[str, Any]] = {}
         self._clock: Dict[str, Any] = {}
         self._cursors: List[int] = [0] * self.num_slots

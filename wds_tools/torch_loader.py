@@ -242,7 +242,6 @@ class TokenStream(IterableDataset):
                 f"this stream has {self._layout()!r}; resume with the same settings"
             )
         self._states.update({int(k): v for k, v in sd["slots"].items()})
-        self._loader.num_partitions = int(sd["layout"]["partitions"])
 
     def _layout(self) -> Dict[str, Any]:
         lo = self._loader
