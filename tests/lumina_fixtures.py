@@ -243,3 +243,25 @@ def tiny_tokenizer_and_model(base) -> tuple:
         num_key_value_heads=2,
     )
     return tok, model, AutoConfig.from_pretrained(model).vocab_size
+
+
+def run_in_session(cmd, *, cwd, env, timeout: int = 300):
+    """Run a launcher (``torchrun``, ``python -m lumina.train``) in its own session and return the
+    ``CompletedProcess``; on a timeout end its whole process group (the ranks and their loader
+    workers outlive a killed ``torchrun``). A non-zero exit fails with the output's tails."""
+    import os
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{out[-3000:]}\n{err[-5000:]}"
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

@@ -13,15 +13,19 @@ default) or each micro-batch's token mean averaged over micro-batches and ranks 
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
-from lumina_fixtures import fp32_zero3_config, tiny_tokenizer_and_model, tiny_train_flags, torchrun_cmd
+from lumina_fixtures import (
+    fp32_zero3_config,
+    run_in_session,
+    tiny_tokenizer_and_model,
+    tiny_train_flags,
+    torchrun_cmd,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 SEQ_LEN = 24
@@ -238,18 +242,7 @@ def _env():
 
 
 def _run(cmd, timeout=300):
-    """Run a launcher in its own session; on a timeout end its whole process group."""
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True,
-    )  # fmt: skip
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{out[-3000:]}\n{err[-5000:]}"
+    return run_in_session(cmd, cwd=ROOT, env=_env(), timeout=timeout)
 
 
 @pytest.fixture(scope="module")

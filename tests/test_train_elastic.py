@@ -28,6 +28,7 @@ import pytest
 from lumina_fixtures import (
     fp32_zero3_config,
     rank_pid,
+    run_in_session,
     tiny_tokenizer_and_model,
     tiny_train_flags,
     torchrun_cmd,
@@ -302,20 +303,7 @@ def _env():
 
 
 def _run(cmd, timeout=300):
-    """Run a launcher in its own session; on a timeout end its whole process group (the ranks
-    and their loader workers outlive a killed ``torchrun``)."""
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True,
-    )  # fmt: skip
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{out[-3000:]}\n{err[-5000:]}"
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    return run_in_session(cmd, cwd=ROOT, env=_env(), timeout=timeout)
 
 
 @pytest.fixture(scope="module")
