@@ -42,6 +42,13 @@ def shared_buffer(nbytes: int) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8).set_(storage).view(-1)[:nbytes]
 
 
+def _as_is(chunk: Dict[str, Any]) -> Dict[str, Any]:
+    """The DataLoader's collate for chunks: none. (Its default for ``batch_size=None``,
+    ``default_convert``, walks and copies every list and dict of a chunk's metadata: it cost a
+    worker more than building the chunk's batches.)"""
+    return chunk
+
+
 class _StreamDataset(IterableDataset):
     """What the loader's own DataLoader iterates: each worker yields its slot's chunks (module
     level, so it pickles for ``spawn`` workers too)."""
@@ -83,6 +90,7 @@ class TorchBackend(NumpyBackend):
         loader = DataLoader(
             _StreamDataset(stream),
             batch_size=None,
+            collate_fn=_as_is,
             num_workers=num_workers,
             prefetch_factor=self.prefetch_factor,
         )
