@@ -42,7 +42,7 @@ def shared_buffer(nbytes: int) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8).set_(storage).view(-1)[:nbytes]
 
 
-def _as_is(chunk: Dict[str, Any]) -> Dict[str, Any]:
+def _as_is(chunk: Any) -> Any:
     """The DataLoader's collate for chunks: none. (Its default for ``batch_size=None``,
     ``default_convert``, walks and copies every list and dict of a chunk's metadata: it cost a
     worker more than building the chunk's batches.)"""
