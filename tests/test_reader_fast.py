@@ -21,6 +21,17 @@ from wds_tools.reader import iter_samples, open_shards
 from wds_tools.writer import ShardWriter
 
 
+@pytest.fixture(autouse=True, params=["scatter", "slices"])
+def label_marking(request, monkeypatch):
+    """Every test here runs with both ways of writing -100 over unsupervised runs: one scatter
+    of every position (short runs) and one slice per run (long runs; the reader picks by the
+    block's mean run length)."""
+    import wds_tools.reader as reader
+
+    monkeypatch.setattr(reader, "_RUN_SLICE", 10**9 if request.param == "scatter" else 1)
+    return request.param
+
+
 def _write(root, samples, vocab=65536, max_samples=1000):
     """samples: (key, ids, mask or None, meta or None)."""
     with ShardWriter(str(root), vocab_size=vocab, max_samples=max_samples) as w:
