@@ -245,6 +245,25 @@ def tiny_tokenizer_and_model(base) -> tuple:
     return tok, model, AutoConfig.from_pretrained(model).vocab_size
 
 
+def launcher_env() -> dict:
+    """The environment of a test's launcher (``torchrun``, ``python -m lumina.train``): one
+    OpenMP thread per process, the repository and ``tests/`` importable, and DeepSpeed's compiled
+    ops cached where ``TORCH_EXTENSIONS_DIR`` says (default ``~/.cache/torch_extensions``, shared
+    by every test run on the machine)."""
+    import os
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ)
+    env.update(
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([str(root), str(root / "tests"), env.get("PYTHONPATH", "")]),
+        TORCH_EXTENSIONS_DIR=env.get(
+            "TORCH_EXTENSIONS_DIR", os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions")
+        ),
+    )
+    return env
+
+
 def run_in_session(cmd, *, cwd, env, timeout: int = 300):
     """Run a launcher (``torchrun``, ``python -m lumina.train``) in its own session and return the
     ``CompletedProcess``; on a timeout end its whole process group (the ranks and their loader

@@ -12,7 +12,6 @@ default) or each micro-batch's token mean averaged over micro-batches and ranks 
 
 from __future__ import annotations
 
-import os
 import textwrap
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch
 
 from lumina_fixtures import (
     fp32_zero3_config,
+    launcher_env,
     run_in_session,
     tiny_tokenizer_and_model,
     tiny_train_flags,
@@ -232,17 +232,8 @@ GRAD_WORKER = textwrap.dedent("""
 GRAD_TOL = 1e-5
 
 
-def _env():
-    env = dict(os.environ)
-    env.update(
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")]),
-    )
-    return env
-
-
 def _run(cmd, timeout=300):
-    return run_in_session(cmd, cwd=ROOT, env=_env(), timeout=timeout)
+    return run_in_session(cmd, cwd=ROOT, env=launcher_env(), timeout=timeout)
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,7 @@ import pytest
 
 from lumina_fixtures import (
     fp32_zero3_config,
+    launcher_env,
     rank_pid,
     run_in_session,
     tiny_tokenizer_and_model,
@@ -290,20 +291,8 @@ def test_max_tokens_with_a_bounded_mixture_is_a_one_line_error(tmp_path):
 # Slow: 2-process runs
 
 
-def _env():
-    env = dict(os.environ)
-    env.update(
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]),
-        TORCH_EXTENSIONS_DIR=env.get(
-            "TORCH_EXTENSIONS_DIR", os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions")
-        ),
-    )
-    return env
-
-
 def _run(cmd, timeout=300):
-    return run_in_session(cmd, cwd=ROOT, env=_env(), timeout=timeout)
+    return run_in_session(cmd, cwd=ROOT, env=launcher_env(), timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -431,7 +420,7 @@ def test_sigkill_then_one_process_then_two_continues_the_uninterrupted_run(tiny,
     #    the kill lands mid-run whatever the machine's speed).
     cmd = torchrun_cmd(2, "-m", "lumina.train", *_flags(tiny, out, "--max_steps", "1000"))
     proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cmd, cwd=ROOT, env=launcher_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True,
     )  # fmt: skip
     try:

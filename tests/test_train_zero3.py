@@ -14,7 +14,7 @@ import textwrap
 import pytest
 import torch
 
-from lumina_fixtures import tiny_tokenizer_and_model, tiny_train_flags
+from lumina_fixtures import launcher_env, tiny_tokenizer_and_model, tiny_train_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQ_LEN = 24
@@ -112,20 +112,8 @@ def tiny(tmp_path_factory):
     }
 
 
-def _env(tmp_root):
-    env = dict(os.environ)
-    env.update(
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),
-        TORCH_EXTENSIONS_DIR=env.get(
-            "TORCH_EXTENSIONS_DIR", os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions")
-        ),
-    )
-    return env
-
-
 def _run(cmd, out_dir):
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(out_dir), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=ROOT, env=launcher_env(), capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
         errors = [
             line
@@ -296,7 +284,7 @@ def test_gpu_benchmark_runs_in_tiny_mode():
             "1",
         ],
         cwd=ROOT,
-        env=_env(ROOT),
+        env=launcher_env(),
         capture_output=True,
         text=True,
         timeout=300,
